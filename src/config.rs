@@ -1,0 +1,479 @@
+//! Configuration: embedded defaults → TOML file → `HOOKBRIDGE_*` environment,
+//! validated once at start with messages that name the offending key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::event::EventType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A duration written as `"30s"`, `"2m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"30s\" or \"2m\": {e}"
+            ))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where state (SQLite), keys, org folders and temp files live. Default `./data`.
+    pub data_dir: PathBuf,
+    pub http: HttpConfig,
+    pub sftp: SftpConfig,
+    pub ingress: IngressConfig,
+    pub admin: AdminConfig,
+    pub delivery: DeliveryConfig,
+    pub log: LogConfig,
+    /// Orgs, SFTP users and webhooks applied idempotently at start.
+    pub orgs: Vec<OrgDecl>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP API. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Largest accepted request body in bytes. Default 1 MiB.
+    pub max_body: usize,
+    /// Time allowed for a whole request, including the durable write. Default 30s.
+    pub request_timeout: Dur,
+    /// Events waiting for a group commit before new posts get 503. Default 10000.
+    pub max_pending_events: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftpConfig {
+    /// Address of the SFTP server. Default `127.0.0.1:2222`.
+    pub listen: SocketAddr,
+    /// Set false to run without the SFTP server. Default true.
+    pub enabled: bool,
+    /// OpenSSH-format ed25519 host key; made on first start. Default `<data_dir>/ssh_host_ed25519_key`.
+    pub host_key: Option<PathBuf>,
+    /// Concurrent SSH connections in total. Default 1000.
+    pub max_sessions: usize,
+    /// Concurrent SSH connections from one source IP. Default 100.
+    pub max_sessions_per_ip: usize,
+    /// A connection must authenticate within this time. Default 30s.
+    pub login_grace_time: Dur,
+    /// Delay before a failed authentication is answered. Default 1s.
+    pub auth_rejection_time: Dur,
+    /// Authentication attempts per connection. Default 6.
+    pub max_auth_attempts: usize,
+    /// Idle connections are closed after this time. Default 1h.
+    pub idle_timeout: Dur,
+    /// Accept legacy `ssh-rsa` (SHA-1) signatures from old devices. Default false.
+    pub allow_ssh_rsa_sha1: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    /// HS256 secret the platform signs event JWTs with (env `HOOKBRIDGE_INGRESS_JWT_SECRET`).
+    pub jwt_hs256_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token of the admin API (env `HOOKBRIDGE_ADMIN_TOKEN`); the admin API is off without it.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Allow webhook URLs that resolve to loopback, private or link-local addresses. Default false.
+    pub allow_private_destinations: bool,
+    /// Wait before each retry; the job is dead after the last one.
+    pub retry_delays: Vec<Dur>,
+    /// Concurrent deliveries in total. Default 64.
+    pub workers: usize,
+    /// Concurrent deliveries to one webhook. Default 4.
+    pub per_endpoint_concurrency: usize,
+    /// TCP/TLS connect timeout. Default 5s.
+    pub connect_timeout: Dur,
+    /// Whole-request timeout of a delivery. Default 15s.
+    pub request_timeout: Dur,
+    /// Timeout of a Custom Value Request to the org's system. Default 3s.
+    pub custom_value_timeout: Dur,
+    /// `iss` claim of delivery JWTs. Default `hookbridge`.
+    pub jwt_issuer: String,
+    /// A webhook failing without success for this long is disabled. Default 5 days.
+    pub disable_after: Dur,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `hookbridge=debug`. Env `RUST_LOG` wins.
+    pub level: String,
+    /// `human` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgDecl {
+    pub name: String,
+    #[serde(default)]
+    pub sftp_users: Vec<SftpUserDecl>,
+    #[serde(default)]
+    pub webhooks: Vec<WebhookDecl>,
+    #[serde(default)]
+    pub custom_value_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftpUserDecl {
+    pub name: String,
+    /// An argon2id PHC string from `hookbridge hash-password`.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    #[serde(default)]
+    pub upload: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookDecl {
+    /// Stable id, so that applying the file twice updates instead of duplicating.
+    pub id: String,
+    pub kind: String,
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Event types; empty or `["*"]` means all eight.
+    #[serde(default)]
+    pub events: Vec<String>,
+    #[serde(default)]
+    pub path_template: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            http: HttpConfig::default(),
+            sftp: SftpConfig::default(),
+            ingress: IngressConfig::default(),
+            admin: AdminConfig::default(),
+            delivery: DeliveryConfig::default(),
+            log: LogConfig::default(),
+            orgs: Vec::new(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid literal"),
+            max_body: 1 << 20,
+            request_timeout: Dur(Duration::from_secs(30)),
+            max_pending_events: 10_000,
+        }
+    }
+}
+
+impl Default for SftpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:2222".parse().expect("valid literal"),
+            enabled: true,
+            host_key: None,
+            max_sessions: 1000,
+            max_sessions_per_ip: 100,
+            login_grace_time: Dur(Duration::from_secs(30)),
+            auth_rejection_time: Dur(Duration::from_secs(1)),
+            max_auth_attempts: 6,
+            idle_timeout: Dur(Duration::from_secs(3600)),
+            allow_ssh_rsa_sha1: false,
+        }
+    }
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            jwt_hs256_secret: None,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { token: None }
+    }
+}
+
+pub const DEFAULT_RETRY_DELAYS: [&str; 11] = [
+    "5s", "30s", "2m", "10m", "30m", "1h", "3h", "6h", "12h", "24h", "24h",
+];
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            allow_private_destinations: false,
+            retry_delays: DEFAULT_RETRY_DELAYS
+                .iter()
+                .map(|s| Dur(humantime::parse_duration(s).expect("valid literal")))
+                .collect(),
+            workers: 64,
+            per_endpoint_concurrency: 4,
+            connect_timeout: Dur(Duration::from_secs(5)),
+            request_timeout: Dur(Duration::from_secs(15)),
+            custom_value_timeout: Dur(Duration::from_secs(3)),
+            jwt_issuer: "hookbridge".into(),
+            disable_after: Dur(Duration::from_secs(5 * 24 * 3600)),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Human,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (or embedded defaults when `None`), applies env overrides, validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            None => Config::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: p.to_owned(),
+                    message,
+                })?
+            }
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = get("HOOKBRIDGE_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get("HOOKBRIDGE_INGRESS_JWT_SECRET") {
+            self.ingress.jwt_hs256_secret = Some(v);
+        }
+        if let Some(v) = get("HOOKBRIDGE_ADMIN_TOKEN") {
+            self.admin.token = Some(v);
+        }
+        if let Some(v) = get("HOOKBRIDGE_HTTP_LISTEN") {
+            self.http.listen = v
+                .parse()
+                .map_err(|e| invalid("HOOKBRIDGE_HTTP_LISTEN", format!("{v:?}: {e}")))?;
+        }
+        if let Some(v) = get("HOOKBRIDGE_SFTP_LISTEN") {
+            self.sftp.listen = v
+                .parse()
+                .map_err(|e| invalid("HOOKBRIDGE_SFTP_LISTEN", format!("{v:?}: {e}")))?;
+        }
+        if let Some(v) = get("HOOKBRIDGE_LOG_FORMAT") {
+            self.log.format = match v.as_str() {
+                "json" => LogFormat::Json,
+                "human" => LogFormat::Human,
+                _ => return Err(invalid("HOOKBRIDGE_LOG_FORMAT", "allowed: human, json")),
+            };
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if !(1024..=64 << 20).contains(&self.http.max_body) {
+            return Err(invalid(
+                "http.max_body",
+                "must be between 1024 and 67108864 bytes",
+            ));
+        }
+        if self.http.max_pending_events == 0 {
+            return Err(invalid("http.max_pending_events", "must be at least 1"));
+        }
+        if let Some(s) = &self.ingress.jwt_hs256_secret {
+            if s.len() < 16 {
+                return Err(invalid(
+                    "ingress.jwt_hs256_secret",
+                    "must be at least 16 bytes",
+                ));
+            }
+        }
+        if let Some(s) = &self.admin.token {
+            if s.len() < 16 {
+                return Err(invalid("admin.token", "must be at least 16 bytes"));
+            }
+        }
+        if self.sftp.max_sessions == 0 || self.sftp.max_sessions_per_ip == 0 {
+            return Err(invalid("sftp.max_sessions", "limits must be at least 1"));
+        }
+        if !(1..=20).contains(&self.sftp.max_auth_attempts) {
+            return Err(invalid(
+                "sftp.max_auth_attempts",
+                "must be between 1 and 20",
+            ));
+        }
+        if self.delivery.retry_delays.is_empty() {
+            return Err(invalid("delivery.retry_delays", "needs at least one delay"));
+        }
+        if self.delivery.workers == 0 || self.delivery.per_endpoint_concurrency == 0 {
+            return Err(invalid(
+                "delivery.workers",
+                "concurrency must be at least 1",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, org) in self.orgs.iter().enumerate() {
+            let key = format!("orgs[{i}]");
+            crate::store::validate_name(&org.name)
+                .map_err(|m| invalid(format!("{key}.name"), m))?;
+            if !seen.insert(org.name.clone()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("org {:?} is declared twice", org.name),
+                ));
+            }
+            for (j, u) in org.sftp_users.iter().enumerate() {
+                let ukey = format!("{key}.sftp_users[{j}]");
+                crate::store::validate_name(&u.name)
+                    .map_err(|m| invalid(format!("{ukey}.name"), m))?;
+                if let Some(h) = &u.password_hash {
+                    crate::auth::check_hash_format(h)
+                        .map_err(|m| invalid(format!("{ukey}.password_hash"), m))?;
+                }
+                for (k, key_text) in u.public_keys.iter().enumerate() {
+                    crate::auth::parse_public_key(key_text)
+                        .map_err(|m| invalid(format!("{ukey}.public_keys[{k}]"), m))?;
+                }
+            }
+            for (j, w) in org.webhooks.iter().enumerate() {
+                let wkey = format!("{key}.webhooks[{j}]");
+                crate::store::validate_name(&w.id).map_err(|m| invalid(format!("{wkey}.id"), m))?;
+                EventType::parse_filter(&w.events)
+                    .map_err(|m| invalid(format!("{wkey}.events"), m))?;
+                match w.kind.as_str() {
+                    "sftp" => {
+                        if let Some(t) = &w.path_template {
+                            crate::store::validate_path_template(t)
+                                .map_err(|m| invalid(format!("{wkey}.path_template"), m))?;
+                        }
+                    }
+                    "http" => {
+                        let u = w.url.as_deref().ok_or_else(|| {
+                            invalid(format!("{wkey}.url"), "required for kind \"http\"")
+                        })?;
+                        crate::store::validate_url(u)
+                            .map_err(|m| invalid(format!("{wkey}.url"), m))?;
+                    }
+                    other => {
+                        return Err(invalid(
+                            format!("{wkey}.kind"),
+                            format!("{other:?}: allowed: \"sftp\", \"http\""),
+                        ))
+                    }
+                }
+            }
+            if let Some(u) = &org.custom_value_endpoint {
+                crate::store::validate_url(u)
+                    .map_err(|m| invalid(format!("{key}.custom_value_endpoint"), m))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn host_key_path(&self) -> PathBuf {
+        self.sftp
+            .host_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ssh_host_ed25519_key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[http]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_explained() {
+        let e = Config::parse("[delivery]\nretry_delays = [\"5 parsecs\"]\n").unwrap_err();
+        assert!(e.contains("duration"), "{e}");
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::default().delivery.retry_delays.len(), 11);
+    }
+
+    #[test]
+    fn bad_event_type_in_org_is_named() {
+        let cfg = Config::parse(
+            "[[orgs]]\nname = \"acme\"\n[[orgs.webhooks]]\nid = \"files\"\nkind = \"sftp\"\nevents = [\"nope\"]\n",
+        )
+        .unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("orgs[0].webhooks[0].events"), "{e}");
+    }
+}

@@ -1,0 +1,187 @@
+//! `POST /v1/orgs/{org}/events`: the platform's events, acknowledged only once durable.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::problem::{ApiResult, Problem};
+use crate::event::Envelope;
+use crate::spool::Committed;
+use crate::store::{new_id, render_path_template, NewEvent, WebhookKind};
+use crate::App;
+
+pub fn router() -> Router<App> {
+    Router::new().route("/v1/orgs/{org}/events", post(post_event))
+}
+
+#[derive(Debug, Deserialize)]
+struct IngressClaims {
+    #[serde(default)]
+    org: Option<String>,
+}
+
+/// Checks the platform's HS256 token: signature, `exp` (required), and the `org` claim.
+pub fn check_ingress_token(app: &App, headers: &HeaderMap, org: &str) -> ApiResult<()> {
+    let token = super::bearer(headers).ok_or_else(|| {
+        Problem::unauthorized("missing bearer token: send Authorization: Bearer <JWT HS256>")
+    })?;
+    let mut v = Validation::new(Algorithm::HS256);
+    v.set_required_spec_claims(&["exp"]);
+    v.validate_aud = false;
+    v.leeway = 30;
+    let data = decode::<IngressClaims>(
+        token,
+        &DecodingKey::from_secret(app.secrets.ingress_jwt.as_bytes()),
+        &v,
+    )
+    .map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind as K;
+        let why = match e.kind() {
+            K::ExpiredSignature => "token expired".to_string(),
+            K::InvalidSignature => {
+                "token signature does not verify with the ingress secret".to_string()
+            }
+            K::MissingRequiredClaim(c) => format!("token lacks the required `{c}` claim"),
+            K::InvalidAlgorithm => "token must be signed with HS256".to_string(),
+            K::ImmatureSignature => "token not valid yet (nbf)".to_string(),
+            _ => format!("invalid token: {e}"),
+        };
+        Problem::unauthorized(why)
+    })?;
+    if let Some(claim) = data.claims.org {
+        if claim != org {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                format!("token is for org {claim:?}, not {org:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+#[tracing::instrument(skip_all, fields(org = %org, event_id))]
+async fn post_event(
+    State(app): State<App>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let res = ingest(&app, &org, &headers, body).await;
+    let outcome = match &res {
+        Ok((StatusCode::ACCEPTED, _)) => "accepted",
+        Ok(_) => "duplicate",
+        Err(p) => status_label(p.status),
+    };
+    metrics::counter!("hookbridge_ingest_requests_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("hookbridge_ingest_seconds", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    match res {
+        Ok((status, json)) => (status, json).into_response(),
+        Err(p) => {
+            if p.status.is_client_error() {
+                tracing::debug!(status = p.status.as_u16(), detail = %p.detail, "event refused");
+            }
+            p.into_response()
+        }
+    }
+}
+
+/// Status codes are a small closed set: static labels keep metric cardinality bounded.
+fn status_label(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        503 => "503",
+        507 => "507",
+        _ => "other",
+    }
+}
+
+async fn ingest(
+    app: &App,
+    org: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::store::IngestResult>)> {
+    check_ingress_token(app, headers, org)?;
+    if app.store.get_org(org).await?.is_none() {
+        return Err(Problem::not_found(format!("unknown org {org:?}")));
+    }
+    if !is_json(headers) {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+        ));
+    }
+    let max = app.config.http.max_body;
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than the limit of {max} bytes"),
+        )
+    })?;
+    let env = Envelope::from_request(&bytes, org, chrono::Utc::now())
+        .map_err(|e| Problem::bad_request(e.to_string()))?;
+    tracing::Span::current().record("event_id", env.id.as_str());
+
+    let hooks = app.store.list_webhooks(org).await?;
+    let mut files: Vec<String> = Vec::new();
+    let mut deliveries = Vec::new();
+    for h in hooks.iter().filter(|h| h.subscribed(env.kind)) {
+        match h.kind {
+            WebhookKind::Sftp => {
+                let p = render_path_template(h.template(), &env);
+                if !files.contains(&p) {
+                    files.push(p);
+                }
+            }
+            WebhookKind::Http => deliveries.push((new_id("dlv"), h.id.clone())),
+        }
+    }
+    let new = NewEvent {
+        org: org.to_owned(),
+        id: env.id.clone(),
+        envelope_json: env.to_json(),
+        files,
+        deliveries,
+    };
+    let had_deliveries = !new.deliveries.is_empty();
+    match app.spool.submit(new).await? {
+        Committed::New(r) => {
+            if had_deliveries {
+                app.delivery_wakeup();
+            }
+            Ok((StatusCode::ACCEPTED, Json(r)))
+        }
+        Committed::Known(r) => Ok((StatusCode::OK, Json(r))),
+    }
+}

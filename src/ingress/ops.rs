@@ -1,0 +1,49 @@
+//! Health, readiness and metrics for operators and load balancers.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::App;
+
+pub fn router() -> Router<App> {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// Ready when the state store answers and the data dir is writable.
+async fn readyz(State(app): State<App>) -> impl IntoResponse {
+    let store_ok = app.store.list_orgs().await.is_ok();
+    let tmp_ok = tokio::fs::metadata(&app.layout.tmp_dir).await.is_ok();
+    let status = if store_ok && tmp_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(
+            json!({"status": if status == StatusCode::OK { "ready" } else { "not ready" },
+        "store": store_ok, "data_dir": tmp_ok}),
+        ),
+    )
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    if let Ok((depth, oldest)) = app.store.queue_stats().await {
+        metrics::gauge!("hookbridge_delivery_queue_depth").set(depth as f64);
+        let age = oldest
+            .map(|t| (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0)
+            .unwrap_or(0.0);
+        metrics::gauge!("hookbridge_delivery_oldest_pending_seconds").set(age.max(0.0));
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}

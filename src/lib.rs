@@ -1,0 +1,203 @@
+//! hookbridge: platform webhook events in; durable per-org files served over SFTP and
+//! signed HTTP webhooks out.
+//!
+//! [`run`] builds one [`App`] and hands clones of it to the HTTP server, the SFTP server
+//! and the delivery workers; on cancel it stops accepting, drains, and returns.
+
+pub mod auth;
+pub mod config;
+pub mod delivery;
+pub mod demo;
+pub mod event;
+pub mod ingress;
+pub mod secrets;
+pub mod sftp;
+pub mod spool;
+pub mod ssrf;
+pub mod store;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::spool::{Layout, Spool};
+use crate::store::{SqliteStore, Store};
+
+/// Everything a request handler or worker needs, cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub spool: Spool,
+    pub layout: Layout,
+    pub secrets: Arc<secrets::Secrets>,
+    pub metrics: telemetry::Metrics,
+    /// Wakes the delivery workers when new jobs were committed.
+    pub delivery_wake: Arc<tokio::sync::Notify>,
+}
+
+impl App {
+    pub fn delivery_wakeup(&self) {
+        self.delivery_wake.notify_one();
+    }
+}
+
+/// Listeners bound by the caller, so tests and systemd socket setups choose the ports.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub sftp: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        let http = TcpListener::bind(config.http.listen).await?;
+        let sftp = if config.sftp.enabled {
+            Some(TcpListener::bind(config.sftp.listen).await?)
+        } else {
+            None
+        };
+        Ok(Self { http, sftp })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot prepare data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("keys and secrets: {0}")]
+    Secrets(String),
+    #[error("applying orgs from the config file: {0}")]
+    Declared(String),
+    #[error("recovering event files: {0}")]
+    Recover(#[from] spool::SpoolError),
+    #[error("server failed: {0}")]
+    Server(String),
+}
+
+/// Opens the state and keys under `data_dir` and applies the orgs declared in the config.
+pub async fn build_state(
+    config: &Config,
+) -> Result<(Arc<dyn Store>, Layout, secrets::Secrets), StartError> {
+    let dd = &config.data_dir;
+    let dd_err = |source| StartError::DataDir {
+        path: dd.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dd).map_err(dd_err)?;
+    let layout = Layout::new(dd);
+    layout.prepare().map_err(dd_err)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dd.join("state.db"))?);
+    let secrets = secrets::Secrets::load_or_create(config).map_err(StartError::Secrets)?;
+    ingress::admin::apply_declared(&store, config)
+        .await
+        .map_err(StartError::Declared)?;
+    Ok((store, layout, secrets))
+}
+
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+/// Runs once the App is built and before serving starts (e.g. the demo setup).
+
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    metrics: telemetry::Metrics,
+    cancel: CancellationToken,
+) -> Result<(), StartError> {
+    run_with_hook(config, listeners, metrics, cancel, |_| {
+        Box::pin(async { Ok(()) })
+    })
+    .await
+}
+
+pub async fn run_with_hook(
+    config: Config,
+    listeners: Listeners,
+    metrics: telemetry::Metrics,
+    cancel: CancellationToken,
+    hook: impl FnOnce(
+        App,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), HookError>> + Send>,
+    >,
+) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let (store, layout, secrets) = build_state(&config).await?;
+    let recovered = spool::recover(&store, &layout).await?;
+    if recovered > 0 {
+        tracing::warn!(
+            events = recovered,
+            "finished writing files of events interrupted by the last stop"
+        );
+    }
+
+    let spool_cancel = CancellationToken::new();
+    let (spool, spool_task) = Spool::start(
+        store.clone(),
+        layout.clone(),
+        config.http.max_pending_events,
+        spool_cancel.clone(),
+    );
+    let app = App {
+        config: config.clone(),
+        store,
+        spool,
+        layout,
+        secrets: Arc::new(secrets),
+        metrics,
+        delivery_wake: Arc::new(tokio::sync::Notify::new()),
+    };
+
+    hook(app.clone())
+        .await
+        .map_err(|e| StartError::Server(format!("start-up: {e}")))?;
+
+    let http_addr = listeners.http.local_addr().ok();
+    tracing::info!(addr = ?http_addr, data_dir = %config.data_dir.display(), "HTTP API listening");
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        let listener = listeners.http;
+        tasks.spawn(async move {
+            (
+                "http",
+                ingress::serve(app, listener, cancel)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        });
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    telemetry::spawn_watchdog(&mut tasks, cancel.clone());
+
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Ok(()))) => tracing::info!(task = name, "stopped"),
+            Ok((name, Err(e))) => {
+                tracing::error!(task = name, error = %e, "failed; shutting down");
+                result = Err(StartError::Server(format!("{name}: {e}")));
+                cancel.cancel();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "task panicked; shutting down");
+                result = Err(StartError::Server(e.to_string()));
+                cancel.cancel();
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // The HTTP server has drained: let the committer answer what is queued, then stop.
+    spool_cancel.cancel();
+    let _ = spool_task.await;
+    tracing::info!("stopped cleanly");
+    result
+}

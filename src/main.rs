@@ -1,0 +1,214 @@
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hookbridge::config::Config;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "hookbridge",
+    version,
+    about = "Platform webhook events → durable SFTP files and signed HTTP webhooks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (embedded defaults without --config).
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Create the demo org `acme` and print how to use it.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Validate a config file and print what hookbridge would do with it.
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Read a password on stdin, print its argon2id hash for `password_hash`.
+    HashPassword,
+    /// Mint an ingress JWT (HS256) for an org, as the platform would.
+    Token {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        org: String,
+        /// Lifetime, e.g. "1h".
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, demo } => serve(config, demo),
+        Command::CheckConfig { config } => check_config(config),
+        Command::HashPassword => {
+            let mut pw = String::new();
+            std::io::stdin()
+                .read_to_string(&mut pw)
+                .context("reading the password from stdin")?;
+            let pw = pw.trim_end_matches(['\n', '\r']);
+            if pw.is_empty() {
+                bail!("no password on stdin");
+            }
+            println!(
+                "{}",
+                hookbridge::auth::hash_password(pw).map_err(anyhow::Error::msg)?
+            );
+            Ok(())
+        }
+        Command::Token { config, org, ttl } => {
+            let cfg = Config::load(config.as_deref())?;
+            let ttl = humantime::parse_duration(&ttl).context("--ttl")?;
+            let secrets =
+                hookbridge::secrets::Secrets::load_or_create(&cfg).map_err(anyhow::Error::msg)?;
+            println!("{}", mint(&secrets.ingress_jwt, &org, ttl)?);
+            Ok(())
+        }
+    }
+}
+
+fn mint(secret: &str, org: &str, ttl: std::time::Duration) -> anyhow::Result<String> {
+    let exp = chrono::Utc::now().timestamp() + ttl.as_secs() as i64;
+    let claims =
+        serde_json::json!({ "org": org, "exp": exp, "iat": chrono::Utc::now().timestamp() });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = Config::load(path.as_deref())?;
+    println!("config OK");
+    println!("data_dir      {}", cfg.data_dir.display());
+    println!("http          {}", cfg.http.listen);
+    if cfg.sftp.enabled {
+        println!("sftp          {}", cfg.sftp.listen);
+        let key = cfg.host_key_path();
+        match hookbridge::sftp::host_key_fingerprint(&key) {
+            Some(fp) => println!("host key      {} ({fp})", key.display()),
+            None => println!("host key      {} (made on first start)", key.display()),
+        }
+    } else {
+        println!("sftp          disabled");
+    }
+    println!(
+        "ingress JWT   {}",
+        if cfg.ingress.jwt_hs256_secret.is_some() {
+            "secret from config/env"
+        } else {
+            "generated secret in data_dir/secrets"
+        }
+    );
+    println!(
+        "admin token   {}",
+        if cfg.admin.token.is_some() {
+            "from config/env"
+        } else {
+            "generated in data_dir/secrets"
+        }
+    );
+    println!(
+        "private webhook destinations {}",
+        if cfg.delivery.allow_private_destinations {
+            "allowed"
+        } else {
+            "refused"
+        }
+    );
+    for o in &cfg.orgs {
+        println!(
+            "org {:<20} users {}  webhooks {}",
+            o.name,
+            o.sftp_users.len(),
+            o.webhooks.len()
+        );
+    }
+    Ok(())
+}
+
+fn serve(path: Option<PathBuf>, demo: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(path.as_deref())?;
+    hookbridge::telemetry::init_tracing(&cfg.log);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let metrics = hookbridge::telemetry::Metrics::install();
+        let listeners = hookbridge::Listeners::bind(&cfg)
+            .await
+            .with_context(|| format!("binding {} / {}", cfg.http.listen, cfg.sftp.listen))?;
+        let cancel = CancellationToken::new();
+        tokio::spawn(shutdown_on_signal(cancel.clone()));
+        if demo {
+            let http = listeners.http.local_addr()?;
+            let sftp = listeners.sftp.as_ref().and_then(|l| l.local_addr().ok());
+            hookbridge::run_with_hook(cfg, listeners, metrics, cancel, move |app| {
+                Box::pin(async move {
+                    let pw = hookbridge::demo::setup(&app)
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                    let token = mint(
+                        &app.secrets.ingress_jwt,
+                        hookbridge::demo::DEMO_ORG,
+                        std::time::Duration::from_secs(86400),
+                    )?;
+                    print_demo(http, sftp, &pw, &token, &app.secrets.admin_token);
+                    Ok(())
+                })
+            })
+            .await?;
+        } else {
+            hookbridge::run(cfg, listeners, metrics, cancel).await?;
+        }
+        Ok(())
+    })
+}
+
+fn print_demo(
+    http: std::net::SocketAddr,
+    sftp: Option<std::net::SocketAddr>,
+    pw: &str,
+    token: &str,
+    admin: &str,
+) {
+    let sftp_port = sftp.map(|a| a.port()).unwrap_or(2222);
+    println!(
+        "\n=== hookbridge demo ===\n\
+         org:           acme\n\
+         SFTP:          sftp -P {sftp_port} acme@127.0.0.1   (password: {pw})\n\
+         admin token:   {admin}\n\
+         ingress token: {token}\n\n\
+         Post an event:\n  curl -sS -X POST http://{http}/v1/orgs/acme/events \\\n    \
+         -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    \
+         -d '{{\"type\":\"inboundMessage\",\"data\":{{\"channel_id\":\"+15550100\",\"text\":\"hello\"}}}}'\n\
+         ======================\n"
+    );
+}
+
+async fn shutdown_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    cancel.cancel();
+}

@@ -1,0 +1,428 @@
+//! Durable event files with group commit.
+//!
+//! Every accepted event goes through one committer task. It takes whatever requests are
+//! waiting (a batch), and for the batch as a whole:
+//!   1. writes each file's temp copy under `<data>/tmp` and fdatasyncs it, while the store
+//!      records the events and their delivery jobs in one fsync'd transaction;
+//!   2. renames the temps into the org folders (readers only ever see complete files);
+//!   3. fsyncs every directory touched once, and every directory it had to create;
+//! and only then answers all requests. Concurrent posts share one commit, so durability
+//! costs one round of fsyncs per batch, not per event.
+//!
+//! The store commit comes first logically: if the process dies after it but before the
+//! renames, `recover()` at the next start writes the files of every event still marked
+//! as pending, so nothing that was acknowledged is lost.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError};
+
+const MAX_BATCH: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("disk full")]
+    DiskFull,
+    #[error("too many events waiting for a commit")]
+    Overloaded,
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("store: {0}")]
+    Store(String),
+    #[error("file system: {0}")]
+    Io(String),
+}
+
+impl From<StoreError> for SpoolError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::DiskFull => SpoolError::DiskFull,
+            other => SpoolError::Store(other.to_string()),
+        }
+    }
+}
+
+fn io_err(e: io::Error) -> SpoolError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => SpoolError::DiskFull,
+        _ => SpoolError::Io(e.to_string()),
+    }
+}
+
+/// Whether the event was new (202) or a repost of a known id (200).
+#[derive(Debug, Clone)]
+pub enum Committed {
+    New(IngestResult),
+    Known(IngestResult),
+}
+
+struct Request {
+    event: NewEvent,
+    reply: oneshot::Sender<Result<Committed, SpoolError>>,
+}
+
+#[derive(Clone)]
+pub struct Spool {
+    tx: mpsc::Sender<Request>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+}
+
+/// Where files go: org folders and the temp folder, on one file system.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub orgs_dir: PathBuf,
+    pub tmp_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            orgs_dir: data_dir.join("orgs"),
+            tmp_dir: data_dir.join("tmp"),
+        }
+    }
+
+    pub fn org_dir(&self, org: &str) -> PathBuf {
+        self.orgs_dir.join(org)
+    }
+
+    /// Creates the folders and removes temp files a crash left behind.
+    pub fn prepare(&self) -> io::Result<()> {
+        fs::create_dir_all(&self.orgs_dir)?;
+        fs::create_dir_all(&self.tmp_dir)?;
+        for entry in fs::read_dir(&self.tmp_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `path` was produced by a validated template: no `..`, no leading dots.
+    fn target(&self, org: &str, path: &str) -> PathBuf {
+        self.org_dir(org).join(path.trim_start_matches('/'))
+    }
+}
+
+impl Spool {
+    /// Starts the committer; it stops after `cancel` once every queued request is answered.
+    pub fn start(
+        store: Arc<dyn Store>,
+        layout: Layout,
+        max_waiting: usize,
+        cancel: CancellationToken,
+    ) -> (Spool, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(max_waiting.max(1));
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(committer(store, layout, rx, waiting.clone(), cancel));
+        (
+            Spool {
+                tx,
+                waiting,
+                max_waiting,
+            },
+            task,
+        )
+    }
+
+    pub async fn submit(&self, event: NewEvent) -> Result<Committed, SpoolError> {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SpoolError::Overloaded);
+        }
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Request { event, reply }).await;
+        if sent.is_err() {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SpoolError::ShuttingDown);
+        }
+        rx.await.unwrap_or(Err(SpoolError::ShuttingDown))
+    }
+}
+
+async fn committer(
+    store: Arc<dyn Store>,
+    layout: Layout,
+    mut rx: mpsc::Receiver<Request>,
+    waiting: Arc<AtomicUsize>,
+    cancel: CancellationToken,
+) {
+    let mut done_not_marked: Vec<(String, String)> = Vec::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            r = rx.recv() => r,
+            _ = cancel.cancelled() => {
+                // Stop taking new requests, answer the ones already queued.
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        waiting.fetch_sub(batch.len(), Ordering::AcqRel);
+        let marked = std::mem::take(&mut done_not_marked);
+        commit_batch(&store, &layout, batch, marked, &mut done_not_marked).await;
+    }
+    if let Err(e) = store.mark_files_done(done_not_marked).await {
+        tracing::warn!(error = %e, "could not mark the last files as written; they will be rewritten at the next start");
+    }
+}
+
+async fn commit_batch(
+    store: &Arc<dyn Store>,
+    layout: &Layout,
+    batch: Vec<Request>,
+    marked: Vec<(String, String)>,
+    done: &mut Vec<(String, String)>,
+) {
+    let started = Instant::now();
+    let events: Vec<NewEvent> = batch.iter().map(|r| r.event.clone()).collect();
+    let n = events.len();
+    let writes = {
+        let layout = layout.clone();
+        let events = events.clone();
+        tokio::task::spawn_blocking(move || write_temps(&layout, &events))
+    };
+    let (commit, temps) = tokio::join!(store.commit_events(events, marked.clone()), writes);
+    let temps = temps.unwrap_or_else(|e| Err(SpoolError::Io(e.to_string())));
+    let outcomes = match commit {
+        Ok(o) => o,
+        Err(e) => {
+            if let Ok(t) = temps {
+                discard(t);
+            }
+            // The marks were not applied: keep them for the next batch.
+            done.extend(marked);
+            let e = SpoolError::from(e);
+            tracing::error!(error = %e, events = n, "state commit failed; events refused");
+            for r in batch {
+                let _ = r.reply.send(Err(clone_err(&e)));
+            }
+            return;
+        }
+    };
+
+    // Events whose files must now appear: new ones, and known ones left pending earlier.
+    let mut publish = Vec::new();
+    let mut replies: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(n);
+    for (i, out) in outcomes.into_iter().enumerate() {
+        match out {
+            CommitOutcome::New(r) => {
+                publish.push(i);
+                replies.push(Ok(Committed::New(r)));
+            }
+            CommitOutcome::Known {
+                result,
+                files_pending: true,
+            } => {
+                publish.push(i);
+                replies.push(Ok(Committed::Known(result)));
+            }
+            CommitOutcome::Known {
+                result,
+                files_pending: false,
+            } => replies.push(Ok(Committed::Known(result))),
+        }
+    }
+
+    match temps {
+        Ok(temps) => {
+            let layout = layout.clone();
+            let publish_set = publish.clone();
+            let res =
+                tokio::task::spawn_blocking(move || publish_temps(&layout, temps, &publish_set))
+                    .await
+                    .unwrap_or_else(|e| Err(SpoolError::Io(e.to_string())));
+            match res {
+                Ok(files) => {
+                    metrics::counter!("hookbridge_files_written_total").increment(files as u64);
+                    done.extend(
+                        publish
+                            .iter()
+                            .map(|&i| (batch[i].event.org.clone(), batch[i].event.id.clone())),
+                    );
+                }
+                Err(e) => fail_published(&e, &publish, &mut replies),
+            }
+        }
+        Err(e) => fail_published(&e, &publish, &mut replies),
+    }
+    metrics::histogram!("hookbridge_group_commit_batch_size").record(n as f64);
+    metrics::histogram!("hookbridge_group_commit_seconds").record(started.elapsed().as_secs_f64());
+    for (r, reply) in batch.into_iter().zip(replies) {
+        let _ = r.reply.send(reply);
+    }
+}
+
+fn fail_published(
+    e: &SpoolError,
+    publish: &[usize],
+    replies: &mut [Result<Committed, SpoolError>],
+) {
+    tracing::error!(error = %e, events = publish.len(),
+        "event files could not be written; the events stay pending and are written on repost or at the next start");
+    for &i in publish {
+        replies[i] = Err(clone_err(e));
+    }
+}
+
+fn clone_err(e: &SpoolError) -> SpoolError {
+    match e {
+        SpoolError::DiskFull => SpoolError::DiskFull,
+        SpoolError::Overloaded => SpoolError::Overloaded,
+        SpoolError::ShuttingDown => SpoolError::ShuttingDown,
+        SpoolError::Store(s) => SpoolError::Store(s.clone()),
+        SpoolError::Io(s) => SpoolError::Io(s.clone()),
+    }
+}
+
+/// One temp file per (event, path); `event` indexes the batch.
+struct Temp {
+    event: usize,
+    tmp: PathBuf,
+    target: PathBuf,
+}
+
+fn write_temps(layout: &Layout, events: &[NewEvent]) -> Result<Vec<Temp>, SpoolError> {
+    let mut temps = Vec::new();
+    for (i, ev) in events.iter().enumerate() {
+        for path in &ev.files {
+            let tmp = layout.tmp_dir.join(format!("{}.tmp", ulid::Ulid::new()));
+            let res = write_synced(&tmp, ev.envelope_json.as_bytes());
+            temps.push(Temp {
+                event: i,
+                tmp,
+                target: layout.target(&ev.org, path),
+            });
+            if let Err(e) = res {
+                discard(temps);
+                return Err(io_err(e));
+            }
+        }
+    }
+    Ok(temps)
+}
+
+fn write_synced(path: &Path, body: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)?;
+    f.write_all(body)?;
+    f.write_all(b"\n")?;
+    f.sync_data()
+}
+
+fn discard(temps: Vec<Temp>) {
+    for t in temps {
+        let _ = fs::remove_file(&t.tmp);
+    }
+}
+
+/// Renames the temps of `publish` into place and fsyncs the directories; removes the rest.
+fn publish_temps(
+    layout: &Layout,
+    temps: Vec<Temp>,
+    publish: &[usize],
+) -> Result<usize, SpoolError> {
+    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut published = 0;
+    let mut iter = temps.into_iter();
+    while let Some(t) = iter.next() {
+        if !publish.contains(&t.event) {
+            let _ = fs::remove_file(&t.tmp);
+            continue;
+        }
+        let step = (|| -> io::Result<()> {
+            let parent = t.target.parent().expect("target has a parent");
+            create_dirs(&layout.orgs_dir, parent, &mut dirs)?;
+            fs::rename(&t.tmp, &t.target)?;
+            dirs.insert(parent.to_owned());
+            Ok(())
+        })();
+        if let Err(e) = step {
+            let _ = fs::remove_file(&t.tmp);
+            discard(iter.collect());
+            return Err(io_err(e));
+        }
+        published += 1;
+    }
+    for d in &dirs {
+        File::open(d).and_then(|f| f.sync_all()).map_err(io_err)?;
+    }
+    Ok(published)
+}
+
+/// Like `create_dir_all`, but remembers the parent of every directory it creates, whose
+/// entry must be fsync'd too.
+fn create_dirs(root: &Path, dir: &Path, to_sync: &mut BTreeSet<PathBuf>) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().ok_or_else(|| io::Error::other("no parent"))?;
+    if dir != root {
+        create_dirs(root, parent, to_sync)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            to_sync.insert(parent.to_owned());
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the files of events recorded but not finished before a crash or a full disk.
+pub async fn recover(store: &Arc<dyn Store>, layout: &Layout) -> Result<usize, SpoolError> {
+    let pending = store.pending_files().await?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let n = pending.len();
+    let layout = layout.clone();
+    let done = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, SpoolError> {
+        let events: Vec<NewEvent> = pending
+            .into_iter()
+            .map(|p| NewEvent {
+                org: p.org,
+                id: p.id,
+                envelope_json: p.envelope_json,
+                files: p.files,
+                deliveries: vec![],
+            })
+            .collect();
+        let temps = write_temps(&layout, &events)?;
+        let all: Vec<usize> = (0..events.len()).collect();
+        publish_temps(&layout, temps, &all)?;
+        Ok(events.into_iter().map(|e| (e.org, e.id)).collect())
+    })
+    .await
+    .map_err(|e| SpoolError::Io(e.to_string()))??;
+    store.mark_files_done(done).await?;
+    tracing::info!(
+        events = n,
+        "wrote files of events accepted before the last stop"
+    );
+    Ok(n)
+}

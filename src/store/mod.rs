@@ -1,0 +1,414 @@
+//! State: orgs, SFTP users, webhooks, processed events (idempotency) and delivery jobs.
+//! One trait so that a PostgreSQL implementation can sit beside SQLite.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::event::EventType;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("disk full")]
+    DiskFull,
+    #[error("database: {0}")]
+    Db(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        if let rusqlite::Error::SqliteFailure(f, _) = &e {
+            if f.code == rusqlite::ErrorCode::DiskFull {
+                return StoreError::DiskFull;
+            }
+        }
+        StoreError::Db(e.to_string())
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Org {
+    /// The key used in paths and SFTP folders.
+    pub id: String,
+    /// Display name; defaults to the id.
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SftpUser {
+    pub org: String,
+    pub name: String,
+    #[serde(skip)]
+    pub password_hash: Option<String>,
+    pub has_password: bool,
+    pub public_keys: Vec<String>,
+    pub upload: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookKind {
+    Sftp,
+    Http,
+}
+
+impl WebhookKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookKind::Sftp => "sftp",
+            WebhookKind::Http => "http",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sftp" => Some(WebhookKind::Sftp),
+            "http" => Some(WebhookKind::Http),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Webhook {
+    pub id: String,
+    pub org: String,
+    pub kind: WebhookKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    pub events: Vec<EventType>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_template: Option<String>,
+    #[serde(skip)]
+    pub secret: Option<String>,
+    pub enabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Webhook {
+    pub fn subscribed(&self, t: EventType) -> bool {
+        self.enabled && self.events.contains(&t)
+    }
+    pub fn template(&self) -> &str {
+        self.path_template
+            .as_deref()
+            .unwrap_or(DEFAULT_PATH_TEMPLATE)
+    }
+}
+
+/// An event ready to commit: its envelope, the files it becomes and the deliveries it needs.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub org: String,
+    pub id: String,
+    pub envelope_json: String,
+    /// Paths inside the org folder, starting with `/`.
+    pub files: Vec<String>,
+    /// `(delivery id, webhook id)` for every subscribed http webhook.
+    pub deliveries: Vec<(String, String)>,
+}
+
+/// What `POST …/events` answers; stored so that a repost answers the same.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct IngestResult {
+    pub id: String,
+    pub files: Vec<String>,
+    pub deliveries: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CommitOutcome {
+    /// First time this id is seen: files must now be written.
+    New(IngestResult),
+    /// Known id: nothing to write. `files_pending` is true when an earlier attempt
+    /// recorded the event but could not finish its files (e.g. disk full).
+    Known {
+        result: IngestResult,
+        files_pending: bool,
+    },
+}
+
+/// A pending event whose files may not be on disk yet (start-up recovery).
+#[derive(Debug, Clone)]
+pub struct PendingFiles {
+    pub org: String,
+    pub id: String,
+    pub envelope_json: String,
+    pub files: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    Pending,
+    Delivered,
+    Failed,
+    Dead,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Dead => "dead",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "delivered" => Some(Self::Delivered),
+            "failed" => Some(Self::Failed),
+            "dead" => Some(Self::Dead),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub id: String,
+    pub org: String,
+    pub webhook_id: String,
+    pub event_id: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempt_log: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub at: DateTime<Utc>,
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    pub error: Option<String>,
+    pub response_excerpt: Option<String>,
+}
+
+/// A job handed to a delivery worker.
+#[derive(Debug, Clone)]
+pub struct DeliveryJob {
+    pub id: String,
+    pub org: String,
+    pub webhook_id: String,
+    pub event_id: String,
+    pub payload: String,
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// How an attempt ended, decided by the delivery worker.
+#[derive(Debug, Clone)]
+pub enum AttemptOutcome {
+    Delivered,
+    Retry {
+        at: DateTime<Utc>,
+    },
+    Dead,
+    /// The endpoint said 410 Gone: the job is dead and its webhook disabled.
+    DisableWebhook {
+        reason: String,
+    },
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Orgs
+    async fn put_org(&self, id: &str, name: &str) -> Result<(Org, bool)>;
+    async fn get_org(&self, name: &str) -> Result<Option<Org>>;
+    async fn list_orgs(&self) -> Result<Vec<Org>>;
+    async fn delete_org(&self, name: &str) -> Result<bool>;
+
+    // SFTP users (names are unique across orgs: SSH logins carry only the user name)
+    async fn put_sftp_user(&self, user: &SftpUser) -> Result<bool>;
+    async fn get_sftp_user(&self, name: &str) -> Result<Option<SftpUser>>;
+    async fn list_sftp_users(&self, org: &str) -> Result<Vec<SftpUser>>;
+    async fn delete_sftp_user(&self, org: &str, name: &str) -> Result<bool>;
+
+    // Webhooks
+    async fn put_webhook(&self, hook: &Webhook) -> Result<()>;
+    async fn get_webhook(&self, org: &str, id: &str) -> Result<Option<Webhook>>;
+    async fn list_webhooks(&self, org: &str) -> Result<Vec<Webhook>>;
+    async fn delete_webhook(&self, org: &str, id: &str) -> Result<bool>;
+
+    // Custom value endpoint
+    async fn put_custom_value_endpoint(&self, org: &str, url: &str) -> Result<()>;
+    async fn get_custom_value_endpoint(&self, org: &str) -> Result<Option<String>>;
+
+    // Ingest (one durable transaction per group commit)
+    async fn commit_events(
+        &self,
+        batch: Vec<NewEvent>,
+        files_done: Vec<(String, String)>,
+    ) -> Result<Vec<CommitOutcome>>;
+    async fn mark_files_done(&self, done: Vec<(String, String)>) -> Result<()>;
+    async fn pending_files(&self) -> Result<Vec<PendingFiles>>;
+
+    // Delivery queue
+    async fn due_jobs(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        exclude: Vec<String>,
+    ) -> Result<Vec<DeliveryJob>>;
+    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;
+    async fn record_attempt(
+        &self,
+        job: &DeliveryJob,
+        attempt: &Attempt,
+        outcome: &AttemptOutcome,
+    ) -> Result<()>;
+    async fn list_deliveries(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>>;
+    async fn replay(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        delivery_id: Option<&str>,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<u64>;
+    async fn queue_stats(&self) -> Result<(u64, Option<DateTime<Utc>>)>;
+}
+
+pub const DEFAULT_PATH_TEMPLATE: &str = "/{type}/{date}/{timestamp}_{id}.json";
+
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Org, user and webhook names end up in paths and logs: a safe charset only.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(format!("{name:?} must be 1 to {MAX_NAME_LEN} characters"));
+    }
+    let b = name.as_bytes();
+    if !b[0].is_ascii_alphanumeric() {
+        return Err(format!("{name:?} must start with a letter or digit"));
+    }
+    if !b
+        .iter()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-' | b'.'))
+    {
+        return Err(format!(
+            "{name:?} may contain only lowercase letters, digits, '_', '-' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+const TEMPLATE_VARS: [&str; 5] = ["{type}", "{date}", "{timestamp}", "{id}", "{org}"];
+
+/// A path template must stay inside the org folder and keep one file per event id.
+pub fn validate_path_template(t: &str) -> Result<(), String> {
+    if !t.starts_with('/') {
+        return Err("must start with '/'".into());
+    }
+    if !t.contains("{id}") {
+        return Err("must contain {id} so that every event gets its own file".into());
+    }
+    if !t.ends_with(".json") {
+        return Err("must end with \".json\"".into());
+    }
+    let mut rest = t.to_owned();
+    for v in TEMPLATE_VARS {
+        rest = rest.replace(v, "x");
+    }
+    if rest.contains('{') || rest.contains('}') {
+        return Err(format!(
+            "unknown placeholder; allowed: {}",
+            TEMPLATE_VARS.join(" ")
+        ));
+    }
+    for seg in rest[1..].split('/') {
+        if seg.is_empty() || seg == "." || seg == ".." || seg.starts_with('.') {
+            return Err("path segments must be non-empty and must not start with '.'".into());
+        }
+        if !seg
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+        {
+            return Err(
+                "may contain only letters, digits, '_', '-', '.', '/' and placeholders".into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn render_path_template(t: &str, env: &crate::event::Envelope) -> String {
+    t.replace("{type}", env.kind.as_str())
+        .replace("{date}", &env.timestamp.format("%Y-%m-%d").to_string())
+        .replace("{timestamp}", &env.file_stamp())
+        .replace("{id}", &env.id)
+        .replace("{org}", &env.org)
+}
+
+pub fn validate_url(u: &str) -> Result<url::Url, String> {
+    let parsed = url::Url::parse(u).map_err(|e| format!("{u:?} is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{u:?}: only http and https URLs are allowed"));
+    }
+    if parsed.host_str().is_none_or(|h| h.is_empty()) {
+        return Err(format!("{u:?} has no host"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!("{u:?}: credentials in the URL are not allowed"));
+    }
+    Ok(parsed)
+}
+
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("acme").is_ok());
+        assert!(validate_name("acme-2.eu_x").is_ok());
+        for bad in ["", ".", "..", "-x", "Acme", "a/b", "a b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn templates() {
+        assert!(validate_path_template(DEFAULT_PATH_TEMPLATE).is_ok());
+        assert!(validate_path_template("/out/{org}-{id}.json").is_ok());
+        for bad in [
+            "{id}.json",
+            "/../{id}.json",
+            "/a//{id}.json",
+            "/{x}/{id}.json",
+            "/a/b.json",
+            "/.hidden/{id}.json",
+        ] {
+            assert!(validate_path_template(bad).is_err(), "{bad}");
+        }
+    }
+}

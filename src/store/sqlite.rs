@@ -1,0 +1,720 @@
+//! SQLite implementation: WAL with `synchronous=FULL`, so a commit is fsync'd before it returns.
+//! One writer connection and one reader connection, each behind a mutex and used from
+//! blocking threads, so a commit's fsync never stalls reads.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::*;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE orgs (
+    name TEXT PRIMARY KEY,
+    display_name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE sftp_users (
+    name TEXT PRIMARY KEY,
+    org TEXT NOT NULL REFERENCES orgs(name) ON DELETE CASCADE,
+    password_hash TEXT,
+    public_keys TEXT NOT NULL DEFAULT '[]',
+    upload INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX sftp_users_org ON sftp_users(org);
+CREATE TABLE webhooks (
+    id TEXT PRIMARY KEY,
+    org TEXT NOT NULL REFERENCES orgs(name) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    url TEXT,
+    events TEXT NOT NULL,
+    path_template TEXT,
+    secret TEXT,
+    enabled INTEGER NOT NULL DEFAULT 1,
+    disabled_reason TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX webhooks_org ON webhooks(org);
+CREATE TABLE custom_value_endpoints (
+    org TEXT PRIMARY KEY REFERENCES orgs(name) ON DELETE CASCADE,
+    url TEXT NOT NULL
+);
+CREATE TABLE events (
+    org TEXT NOT NULL,
+    id TEXT NOT NULL,
+    envelope TEXT NOT NULL,
+    result TEXT NOT NULL,
+    files_pending INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (org, id)
+);
+CREATE INDEX events_files_pending ON events(files_pending) WHERE files_pending = 1;
+CREATE TABLE deliveries (
+    id TEXT PRIMARY KEY,
+    org TEXT NOT NULL,
+    webhook_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX deliveries_due ON deliveries(next_attempt_at) WHERE status IN ('pending', 'failed');
+CREATE INDEX deliveries_webhook ON deliveries(org, webhook_id, created_at);
+CREATE TABLE attempts (
+    delivery_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    status INTEGER,
+    latency_ms INTEGER NOT NULL,
+    error TEXT,
+    response_excerpt TEXT
+);
+CREATE INDEX attempts_delivery ON attempts(delivery_id, at);
+"#];
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(v).single().unwrap_or_default()
+}
+
+fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is fsync'd at every commit, which is what a 202 promises.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(m)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied state migration");
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut writer = open(path)?;
+        migrate(&mut writer)?;
+        let reader = open(path)?;
+        Ok(Self {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn with_writer<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn
+                .lock()
+                .map_err(|_| StoreError::Db("writer lock poisoned".into()))?;
+            f(&mut c)
+        })
+        .await
+        .map_err(|e| StoreError::Db(e.to_string()))?
+    }
+
+    async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = conn
+                .lock()
+                .map_err(|_| StoreError::Db("reader lock poisoned".into()))?;
+            f(&c)
+        })
+        .await
+        .map_err(|e| StoreError::Db(e.to_string()))?
+    }
+}
+
+fn org_row(r: &Row<'_>) -> rusqlite::Result<Org> {
+    Ok(Org {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        created_at: from_micros(r.get(2)?),
+    })
+}
+
+fn user_row(r: &Row<'_>) -> rusqlite::Result<SftpUser> {
+    let hash: Option<String> = r.get(2)?;
+    let keys: String = r.get(3)?;
+    Ok(SftpUser {
+        name: r.get(0)?,
+        org: r.get(1)?,
+        has_password: hash.is_some(),
+        password_hash: hash,
+        public_keys: serde_json::from_str(&keys).unwrap_or_default(),
+        upload: r.get(4)?,
+    })
+}
+
+const USER_COLS: &str = "name, org, password_hash, public_keys, upload";
+const HOOK_COLS: &str =
+    "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at";
+
+fn hook_row(r: &Row<'_>) -> rusqlite::Result<Webhook> {
+    let kind: String = r.get(2)?;
+    let events: String = r.get(4)?;
+    Ok(Webhook {
+        id: r.get(0)?,
+        org: r.get(1)?,
+        kind: WebhookKind::parse(&kind).unwrap_or(WebhookKind::Sftp),
+        url: r.get(3)?,
+        events: serde_json::from_str(&events).unwrap_or_default(),
+        path_template: r.get(5)?,
+        secret: r.get(6)?,
+        enabled: r.get(7)?,
+        disabled_reason: r.get(8)?,
+        created_at: from_micros(r.get(9)?),
+    })
+}
+
+const DELIVERY_COLS: &str =
+    "id, org, webhook_id, event_id, status, attempts, next_attempt_at, last_status, last_error, created_at, updated_at";
+
+fn delivery_row(r: &Row<'_>) -> rusqlite::Result<Delivery> {
+    let status: String = r.get(4)?;
+    Ok(Delivery {
+        id: r.get(0)?,
+        org: r.get(1)?,
+        webhook_id: r.get(2)?,
+        event_id: r.get(3)?,
+        status: DeliveryStatus::parse(&status).unwrap_or(DeliveryStatus::Pending),
+        attempts: r.get(5)?,
+        next_attempt_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
+        last_status: r.get(7)?,
+        last_error: r.get(8)?,
+        created_at: from_micros(r.get(9)?),
+        updated_at: from_micros(r.get(10)?),
+        attempt_log: Vec::new(),
+    })
+}
+
+fn mark_done(tx: &rusqlite::Transaction<'_>, done: &[(String, String)]) -> Result<()> {
+    let mut st =
+        tx.prepare_cached("UPDATE events SET files_pending = 0 WHERE org = ?1 AND id = ?2")?;
+    for (org, id) in done {
+        st.execute(params![org, id])?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_org(&self, id: &str, display: &str) -> Result<(Org, bool)> {
+        let (name, display) = (id.to_owned(), display.to_owned());
+        self.with_writer(move |c| {
+            let now = micros(Utc::now());
+            let created = c.execute(
+                "INSERT OR IGNORE INTO orgs (name, display_name, created_at) VALUES (?1, ?2, ?3)",
+                params![name, display, now],
+            )? == 1;
+            if !created {
+                c.execute(
+                    "UPDATE orgs SET display_name = ?2 WHERE name = ?1",
+                    params![name, display],
+                )?;
+            }
+            let org = c.query_row(
+                "SELECT name, display_name, created_at FROM orgs WHERE name = ?1",
+                [&name],
+                org_row,
+            )?;
+            Ok((org, created))
+        })
+        .await
+    }
+
+    async fn get_org(&self, name: &str) -> Result<Option<Org>> {
+        let name = name.to_owned();
+        self.with_reader(move |c| {
+            Ok(c.query_row(
+                "SELECT name, display_name, created_at FROM orgs WHERE name = ?1",
+                [&name],
+                org_row,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<Org>> {
+        self.with_reader(|c| {
+            let mut st =
+                c.prepare("SELECT name, display_name, created_at FROM orgs ORDER BY name")?;
+            let rows = st
+                .query_map([], org_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn delete_org(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        self.with_writer(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute("DELETE FROM orgs WHERE name = ?1", [&name])?;
+            tx.execute("DELETE FROM events WHERE org = ?1", [&name])?;
+            tx.execute("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE org = ?1)", [&name])?;
+            tx.execute("DELETE FROM deliveries WHERE org = ?1", [&name])?;
+            tx.commit()?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn put_sftp_user(&self, user: &SftpUser) -> Result<bool> {
+        let u = user.clone();
+        self.with_writer(move |c| {
+            let existing: Option<String> =
+                c.query_row("SELECT org FROM sftp_users WHERE name = ?1", [&u.name], |r| r.get(0)).optional()?;
+            if let Some(org) = &existing {
+                if org != &u.org {
+                    return Err(StoreError::Conflict(format!(
+                        "SFTP user name {:?} is taken by another org; SSH logins carry only the user name",
+                        u.name
+                    )));
+                }
+            }
+            let keys = serde_json::to_string(&u.public_keys).unwrap_or_else(|_| "[]".into());
+            c.execute(
+                "INSERT INTO sftp_users (name, org, password_hash, public_keys, upload) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(name) DO UPDATE SET password_hash = excluded.password_hash,
+                   public_keys = excluded.public_keys, upload = excluded.upload",
+                params![u.name, u.org, u.password_hash, keys, u.upload],
+            )?;
+            Ok(existing.is_none())
+        })
+        .await
+    }
+
+    async fn get_sftp_user(&self, name: &str) -> Result<Option<SftpUser>> {
+        let name = name.to_owned();
+        self.with_reader(move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {USER_COLS} FROM sftp_users WHERE name = ?1"),
+                [&name],
+                user_row,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn list_sftp_users(&self, org: &str) -> Result<Vec<SftpUser>> {
+        let org = org.to_owned();
+        self.with_reader(move |c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {USER_COLS} FROM sftp_users WHERE org = ?1 ORDER BY name"
+            ))?;
+            let rows = st
+                .query_map([&org], user_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn delete_sftp_user(&self, org: &str, name: &str) -> Result<bool> {
+        let (org, name) = (org.to_owned(), name.to_owned());
+        self.with_writer(move |c| {
+            Ok(c.execute(
+                "DELETE FROM sftp_users WHERE org = ?1 AND name = ?2",
+                [&org, &name],
+            )? == 1)
+        })
+        .await
+    }
+
+    async fn put_webhook(&self, hook: &Webhook) -> Result<()> {
+        let h = hook.clone();
+        self.with_writer(move |c| {
+            let other: Option<String> =
+                c.query_row("SELECT org FROM webhooks WHERE id = ?1", [&h.id], |r| r.get(0)).optional()?;
+            if other.as_deref().is_some_and(|o| o != h.org) {
+                return Err(StoreError::Conflict(format!("webhook id {:?} belongs to another org", h.id)));
+            }
+            let events = serde_json::to_string(&h.events).unwrap_or_else(|_| "[]".into());
+            c.execute(
+                &format!(
+                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, url = excluded.url, events = excluded.events,
+                       path_template = excluded.path_template, secret = excluded.secret, enabled = excluded.enabled,
+                       disabled_reason = excluded.disabled_reason"
+                ),
+                params![
+                    h.id,
+                    h.org,
+                    h.kind.as_str(),
+                    h.url,
+                    events,
+                    h.path_template,
+                    h.secret,
+                    h.enabled,
+                    h.disabled_reason,
+                    micros(h.created_at)
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_webhook(&self, org: &str, id: &str) -> Result<Option<Webhook>> {
+        let (org, id) = (org.to_owned(), id.to_owned());
+        self.with_reader(move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {HOOK_COLS} FROM webhooks WHERE org = ?1 AND id = ?2"),
+                [&org, &id],
+                hook_row,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn list_webhooks(&self, org: &str) -> Result<Vec<Webhook>> {
+        let org = org.to_owned();
+        self.with_reader(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {HOOK_COLS} FROM webhooks WHERE org = ?1 ORDER BY created_at, id"
+            ))?;
+            let rows = st
+                .query_map([&org], hook_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn delete_webhook(&self, org: &str, id: &str) -> Result<bool> {
+        let (org, id) = (org.to_owned(), id.to_owned());
+        self.with_writer(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute("DELETE FROM webhooks WHERE org = ?1 AND id = ?2", [&org, &id])?;
+            // Pending jobs of a deleted webhook have nowhere to go.
+            tx.execute(
+                "UPDATE deliveries SET status = 'dead', next_attempt_at = NULL, last_error = 'webhook deleted'
+                 WHERE webhook_id = ?1 AND status IN ('pending', 'failed')",
+                [&id],
+            )?;
+            tx.commit()?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn put_custom_value_endpoint(&self, org: &str, url: &str) -> Result<()> {
+        let (org, url) = (org.to_owned(), url.to_owned());
+        self.with_writer(move |c| {
+            c.execute(
+                "INSERT INTO custom_value_endpoints (org, url) VALUES (?1, ?2) ON CONFLICT(org) DO UPDATE SET url = excluded.url",
+                [&org, &url],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_custom_value_endpoint(&self, org: &str) -> Result<Option<String>> {
+        let org = org.to_owned();
+        self.with_reader(move |c| {
+            Ok(c.query_row(
+                "SELECT url FROM custom_value_endpoints WHERE org = ?1",
+                [&org],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn commit_events(
+        &self,
+        batch: Vec<NewEvent>,
+        files_done: Vec<(String, String)>,
+    ) -> Result<Vec<CommitOutcome>> {
+        self.with_writer(move |c| {
+            let tx = c.transaction()?;
+            mark_done(&tx, &files_done)?;
+            let now = micros(Utc::now());
+            let mut out = Vec::with_capacity(batch.len());
+            {
+                let mut find = tx.prepare_cached("SELECT result, files_pending FROM events WHERE org = ?1 AND id = ?2")?;
+                let mut ins_event = tx.prepare_cached(
+                    "INSERT INTO events (org, id, envelope, result, files_pending, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                let mut ins_delivery = tx.prepare_cached(
+                    "INSERT INTO deliveries (id, org, webhook_id, event_id, status, attempts, next_attempt_at, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
+                )?;
+                for ev in batch {
+                    let known: Option<(String, bool)> =
+                        find.query_row(params![ev.org, ev.id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+                    if let Some((result, files_pending)) = known {
+                        let result: IngestResult =
+                            serde_json::from_str(&result).map_err(|e| StoreError::Db(e.to_string()))?;
+                        out.push(CommitOutcome::Known { result, files_pending });
+                        continue;
+                    }
+                    let result = IngestResult {
+                        id: ev.id.clone(),
+                        files: ev.files.clone(),
+                        deliveries: ev.deliveries.iter().map(|(d, _)| d.clone()).collect(),
+                    };
+                    let result_json = serde_json::to_string(&result).map_err(|e| StoreError::Db(e.to_string()))?;
+                    ins_event.execute(params![ev.org, ev.id, ev.envelope_json, result_json, !ev.files.is_empty(), now])?;
+                    for (did, wid) in &ev.deliveries {
+                        ins_delivery.execute(params![did, ev.org, wid, ev.id, now])?;
+                    }
+                    out.push(CommitOutcome::New(result));
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn mark_files_done(&self, done: Vec<(String, String)>) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.with_writer(move |c| {
+            let tx = c.transaction()?;
+            mark_done(&tx, &done)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pending_files(&self) -> Result<Vec<PendingFiles>> {
+        self.with_reader(|c| {
+            let mut st =
+                c.prepare("SELECT org, id, envelope, result FROM events WHERE files_pending = 1")?;
+            let rows = st
+                .query_map([], |r| {
+                    let result: String = r.get(3)?;
+                    let files = serde_json::from_str::<IngestResult>(&result)
+                        .map(|r| r.files)
+                        .unwrap_or_default();
+                    Ok(PendingFiles {
+                        org: r.get(0)?,
+                        id: r.get(1)?,
+                        envelope_json: r.get(2)?,
+                        files,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn due_jobs(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        exclude: Vec<String>,
+    ) -> Result<Vec<DeliveryJob>> {
+        self.with_reader(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at
+                 FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
+                 WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
+                 ORDER BY d.next_attempt_at LIMIT ?2",
+            )?;
+            let mut out = Vec::new();
+            let rows = st.query_map(params![micros(now), (limit + exclude.len()) as i64], |r| {
+                Ok(DeliveryJob {
+                    id: r.get(0)?,
+                    org: r.get(1)?,
+                    webhook_id: r.get(2)?,
+                    event_id: r.get(3)?,
+                    payload: r.get(4)?,
+                    attempts: r.get(5)?,
+                    created_at: from_micros(r.get(6)?),
+                })
+            })?;
+            for j in rows {
+                let j = j?;
+                if !exclude.contains(&j.id) {
+                    out.push(j);
+                }
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>> {
+        self.with_reader(|c| {
+            let v: Option<i64> = c.query_row(
+                "SELECT MIN(next_attempt_at) FROM deliveries WHERE status IN ('pending', 'failed')",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(v.map(from_micros))
+        })
+        .await
+    }
+
+    async fn record_attempt(
+        &self,
+        job: &DeliveryJob,
+        a: &Attempt,
+        outcome: &AttemptOutcome,
+    ) -> Result<()> {
+        let (job, a, outcome) = (job.clone(), a.clone(), outcome.clone());
+        self.with_writer(move |c| {
+            let tx = c.transaction()?;
+            let now = micros(Utc::now());
+            tx.execute(
+                "INSERT INTO attempts (delivery_id, at, status, latency_ms, error, response_excerpt) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![job.id, micros(a.at), a.status, a.latency_ms as i64, a.error, a.response_excerpt],
+            )?;
+            let (status, next): (&str, Option<i64>) = match &outcome {
+                AttemptOutcome::Delivered => ("delivered", None),
+                AttemptOutcome::Retry { at } => ("failed", Some(micros(*at))),
+                AttemptOutcome::Dead | AttemptOutcome::DisableWebhook { .. } => ("dead", None),
+            };
+            tx.execute(
+                "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3, last_status = ?4,
+                   last_error = ?5, updated_at = ?6 WHERE id = ?1",
+                params![job.id, status, next, a.status, a.error, now],
+            )?;
+            if let AttemptOutcome::DisableWebhook { reason } = &outcome {
+                tx.execute(
+                    "UPDATE webhooks SET enabled = 0, disabled_reason = ?2 WHERE id = ?1",
+                    params![job.webhook_id, reason],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_deliveries(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        let (org, wid) = (org.to_owned(), webhook_id.to_owned());
+        self.with_reader(move |c| {
+            let sql = match status {
+                // "failed" in the API means every delivery that has not succeeded yet after trying.
+                Some(DeliveryStatus::Failed) => format!(
+                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE org = ?1 AND webhook_id = ?2 AND status IN ('failed', 'dead') ORDER BY created_at DESC LIMIT ?4"
+                ),
+                Some(_) => format!(
+                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE org = ?1 AND webhook_id = ?2 AND status = ?3 ORDER BY created_at DESC LIMIT ?4"
+                ),
+                None => format!(
+                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE org = ?1 AND webhook_id = ?2 AND ?3 IS NULL ORDER BY created_at DESC LIMIT ?4"
+                ),
+            };
+            let mut st = c.prepare(&sql)?;
+            let mut rows = st
+                .query_map(params![org, wid, status.map(|s| s.as_str()), limit as i64], delivery_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut at = c.prepare_cached(
+                "SELECT at, status, latency_ms, error, response_excerpt FROM attempts WHERE delivery_id = ?1 ORDER BY at",
+            )?;
+            for d in &mut rows {
+                d.attempt_log = at
+                    .query_map([&d.id], |r| {
+                        Ok(Attempt {
+                            at: from_micros(r.get(0)?),
+                            status: r.get(1)?,
+                            latency_ms: r.get::<_, i64>(2)? as u64,
+                            error: r.get(3)?,
+                            response_excerpt: r.get(4)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn replay(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        delivery_id: Option<&str>,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<u64> {
+        let (org, wid, did) = (
+            org.to_owned(),
+            webhook_id.to_owned(),
+            delivery_id.map(str::to_owned),
+        );
+        self.with_writer(move |c| {
+            let now = micros(Utc::now());
+            let n = match did {
+                Some(did) => c.execute(
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?4, updated_at = ?4
+                     WHERE org = ?1 AND webhook_id = ?2 AND id = ?3",
+                    params![org, wid, did, now],
+                )?,
+                None => c.execute(
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?4, updated_at = ?4
+                     WHERE org = ?1 AND webhook_id = ?2 AND created_at >= ?3",
+                    params![org, wid, since.map(micros).unwrap_or(0), now],
+                )?,
+            };
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn queue_stats(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
+        self.with_reader(|c| {
+            let (n, oldest): (i64, Option<i64>) = c.query_row(
+                "SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status IN ('pending', 'failed')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok((n as u64, oldest.map(from_micros)))
+        })
+        .await
+    }
+}
