@@ -1,0 +1,258 @@
+//! Starts the real `hookbridge` binary on free ports with a temp data dir, and talks to it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const INGRESS_SECRET: &str = "test-ingress-secret-0123456789";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns `Some` or the deadline passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub http_port: u16,
+    pub sftp_port: u16,
+    pub extra_config: String,
+    child: Option<Child>,
+    pub client: reqwest::Client,
+}
+
+impl Daemon {
+    pub async fn start() -> Daemon {
+        Self::start_with("").await
+    }
+
+    /// `extra` is TOML appended to the generated config (e.g. `[[orgs]]` tables).
+    pub async fn start_with(extra: &str) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("hookbridge-it-").tempdir().unwrap();
+        let mut d = Daemon {
+            dir,
+            http_port: free_port(),
+            sftp_port: free_port(),
+            extra_config: extra.to_owned(),
+            child: None,
+            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+        };
+        d.spawn().await;
+        d
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("hookbridge.toml")
+    }
+
+    pub fn org_dir(&self, org: &str) -> PathBuf {
+        self.data_dir().join("orgs").join(org)
+    }
+
+    pub fn write_config(&self) {
+        let cfg = format!(
+            r#"data_dir = "{data}"
+[http]
+listen = "127.0.0.1:{http}"
+[sftp]
+listen = "127.0.0.1:{sftp}"
+auth_rejection_time = "100ms"
+[ingress]
+jwt_hs256_secret = "{INGRESS_SECRET}"
+[admin]
+token = "{ADMIN_TOKEN}"
+[delivery]
+allow_private_destinations = true
+retry_delays = ["200ms", "400ms", "800ms"]
+[log]
+level = "info,hookbridge=debug"
+{extra}
+"#,
+            data = self.data_dir().display(),
+            http = self.http_port,
+            sftp = self.sftp_port,
+            extra = self.extra_config,
+        );
+        std::fs::write(self.config_path(), cfg).unwrap();
+    }
+
+    pub async fn spawn(&mut self) {
+        self.write_config();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hookbridge"))
+            .args(["serve", "--config"])
+            .arg(self.config_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .env("NO_COLOR", "1")
+            .spawn()
+            .expect("start hookbridge");
+        self.child = Some(child);
+        let url = self.url("/healthz");
+        let client = self.client.clone();
+        let log_path = self.dir.path().join("daemon.log");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("hookbridge exited with {status}: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "hookbridge did not become healthy");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("hookbridge did not stop within 30s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.http_port, path)
+    }
+
+    pub fn token(&self, org: &str) -> String {
+        token_with(INGRESS_SECRET, json!({"org": org, "exp": chrono::Utc::now().timestamp() + 600}))
+    }
+
+    pub async fn post_event(&self, org: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/orgs/{org}/events")))
+            .bearer_auth(self.token(org))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// An admin request; returns status and parsed JSON body (Null when empty).
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.client.request(m, self.url(path)).bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Org + sftp hook for all types; returns nothing, panics on failure.
+    pub async fn org_with_sftp_hook(&self, org: &str) {
+        let (s, _) = self.admin("PUT", &format!("/v1/orgs/{org}"), Some(json!({}))).await;
+        assert!(s == 201 || s == 200, "PUT org: {s}");
+        let (s, b) = self
+            .admin("POST", &format!("/v1/orgs/{org}/webhooks"), Some(json!({"kind": "sftp", "events": ["*"]})))
+            .await;
+        assert_eq!(s, 201, "create sftp hook: {b}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn token_with(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Every regular file under `dir`, recursively, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A Python interpreter with paramiko/asyncssh (the venv made by scripts/test), if any.
+pub fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}

@@ -1,0 +1,6 @@
+//! One integration binary: every test starts the real daemon and uses real clients.
+
+mod harness;
+
+mod e2e_admin;
+mod e2e_ingest;
