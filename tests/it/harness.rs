@@ -41,6 +41,8 @@ pub struct Daemon {
     pub http_port: u16,
     pub sftp_port: u16,
     pub extra_config: String,
+    /// Data dir somewhere else than the temp dir (e.g. a small tmpfs).
+    pub data_dir_override: Option<PathBuf>,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -52,6 +54,10 @@ impl Daemon {
 
     /// `extra` is TOML appended to the generated config (e.g. `[[orgs]]` tables).
     pub async fn start_with(extra: &str) -> Daemon {
+        Self::start_full(extra, None).await
+    }
+
+    pub async fn start_full(extra: &str, data_dir: Option<PathBuf>) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -61,6 +67,7 @@ impl Daemon {
             http_port: free_port(),
             sftp_port: free_port(),
             extra_config: extra.to_owned(),
+            data_dir_override: data_dir,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -72,7 +79,9 @@ impl Daemon {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir_override
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     pub fn config_path(&self) -> PathBuf {

@@ -3,4 +3,5 @@
 mod harness;
 
 mod e2e_admin;
+mod e2e_faults;
 mod e2e_ingest;
