@@ -18,16 +18,28 @@ async fn main() {
     let token = args[2].clone();
     let n: usize = args[3].parse().expect("N");
     let c: usize = args[4].parse().expect("C");
-    let size: usize = args.get(5).map(|s| s.parse().expect("PAYLOAD_BYTES")).unwrap_or(512);
+    let size: usize = args
+        .get(5)
+        .map(|s| s.parse().expect("PAYLOAD_BYTES"))
+        .unwrap_or(512);
     let pad = "x".repeat(size);
     let run_id = ulid::Ulid::new().to_string();
     let next = Arc::new(AtomicUsize::new(0));
-    let client = reqwest::Client::builder().pool_max_idle_per_host(c).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(c)
+        .build()
+        .unwrap();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..c {
-        let (client, url, token, pad, next, run_id) =
-            (client.clone(), url.clone(), token.clone(), pad.clone(), next.clone(), run_id.clone());
+        let (client, url, token, pad, next, run_id) = (
+            client.clone(),
+            url.clone(),
+            token.clone(),
+            pad.clone(),
+            next.clone(),
+            run_id.clone(),
+        );
         tasks.spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0usize;
@@ -64,7 +76,11 @@ async fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     lat.sort();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     println!(
         "events={} errors={} seconds={:.2} events_per_s={:.0} p50_ms={:.1} p99_ms={:.1}",
         lat.len(),

@@ -302,22 +302,45 @@ struct Temp {
     target: PathBuf,
 }
 
+/// Threads that write and fdatasync temps side by side: concurrent fdatasyncs on one
+/// file system share journal commits, which one thread calling them in turn cannot.
+const SYNC_THREADS: usize = 4;
+
 fn write_temps(layout: &Layout, events: &[NewEvent]) -> Result<Vec<Temp>, SpoolError> {
     let mut temps = Vec::new();
     for (i, ev) in events.iter().enumerate() {
         for path in &ev.files {
             let tmp = layout.tmp_dir.join(format!("{}.tmp", ulid::Ulid::new()));
-            let res = write_synced(&tmp, ev.envelope_json.as_bytes());
             temps.push(Temp {
                 event: i,
                 tmp,
                 target: layout.target(&ev.org, path),
             });
-            if let Err(e) = res {
-                discard(temps);
-                return Err(io_err(e));
-            }
         }
+    }
+    let chunk = temps.len().div_ceil(SYNC_THREADS).max(8);
+    let results: Vec<io::Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = temps
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter().try_for_each(|t| {
+                        write_synced(&t.tmp, events[t.event].envelope_json.as_bytes())
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")))
+            })
+            .collect()
+    });
+    if let Some(e) = results.into_iter().find_map(Result::err) {
+        discard(temps);
+        return Err(io_err(e));
     }
     Ok(temps)
 }

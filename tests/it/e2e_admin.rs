@@ -291,31 +291,53 @@ fn hash_password_prints_an_argon2id_hash() {
 
 #[test]
 fn example_config_is_valid() {
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hookbridge.example.toml");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hookbridge.example.toml");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"))
         .args(["check-config", "--config"])
         .arg(&example)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `systemd-analyze verify` is clean and the sandbox exposure stays at or below 2.0.
 #[test]
 fn systemd_unit_verifies_and_is_hardened() {
-    if std::process::Command::new("systemd-analyze").arg("--version").output().is_err() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIPPED: systemd-analyze is not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let unit = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/hookbridge.service"))
-        .unwrap()
-        .replace("/usr/bin/hookbridge", env!("CARGO_BIN_EXE_hookbridge"));
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/hookbridge.service"),
+    )
+    .unwrap()
+    .replace("/usr/bin/hookbridge", env!("CARGO_BIN_EXE_hookbridge"));
     let path = dir.path().join("hookbridge.service");
     std::fs::write(&path, unit).unwrap();
-    let out = std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.trim().is_empty(), "verify: {text}");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "verify: {text}"
+    );
     let out = std::process::Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&path)
@@ -324,7 +346,10 @@ fn systemd_unit_verifies_and_is_hardened() {
     let text = String::from_utf8_lossy(&out.stdout);
     let level: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for hookbridge.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for hookbridge.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {text}"));
