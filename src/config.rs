@@ -55,6 +55,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
+    /// Defaults for every org's quota, retention and ingest rate; `[[orgs]]` may override.
+    pub limits: LimitsConfig,
     /// Orgs, SFTP users and webhooks applied idempotently at start.
     pub orgs: Vec<OrgDecl>,
 }
@@ -160,6 +162,100 @@ pub struct OrgDecl {
     pub webhooks: Vec<WebhookDecl>,
     #[serde(default)]
     pub custom_value_endpoint: Option<String>,
+    /// Overrides of `[limits]` for this org.
+    #[serde(default)]
+    pub limits: OrgLimits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Bytes of files an org folder may hold before ingest answers 507; 0 = no quota.
+    pub quota_bytes: u64,
+    /// Files an org folder may hold before ingest answers 507; 0 = no quota.
+    pub quota_files: u64,
+    /// Files older than this many days are removed; 0 = keep forever.
+    pub retention_days: u32,
+    /// Whether retention also removes files nobody has downloaded yet. Default true.
+    pub retention_removes_undownloaded: bool,
+    /// Sustained events per second one org may post; 0 = unlimited.
+    pub ingest_rate: f64,
+    /// Events an org may post in a burst above `ingest_rate`. Default 100.
+    pub ingest_burst: u32,
+    /// How often retention runs and folder usage is recounted. Default 1m.
+    pub sweep_interval: Dur,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            quota_bytes: 0,
+            quota_files: 0,
+            retention_days: 0,
+            retention_removes_undownloaded: true,
+            ingest_rate: 0.0,
+            ingest_burst: 100,
+            sweep_interval: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Per-org overrides; `None` takes the `[limits]` default.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_files: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_removes_undownloaded: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest_burst: Option<u32>,
+}
+
+/// The limits in force for one org.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct EffectiveLimits {
+    pub quota_bytes: u64,
+    pub quota_files: u64,
+    pub retention_days: u32,
+    pub retention_removes_undownloaded: bool,
+    pub ingest_rate: f64,
+    pub ingest_burst: u32,
+}
+
+impl LimitsConfig {
+    pub fn for_org(&self, o: &OrgLimits) -> EffectiveLimits {
+        EffectiveLimits {
+            quota_bytes: o.quota_bytes.unwrap_or(self.quota_bytes),
+            quota_files: o.quota_files.unwrap_or(self.quota_files),
+            retention_days: o.retention_days.unwrap_or(self.retention_days),
+            retention_removes_undownloaded: o
+                .retention_removes_undownloaded
+                .unwrap_or(self.retention_removes_undownloaded),
+            ingest_rate: o.ingest_rate.unwrap_or(self.ingest_rate),
+            ingest_burst: o.ingest_burst.unwrap_or(self.ingest_burst),
+        }
+    }
+}
+
+impl OrgLimits {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(r) = self.ingest_rate {
+            if !r.is_finite() || r < 0.0 {
+                return Err("ingest_rate must be a number of events per second, 0 or more".into());
+            }
+        }
+        if self.ingest_burst == Some(0) {
+            return Err("ingest_burst must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -200,6 +296,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             delivery: DeliveryConfig::default(),
             log: LogConfig::default(),
+            limits: LimitsConfig::default(),
             orgs: Vec::new(),
         }
     }
@@ -378,6 +475,18 @@ impl Config {
                 "concurrency must be at least 1",
             ));
         }
+        if !self.limits.ingest_rate.is_finite() || self.limits.ingest_rate < 0.0 {
+            return Err(invalid(
+                "limits.ingest_rate",
+                "must be events per second, 0 (unlimited) or more",
+            ));
+        }
+        if self.limits.ingest_burst == 0 {
+            return Err(invalid("limits.ingest_burst", "must be at least 1"));
+        }
+        if self.limits.sweep_interval.0 < Duration::from_millis(100) {
+            return Err(invalid("limits.sweep_interval", "must be at least 100ms"));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, org) in self.orgs.iter().enumerate() {
             let key = format!("orgs[{i}]");
@@ -429,6 +538,9 @@ impl Config {
                     }
                 }
             }
+            org.limits
+                .validate()
+                .map_err(|m| invalid(format!("{key}.limits"), m))?;
             if let Some(u) = &org.custom_value_endpoint {
                 crate::store::validate_url(u)
                     .map_err(|m| invalid(format!("{key}.custom_value_endpoint"), m))?;

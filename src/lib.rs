@@ -10,6 +10,8 @@ pub mod delivery;
 pub mod demo;
 pub mod event;
 pub mod ingress;
+pub mod limits;
+pub mod retention;
 pub mod secrets;
 pub mod sftp;
 pub mod spool;
@@ -35,6 +37,10 @@ pub struct App {
     pub layout: Layout,
     pub secrets: Arc<secrets::Secrets>,
     pub metrics: telemetry::Metrics,
+    /// What each org folder holds, for quotas.
+    pub usage: Arc<limits::Usage>,
+    /// Per-org ingest token buckets.
+    pub rate: Arc<limits::RateLimiter>,
     /// Wakes the delivery workers when new jobs were committed.
     pub delivery_wake: Arc<tokio::sync::Notify>,
 }
@@ -139,9 +145,11 @@ pub async fn run_with_hook(
     }
 
     let spool_cancel = CancellationToken::new();
+    let usage = Arc::new(limits::Usage::default());
     let (spool, spool_task) = Spool::start(
         store.clone(),
         layout.clone(),
+        usage.clone(),
         config.http.max_pending_events,
         spool_cancel.clone(),
     );
@@ -152,6 +160,8 @@ pub async fn run_with_hook(
         layout,
         secrets: Arc::new(secrets),
         metrics,
+        usage,
+        rate: Arc::new(limits::RateLimiter::default()),
         delivery_wake: Arc::new(tokio::sync::Notify::new()),
     };
 
@@ -174,6 +184,11 @@ pub async fn run_with_hook(
                     .map_err(|e| e.to_string()),
             )
         });
+    }
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move { ("sweeper", retention::run(app, cancel).await) });
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     telemetry::spawn_watchdog(&mut tasks, cancel.clone());

@@ -25,6 +25,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::limits::Usage;
 use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError};
 
 const MAX_BATCH: usize = 512;
@@ -64,6 +65,8 @@ fn io_err(e: io::Error) -> SpoolError {
 pub enum Committed {
     New(IngestResult),
     Known(IngestResult),
+    /// Recorded (with its deliveries) but its files wait: the org is over quota.
+    Deferred(IngestResult),
 }
 
 struct Request {
@@ -121,12 +124,13 @@ impl Spool {
     pub fn start(
         store: Arc<dyn Store>,
         layout: Layout,
+        usage: Arc<Usage>,
         max_waiting: usize,
         cancel: CancellationToken,
     ) -> (Spool, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_waiting.max(1));
         let waiting = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(committer(store, layout, rx, waiting.clone(), cancel));
+        let task = tokio::spawn(committer(store, layout, usage, rx, waiting.clone(), cancel));
         (
             Spool {
                 tx,
@@ -155,6 +159,7 @@ impl Spool {
 async fn committer(
     store: Arc<dyn Store>,
     layout: Layout,
+    usage: Arc<Usage>,
     mut rx: mpsc::Receiver<Request>,
     waiting: Arc<AtomicUsize>,
     cancel: CancellationToken,
@@ -180,7 +185,7 @@ async fn committer(
         }
         waiting.fetch_sub(batch.len(), Ordering::AcqRel);
         let marked = std::mem::take(&mut done_not_marked);
-        commit_batch(&store, &layout, batch, marked, &mut done_not_marked).await;
+        commit_batch(&store, &layout, &usage, batch, marked, &mut done_not_marked).await;
     }
     if let Err(e) = store.mark_files_done(done_not_marked).await {
         tracing::warn!(error = %e, "could not mark the last files as written; they will be rewritten at the next start");
@@ -190,6 +195,7 @@ async fn committer(
 async fn commit_batch(
     store: &Arc<dyn Store>,
     layout: &Layout,
+    usage: &Usage,
     batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
@@ -221,25 +227,41 @@ async fn commit_batch(
         }
     };
 
-    // Events whose files must now appear: new ones, and known ones left pending earlier.
+    // Events whose files must now appear: new ones (their temps are written), and known
+    // ones left pending earlier (`redo`: written now from the envelope first recorded).
     let mut publish = Vec::new();
+    let mut redo = Vec::new();
     let mut replies: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(n);
     for (i, out) in outcomes.into_iter().enumerate() {
+        let ev = &batch[i].event;
         match out {
+            CommitOutcome::New(r) if ev.defer_files => replies.push(Ok(Committed::Deferred(r))),
+            CommitOutcome::Known {
+                result,
+                pending_envelope: Some(_),
+            } if ev.defer_files => replies.push(Ok(Committed::Deferred(result))),
             CommitOutcome::New(r) => {
                 publish.push(i);
                 replies.push(Ok(Committed::New(r)));
             }
             CommitOutcome::Known {
                 result,
-                files_pending: true,
+                pending_envelope: Some(envelope_json),
             } => {
+                redo.push(NewEvent {
+                    org: ev.org.clone(),
+                    id: ev.id.clone(),
+                    envelope_json,
+                    files: result.files.clone(),
+                    deliveries: vec![],
+                    defer_files: false,
+                });
                 publish.push(i);
                 replies.push(Ok(Committed::Known(result)));
             }
             CommitOutcome::Known {
                 result,
-                files_pending: false,
+                pending_envelope: None,
             } => replies.push(Ok(Committed::Known(result))),
         }
     }
@@ -247,19 +269,31 @@ async fn commit_batch(
     match temps {
         Ok(temps) => {
             let layout = layout.clone();
-            let publish_set = publish.clone();
-            let res =
-                tokio::task::spawn_blocking(move || publish_temps(&layout, temps, &publish_set))
-                    .await
-                    .unwrap_or_else(|e| Err(SpoolError::Io(e.to_string())));
+            // Fresh temps of the batch serve new events only; pending ones use `redo`.
+            let fresh: Vec<usize> = publish
+                .iter()
+                .copied()
+                .filter(|&i| !is_redo(&redo, &batch[i].event))
+                .collect();
+            let res = tokio::task::spawn_blocking(move || {
+                let mut n = publish_temps(&layout, temps, &fresh)?;
+                if !redo.is_empty() {
+                    let all: Vec<usize> = (0..redo.len()).collect();
+                    n += publish_temps(&layout, write_temps(&layout, &redo)?, &all)?;
+                }
+                Ok::<_, SpoolError>(n)
+            })
+            .await
+            .unwrap_or_else(|e| Err(SpoolError::Io(e.to_string())));
             match res {
                 Ok(files) => {
                     metrics::counter!("hookbridge_files_written_total").increment(files as u64);
-                    done.extend(
-                        publish
-                            .iter()
-                            .map(|&i| (batch[i].event.org.clone(), batch[i].event.id.clone())),
-                    );
+                    for &i in &publish {
+                        let ev = &batch[i].event;
+                        let bytes = ev.files.len() * (ev.envelope_json.len() + 1);
+                        usage.add(&ev.org, ev.files.len() as u64, bytes as u64);
+                        done.push((ev.org.clone(), ev.id.clone()));
+                    }
                 }
                 Err(e) => fail_published(&e, &publish, &mut replies),
             }
@@ -271,6 +305,10 @@ async fn commit_batch(
     for (r, reply) in batch.into_iter().zip(replies) {
         let _ = r.reply.send(reply);
     }
+}
+
+fn is_redo(redo: &[NewEvent], ev: &NewEvent) -> bool {
+    redo.iter().any(|r| r.org == ev.org && r.id == ev.id)
 }
 
 fn fail_published(
@@ -308,7 +346,7 @@ const SYNC_THREADS: usize = 4;
 
 fn write_temps(layout: &Layout, events: &[NewEvent]) -> Result<Vec<Temp>, SpoolError> {
     let mut temps = Vec::new();
-    for (i, ev) in events.iter().enumerate() {
+    for (i, ev) in events.iter().enumerate().filter(|(_, ev)| !ev.defer_files) {
         for path in &ev.files {
             let tmp = layout.tmp_dir.join(format!("{}.tmp", ulid::Ulid::new()));
             temps.push(Temp {
@@ -433,6 +471,7 @@ pub async fn recover(store: &Arc<dyn Store>, layout: &Layout) -> Result<usize, S
                 envelope_json: p.envelope_json,
                 files: p.files,
                 deliveries: vec![],
+                defer_files: false,
             })
             .collect();
         let temps = write_temps(&layout, &events)?;

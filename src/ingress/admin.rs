@@ -92,6 +92,9 @@ async fn list_orgs(State(app): State<App>) -> ApiResult<Json<serde_json::Value>>
 struct PutOrg {
     #[serde(default)]
     name: Option<String>,
+    /// Overrides of `[limits]`; absent keeps the current ones.
+    #[serde(default)]
+    limits: Option<crate::config::OrgLimits>,
 }
 
 async fn put_org(
@@ -107,7 +110,15 @@ async fn put_org(
             "`name` must be 1 to 200 printable characters",
         ));
     }
-    let (o, created) = app.store.put_org(&org, &display).await?;
+    if let Some(l) = &req.limits {
+        l.validate()
+            .map_err(|m| Problem::bad_request(format!("limits: {m}")))?;
+    }
+    let (mut o, created) = app.store.put_org(&org, &display).await?;
+    if let Some(l) = req.limits {
+        app.store.set_org_limits(&org, &l).await?;
+        o.limits = l;
+    }
     tokio::fs::create_dir_all(app.layout.org_dir(&org))
         .await
         .map_err(|e| Problem::internal("cannot create org folder", e))?;
@@ -547,6 +558,10 @@ pub async fn apply_declared(store: &Arc<dyn Store>, config: &Config) -> Result<(
     for o in &config.orgs {
         let ctx = |e: crate::store::StoreError| format!("org {:?}: {e}", o.name);
         store.put_org(&o.name, &o.name).await.map_err(ctx)?;
+        store
+            .set_org_limits(&o.name, &o.limits)
+            .await
+            .map_err(ctx)?;
         std::fs::create_dir_all(orgs_dir.join(&o.name))
             .map_err(|e| format!("org {:?}: folder: {e}", o.name))?;
         for u in &o.sftp_users {

@@ -133,8 +133,20 @@ async fn ingest(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<crate::store::IngestResult>)> {
     check_ingress_token(app, headers, org)?;
-    if app.store.get_org(org).await?.is_none() {
+    let Some(org_row) = app.store.get_org(org).await? else {
         return Err(Problem::not_found(format!("unknown org {org:?}")));
+    };
+    let limits = app.config.limits.for_org(&org_row.limits);
+    if let Err(wait) = app.rate.check(org, limits.ingest_rate, limits.ingest_burst) {
+        metrics::counter!("hookbridge_ingest_rate_limited_total").increment(1);
+        return Err(Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "org {org:?} posts faster than its limit of {} events/s; retry later",
+                limits.ingest_rate
+            ),
+        )
+        .retry_after(wait));
     }
     if !is_json(headers) {
         return Err(Problem::new(
@@ -167,12 +179,20 @@ async fn ingest(
             WebhookKind::Http => deliveries.push((new_id("dlv"), h.id.clone())),
         }
     }
+    let envelope_json = env.to_json();
+    let over_quota = if files.is_empty() {
+        None
+    } else {
+        let bytes = (files.len() * (envelope_json.len() + 1)) as u64;
+        crate::limits::over_quota(app.usage.get(org), &limits, files.len() as u64, bytes)
+    };
     let new = NewEvent {
         org: org.to_owned(),
         id: env.id.clone(),
-        envelope_json: env.to_json(),
+        envelope_json,
         files,
         deliveries,
+        defer_files: over_quota.is_some(),
     };
     let had_deliveries = !new.deliveries.is_empty();
     match app.spool.submit(new).await? {
@@ -183,5 +203,20 @@ async fn ingest(
             Ok((StatusCode::ACCEPTED, Json(r)))
         }
         Committed::Known(r) => Ok((StatusCode::OK, Json(r))),
+        Committed::Deferred(r) => {
+            if had_deliveries {
+                app.delivery_wakeup();
+            }
+            metrics::counter!("hookbridge_ingest_over_quota_total").increment(1);
+            let why = over_quota.unwrap_or_else(|| "the org is over its quota".into());
+            tracing::warn!(org = %org, event_id = %r.id, reason = %why,
+                "org over quota: event recorded, its files wait until it is posted again with room");
+            Err(Problem::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("{why}; no file was written (HTTP deliveries go on). Post the event again once files were removed"),
+            )
+            .with("id", &r.id)
+            .with("deliveries", &r.deliveries))
+        }
     }
 }

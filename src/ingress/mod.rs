@@ -4,6 +4,7 @@ pub mod admin;
 mod events;
 mod ops;
 pub mod problem;
+mod usage;
 
 use std::time::Duration;
 
@@ -22,12 +23,9 @@ pub fn router(app: App) -> Router {
     let timeout = app.config.http.request_timeout.0;
     Router::new()
         .merge(events::router())
-        .merge(
-            admin::router().route_layer(axum::middleware::from_fn_with_state(
-                app.clone(),
-                admin::require_admin,
-            )),
-        )
+        .merge(admin::router().merge(usage::router()).route_layer(
+            axum::middleware::from_fn_with_state(app.clone(), admin::require_admin),
+        ))
         .merge(ops::router())
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {

@@ -13,6 +13,8 @@ pub struct Problem {
     pub status: StatusCode,
     pub detail: String,
     pub retry_after: Option<u64>,
+    /// Extra members of the problem object (RFC 9457 extensions).
+    pub extensions: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Problem {
@@ -21,7 +23,19 @@ impl Problem {
             status,
             detail: detail.into(),
             retry_after: None,
+            extensions: Default::default(),
         }
+    }
+    pub fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
+        self.extensions.insert(
+            key.to_owned(),
+            serde_json::to_value(value).unwrap_or_default(),
+        );
+        self
+    }
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
     pub fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, detail)
@@ -36,11 +50,7 @@ impl Problem {
         Self::new(StatusCode::CONFLICT, detail)
     }
     pub fn unavailable(detail: impl Into<String>, retry_after: u64) -> Self {
-        Self {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            detail: detail.into(),
-            retry_after: Some(retry_after),
-        }
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, detail).retry_after(retry_after)
     }
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "{context}");
@@ -54,12 +64,17 @@ impl Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let title = self.status.canonical_reason().unwrap_or("Error");
-        let body = json!({
+        let mut body = json!({
             "type": "about:blank",
             "title": title,
             "status": self.status.as_u16(),
             "detail": self.detail,
         });
+        if let Some(obj) = body.as_object_mut() {
+            for (k, v) in self.extensions {
+                obj.entry(k).or_insert(v);
+            }
+        }
         let mut resp = (self.status, body.to_string()).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -43,6 +43,8 @@ pub struct Org {
     /// Display name; defaults to the id.
     pub name: String,
     pub created_at: DateTime<Utc>,
+    /// Overrides of the `[limits]` defaults.
+    pub limits: crate::config::OrgLimits,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +120,8 @@ pub struct NewEvent {
     pub files: Vec<String>,
     /// `(delivery id, webhook id)` for every subscribed http webhook.
     pub deliveries: Vec<(String, String)>,
+    /// Record the event but leave its files pending (the org is over quota).
+    pub defer_files: bool,
 }
 
 /// What `POST …/events` answers; stored so that a repost answers the same.
@@ -132,11 +136,12 @@ pub struct IngestResult {
 pub enum CommitOutcome {
     /// First time this id is seen: files must now be written.
     New(IngestResult),
-    /// Known id: nothing to write. `files_pending` is true when an earlier attempt
-    /// recorded the event but could not finish its files (e.g. disk full).
+    /// Known id: nothing to write, unless an earlier attempt recorded the event but could
+    /// not finish its files (disk full, over quota): then `pending_envelope` holds the
+    /// envelope as first recorded, to write to `result.files`.
     Known {
         result: IngestResult,
-        files_pending: bool,
+        pending_envelope: Option<String>,
     },
 }
 
@@ -236,6 +241,7 @@ pub trait Store: Send + Sync + 'static {
     async fn put_org(&self, id: &str, name: &str) -> Result<(Org, bool)>;
     async fn get_org(&self, name: &str) -> Result<Option<Org>>;
     async fn list_orgs(&self) -> Result<Vec<Org>>;
+    async fn set_org_limits(&self, name: &str, limits: &crate::config::OrgLimits) -> Result<bool>;
     async fn delete_org(&self, name: &str) -> Result<bool>;
 
     // SFTP users (names are unique across orgs: SSH logins carry only the user name)

@@ -17,7 +17,8 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
 }
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE orgs (
     name TEXT PRIMARY KEY,
     display_name TEXT NOT NULL,
@@ -82,7 +83,10 @@ CREATE TABLE attempts (
     response_excerpt TEXT
 );
 CREATE INDEX attempts_delivery ON attempts(delivery_id, at);
-"#];
+"#,
+    // Per-org overrides of [limits] (quota, retention, ingest rate), as JSON.
+    "ALTER TABLE orgs ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';",
+];
 
 fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
@@ -157,10 +161,12 @@ impl SqliteStore {
 }
 
 fn org_row(r: &Row<'_>) -> rusqlite::Result<Org> {
+    let limits: String = r.get(3)?;
     Ok(Org {
         id: r.get(0)?,
         name: r.get(1)?,
         created_at: from_micros(r.get(2)?),
+        limits: serde_json::from_str(&limits).unwrap_or_default(),
     })
 }
 
@@ -245,7 +251,7 @@ impl Store for SqliteStore {
                 )?;
             }
             let org = c.query_row(
-                "SELECT name, display_name, created_at FROM orgs WHERE name = ?1",
+                "SELECT name, display_name, created_at, limits FROM orgs WHERE name = ?1",
                 [&name],
                 org_row,
             )?;
@@ -258,7 +264,7 @@ impl Store for SqliteStore {
         let name = name.to_owned();
         self.with_reader(move |c| {
             Ok(c.query_row(
-                "SELECT name, display_name, created_at FROM orgs WHERE name = ?1",
+                "SELECT name, display_name, created_at, limits FROM orgs WHERE name = ?1",
                 [&name],
                 org_row,
             )
@@ -270,11 +276,23 @@ impl Store for SqliteStore {
     async fn list_orgs(&self) -> Result<Vec<Org>> {
         self.with_reader(|c| {
             let mut st =
-                c.prepare("SELECT name, display_name, created_at FROM orgs ORDER BY name")?;
+                c.prepare("SELECT name, display_name, created_at, limits FROM orgs ORDER BY name")?;
             let rows = st
                 .query_map([], org_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
+        })
+        .await
+    }
+
+    async fn set_org_limits(&self, name: &str, limits: &crate::config::OrgLimits) -> Result<bool> {
+        let name = name.to_owned();
+        let json = serde_json::to_string(limits).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.with_writer(move |c| {
+            Ok(c.execute(
+                "UPDATE orgs SET limits = ?2 WHERE name = ?1",
+                params![name, json],
+            )? == 1)
         })
         .await
     }
@@ -470,7 +488,7 @@ impl Store for SqliteStore {
             let now = micros(Utc::now());
             let mut out = Vec::with_capacity(batch.len());
             {
-                let mut find = tx.prepare_cached("SELECT result, files_pending FROM events WHERE org = ?1 AND id = ?2")?;
+                let mut find = tx.prepare_cached("SELECT result, files_pending, envelope FROM events WHERE org = ?1 AND id = ?2")?;
                 let mut ins_event = tx.prepare_cached(
                     "INSERT INTO events (org, id, envelope, result, files_pending, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
@@ -479,12 +497,14 @@ impl Store for SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
                 )?;
                 for ev in batch {
-                    let known: Option<(String, bool)> =
-                        find.query_row(params![ev.org, ev.id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-                    if let Some((result, files_pending)) = known {
+                    let known: Option<(String, bool, String)> = find
+                        .query_row(params![ev.org, ev.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .optional()?;
+                    if let Some((result, files_pending, envelope)) = known {
                         let result: IngestResult =
                             serde_json::from_str(&result).map_err(|e| StoreError::Db(e.to_string()))?;
-                        out.push(CommitOutcome::Known { result, files_pending });
+                        let pending_envelope = files_pending.then_some(envelope);
+                        out.push(CommitOutcome::Known { result, pending_envelope });
                         continue;
                     }
                     let result = IngestResult {

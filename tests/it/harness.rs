@@ -192,10 +192,6 @@ level = "info,hookbridge=debug"
         self.spawn().await;
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.http_port, path)
     }

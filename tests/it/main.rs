@@ -5,3 +5,4 @@ mod harness;
 mod e2e_admin;
 mod e2e_faults;
 mod e2e_ingest;
+mod e2e_limits;

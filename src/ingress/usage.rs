@@ -1,0 +1,53 @@
+//! `GET /v1/orgs/{org}/usage`: what the org folder holds against its quota.
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::problem::{ApiResult, Problem};
+use crate::App;
+
+pub fn router() -> Router<App> {
+    Router::new().route("/v1/orgs/{org}/usage", get(usage))
+}
+
+async fn usage(
+    State(app): State<App>,
+    Path(org): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let o = app
+        .store
+        .get_org(&org)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("unknown org {org:?}")))?;
+    let limits = app.config.limits.for_org(&o.limits);
+    // A fresh count, so that the answer reflects deletes made over SFTP a moment ago.
+    let root = app.layout.org_dir(&org);
+    let counted = tokio::task::spawn_blocking(move || {
+        crate::retention::sweep_org(
+            &root,
+            &crate::config::EffectiveLimits {
+                retention_days: 0,
+                ..limits
+            },
+            std::time::SystemTime::now(),
+        )
+    })
+    .await
+    .map_err(|e| Problem::internal("usage count failed", e))?
+    .map_err(|e| Problem::internal("usage count failed", e))?;
+    app.usage.set(&org, counted.usage);
+    let u = counted.usage;
+    Ok(Json(json!({
+        "org": org,
+        "files": u.files,
+        "bytes": u.bytes,
+        "quota_files": limits.quota_files,
+        "quota_bytes": limits.quota_bytes,
+        // Whether the next event's file would be refused (507).
+        "full": crate::limits::over_quota(u, &limits, 1, 1).is_some(),
+        "limits": limits,
+        "overrides": o.limits,
+    })))
+}

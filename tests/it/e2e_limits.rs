@@ -1,0 +1,175 @@
+//! Per-org ingest rate limits, quotas and retention.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn an_org_over_its_rate_gets_429_with_retry_after() {
+    let d = Daemon::start().await;
+    d.org_with_sftp_hook("acme").await;
+    d.org_with_sftp_hook("beta").await;
+    let (s, b) = d
+        .admin(
+            "PUT",
+            "/v1/orgs/acme",
+            Some(json!({"limits": {"ingest_rate": 1.0, "ingest_burst": 3}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let mut codes = Vec::new();
+    for i in 0..6 {
+        let r = d
+            .post_event(
+                "acme",
+                &json!({"id": format!("r{i}"), "type": "payment", "data": {}}),
+            )
+            .await;
+        let status = r.status().as_u16();
+        if status == 429 {
+            assert!(
+                r.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+                    >= 1
+            );
+            let p: Value = r.json().await.unwrap();
+            assert!(p["detail"].as_str().unwrap().contains("limit"), "{p}");
+        }
+        codes.push(status);
+    }
+    assert_eq!(&codes[..3], &[202, 202, 202]);
+    assert!(codes[3..].contains(&429), "{codes:?}");
+    // Another org is not affected.
+    let r = d
+        .post_event("beta", &json!({"type": "payment", "data": {}}))
+        .await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        files_under(&d.org_dir("acme")).len(),
+        codes.iter().filter(|&&c| c == 202).count()
+    );
+}
+
+#[tokio::test]
+async fn over_quota_gives_507_writes_nothing_and_recovers_when_files_go() {
+    let d = Daemon::start().await;
+    d.org_with_sftp_hook("acme").await;
+    let (s, _) = d
+        .admin(
+            "PUT",
+            "/v1/orgs/acme",
+            Some(json!({"limits": {"quota_files": 3}})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    for i in 0..3 {
+        let r = d
+            .post_event(
+                "acme",
+                &json!({"id": format!("q{i}"), "type": "payment", "data": {}}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    let r = d
+        .post_event("acme", &json!({"id": "q3", "type": "payment", "data": {}}))
+        .await;
+    assert_eq!(r.status(), 507);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let p: Value = r.json().await.unwrap();
+    assert!(
+        p["detail"].as_str().unwrap().contains("3 of 3 files"),
+        "{p}"
+    );
+    assert_eq!(
+        files_under(&d.org_dir("acme")).len(),
+        3,
+        "nothing written over quota"
+    );
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(
+        (u["files"].as_u64(), u["full"].as_bool()),
+        (Some(3), Some(true)),
+        "{u}"
+    );
+
+    // The ETL job removes what it fetched; the usage count sees it.
+    let first = files_under(&d.org_dir("acme")).remove(0);
+    std::fs::remove_file(first).unwrap();
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(u["files"], 2, "{u}");
+    let r = d
+        .post_event("acme", &json!({"id": "q3", "type": "payment", "data": {}}))
+        .await;
+    assert_eq!(r.status(), 200, "the repost writes the deferred file");
+    let ack: Value = r.json().await.unwrap();
+    let p = d
+        .org_dir("acme")
+        .join(ack["files"][0].as_str().unwrap().trim_start_matches('/'));
+    assert!(p.exists());
+    assert_eq!(files_under(&d.org_dir("acme")).len(), 3);
+}
+
+#[tokio::test]
+async fn retention_removes_old_files_and_empty_day_folders() {
+    let d = Daemon::start_with("[limits]\nretention_days = 1\nsweep_interval = \"200ms\"\n").await;
+    d.org_with_sftp_hook("acme").await;
+    let old = d
+        .post_event(
+            "acme",
+            &json!({"type": "payment", "timestamp": "2020-01-01T00:00:00Z", "data": {}}),
+        )
+        .await;
+    assert_eq!(old.status(), 202);
+    let old: Value = old.json().await.unwrap();
+    let fresh = d
+        .post_event("acme", &json!({"type": "payment", "data": {}}))
+        .await;
+    let fresh: Value = fresh.json().await.unwrap();
+    let path = |ack: &Value| {
+        d.org_dir("acme")
+            .join(ack["files"][0].as_str().unwrap().trim_start_matches('/'))
+    };
+    // Age the first file as if it was written ten days ago.
+    let ten_days = std::time::SystemTime::now() - Duration::from_secs(10 * 86400);
+    std::fs::File::options()
+        .write(true)
+        .open(path(&old))
+        .unwrap()
+        .set_times(
+            std::fs::FileTimes::new()
+                .set_modified(ten_days)
+                .set_accessed(ten_days),
+        )
+        .unwrap();
+    let old_day = path(&old).parent().unwrap().to_path_buf();
+    wait_for(
+        "retention to remove the old file",
+        Duration::from_secs(10),
+        || {
+            let gone = !path(&old).exists();
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+    assert!(!old_day.exists(), "its emptied day folder goes too");
+    assert!(path(&fresh).exists(), "fresh files stay");
+    let metrics = d
+        .client
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("hookbridge_retention_removed_total"),
+        "{metrics}"
+    );
+}
