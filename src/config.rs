@@ -59,6 +59,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Orgs, SFTP users and webhooks applied idempotently at start.
     pub orgs: Vec<OrgDecl>,
+    /// The file this config was read from; SIGHUP re-reads it.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,6 +301,7 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             orgs: Vec::new(),
+            source: None,
         }
     }
 }
@@ -392,6 +396,7 @@ impl Config {
                 })?
             }
         };
+        cfg.source = path.map(Path::to_path_buf);
         cfg.apply_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
@@ -439,6 +444,15 @@ impl Config {
             return Err(invalid(
                 "http.max_body",
                 "must be between 1024 and 67108864 bytes",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not a tracing filter like \"info\" or \"hookbridge=debug\"",
+                    self.log.level
+                ),
             ));
         }
         if self.http.max_pending_events == 0 {

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod event;
 pub mod ingress;
 pub mod limits;
+pub mod reload;
 pub mod retention;
 pub mod secrets;
 pub mod sftp;
@@ -37,6 +38,8 @@ pub struct App {
     pub layout: Layout,
     pub secrets: Arc<secrets::Secrets>,
     pub metrics: telemetry::Metrics,
+    /// The config as last (re)loaded; `config` is the one the process started with.
+    pub live: Arc<std::sync::RwLock<Arc<Config>>>,
     /// What each org folder holds, for quotas.
     pub usage: Arc<limits::Usage>,
     /// Per-org ingest token buckets.
@@ -46,6 +49,15 @@ pub struct App {
 }
 
 impl App {
+    /// The current config: reflects SIGHUP reloads (limits, log level, declared orgs).
+    pub fn current(&self) -> Arc<Config> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_current(&self, config: Arc<Config>) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
     pub fn delivery_wakeup(&self) {
         self.delivery_wake.notify_one();
     }
@@ -160,6 +172,7 @@ pub async fn run_with_hook(
         layout,
         secrets: Arc::new(secrets),
         metrics,
+        live: Arc::new(std::sync::RwLock::new(config.clone())),
         usage,
         rate: Arc::new(limits::RateLimiter::default()),
         delivery_wake: Arc::new(tokio::sync::Notify::new()),
@@ -189,6 +202,11 @@ pub async fn run_with_hook(
         let app = app.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move { ("sweeper", retention::run(app, cancel).await) });
+    }
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move { ("reload", reload::run(app, cancel).await) });
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     telemetry::spawn_watchdog(&mut tasks, cancel.clone());

@@ -105,7 +105,7 @@ pub async fn sweep_all(app: &App) {
         }
     };
     for org in orgs {
-        let limits = app.config.limits.for_org(&org.limits);
+        let limits = app.current().limits.for_org(&org.limits);
         let root = app.layout.org_dir(&org.id);
         let res =
             tokio::task::spawn_blocking(move || sweep_org(&root, &limits, SystemTime::now())).await;
@@ -138,7 +138,7 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
         sweep_all(&app).await;
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(app.config.limits.sweep_interval.0) => {}
+            _ = tokio::time::sleep(app.current().limits.sweep_interval.0) => {}
         }
     }
 }

@@ -35,17 +35,43 @@ impl Metrics {
     }
 }
 
+type ReloadHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+static FILTER: std::sync::OnceLock<ReloadHandle> = std::sync::OnceLock::new();
+
 pub fn init_tracing(log: &LogConfig) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Human => builder.try_init(),
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let ok = match log.format {
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(true))
+            .try_init()
+            .is_ok(),
+        LogFormat::Human => registry.with(fmt).try_init().is_ok(),
     };
+    if ok {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// Applies a new log filter (SIGHUP); `RUST_LOG`, when set, keeps precedence.
+pub fn set_level(level: &str) {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return;
+    }
+    match (FILTER.get(), EnvFilter::try_new(level)) {
+        (Some(h), Ok(f)) => {
+            let _ = h.reload(f);
+        }
+        (_, Err(e)) => tracing::warn!(level, error = %e, "log level not changed: invalid filter"),
+        (None, _) => {}
+    }
 }
 
 /// Pings systemd's watchdog at half its interval, when one is set.

@@ -136,7 +136,7 @@ async fn ingest(
     let Some(org_row) = app.store.get_org(org).await? else {
         return Err(Problem::not_found(format!("unknown org {org:?}")));
     };
-    let limits = app.config.limits.for_org(&org_row.limits);
+    let limits = app.current().limits.for_org(&org_row.limits);
     if let Err(wait) = app.rate.check(org, limits.ingest_rate, limits.ingest_burst) {
         metrics::counter!("hookbridge_ingest_rate_limited_total").increment(1);
         return Err(Problem::new(

@@ -21,7 +21,7 @@ async fn usage(
         .get_org(&org)
         .await?
         .ok_or_else(|| Problem::not_found(format!("unknown org {org:?}")))?;
-    let limits = app.config.limits.for_org(&o.limits);
+    let limits = app.current().limits.for_org(&o.limits);
     // A fresh count, so that the answer reflects deletes made over SFTP a moment ago.
     let root = app.layout.org_dir(&org);
     let counted = tokio::task::spawn_blocking(move || {

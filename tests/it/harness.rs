@@ -187,6 +187,11 @@ level = "info,hookbridge=debug"
         }
     }
 
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
     pub async fn restart(&mut self) {
         self.kill9();
         self.spawn().await;

@@ -6,3 +6,4 @@ mod e2e_admin;
 mod e2e_faults;
 mod e2e_ingest;
 mod e2e_limits;
+mod e2e_reload;
