@@ -37,6 +37,8 @@ pub struct Daemon {
     pub http_port: u16,
     pub sftp_port: u16,
     pub extra_config: String,
+    /// TOML lines added to the generated `[sftp]` table (e.g. `max_sessions = 2`).
+    pub sftp_extra: String,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -48,12 +50,18 @@ impl Daemon {
 
     /// `extra` is TOML appended to the generated config (e.g. `[[orgs]]` tables).
     pub async fn start_with(extra: &str) -> Daemon {
+        Self::start_with_sftp("", extra).await
+    }
+
+    /// Like `start_with`, with `sftp_extra` added to the `[sftp]` table.
+    pub async fn start_with_sftp(sftp_extra: &str, extra: &str) -> Daemon {
         let dir = tempfile::Builder::new().prefix("hookbridge-it-").tempdir().unwrap();
         let mut d = Daemon {
             dir,
             http_port: free_port(),
             sftp_port: free_port(),
             extra_config: extra.to_owned(),
+            sftp_extra: sftp_extra.to_owned(),
             child: None,
             client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
         };
@@ -81,6 +89,7 @@ listen = "127.0.0.1:{http}"
 [sftp]
 listen = "127.0.0.1:{sftp}"
 auth_rejection_time = "100ms"
+{sftp_extra}
 [ingress]
 jwt_hs256_secret = "{INGRESS_SECRET}"
 [admin]
@@ -96,6 +105,7 @@ level = "info,hookbridge=debug"
             http = self.http_port,
             sftp = self.sftp_port,
             extra = self.extra_config,
+            sftp_extra = self.sftp_extra,
         );
         std::fs::write(self.config_path(), cfg).unwrap();
     }

@@ -4,3 +4,4 @@ mod harness;
 
 mod e2e_admin;
 mod e2e_ingest;
+mod e2e_sftp;
