@@ -598,3 +598,44 @@ except paramiko.AuthenticationException:
     assert!(s == 204 || s == 200, "delete: {s}");
     assert_eq!(check("second password").await, "refused");
 }
+
+#[tokio::test]
+async fn shutdown_disconnects_sftp_clients_and_exits_cleanly() {
+    let mut d = Daemon::start().await;
+    org(&d, "acme").await;
+    user(&d, "acme", "etl", json!({"password": "right password"})).await;
+    let script =
+        "t, s = connect('etl', 'right password')\ns.listdir('/')\nprint('ready', flush=True)\n\
+                  while t.is_active():\n    time.sleep(0.02)\nprint('disconnected', flush=True)\n";
+    let prelude = format!(
+        "import sys, time, paramiko\nH, P = '127.0.0.1', {}\n\
+         def connect(u, pw):\n    t = paramiko.Transport((H, P))\n    t.connect(username=u, password=pw)\n    \
+         return t, paramiko.SFTPClient.from_transport(t)\n",
+        d.sftp_port
+    );
+    let mut cmd = Command::new(python());
+    cmd.arg("-c").arg(format!("{prelude}{script}"));
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(CLIENT_TIMEOUT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.as_deref(), Some("ready"));
+    let code = tokio::task::spawn_blocking(move || {
+        let code = d.terminate();
+        (d, code)
+    })
+    .await
+    .unwrap()
+    .1;
+    assert_eq!(code, Some(0));
+    let second = tokio::time::timeout(CLIENT_TIMEOUT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.as_deref(), Some("disconnected"));
+}
