@@ -208,6 +208,18 @@ pub async fn run_with_hook(
         let cancel = cancel.clone();
         tasks.spawn(async move { ("reload", reload::run(app, cancel).await) });
     }
+    if let Some(listener) = listeners.sftp {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            (
+                "sftp",
+                sftp::serve(app, listener, cancel)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        });
+    }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     telemetry::spawn_watchdog(&mut tasks, cancel.clone());
 

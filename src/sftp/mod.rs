@@ -1,5 +1,15 @@
 //! Embedded SFTP server: each org's SFTP users see the org folder as `/`.
+//!
+//! - `server`: accept loop, session limits, SSH handler and authentication;
+//! - `handler`: the SFTP dispatcher of a channel (concurrent reads, ordered control);
+//! - `ops`: the operations on the file system;
+//! - `jail`: the one resolver from client paths to host paths.
 
+mod handler;
 mod hostkey;
+pub mod jail;
+mod ops;
+mod server;
 
 pub use hostkey::{host_key_fingerprint, load_or_create_host_key};
+pub use server::serve;

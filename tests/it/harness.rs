@@ -43,6 +43,8 @@ pub struct Daemon {
     pub extra_config: String,
     /// Data dir somewhere else than the temp dir (e.g. a small tmpfs).
     pub data_dir_override: Option<PathBuf>,
+    /// TOML lines added to the generated `[sftp]` table (e.g. `max_sessions = 2`).
+    pub sftp_extra: String,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -54,10 +56,15 @@ impl Daemon {
 
     /// `extra` is TOML appended to the generated config (e.g. `[[orgs]]` tables).
     pub async fn start_with(extra: &str) -> Daemon {
-        Self::start_full(extra, None).await
+        Self::start_full("", extra, None).await
     }
 
-    pub async fn start_full(extra: &str, data_dir: Option<PathBuf>) -> Daemon {
+    /// Like `start_with`, with `sftp_extra` added to the `[sftp]` table.
+    pub async fn start_with_sftp(sftp_extra: &str, extra: &str) -> Daemon {
+        Self::start_full(sftp_extra, extra, None).await
+    }
+
+    pub async fn start_full(sftp_extra: &str, extra: &str, data_dir: Option<PathBuf>) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -68,6 +75,7 @@ impl Daemon {
             sftp_port: free_port(),
             extra_config: extra.to_owned(),
             data_dir_override: data_dir,
+            sftp_extra: sftp_extra.to_owned(),
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -100,6 +108,7 @@ listen = "127.0.0.1:{http}"
 [sftp]
 listen = "127.0.0.1:{sftp}"
 auth_rejection_time = "100ms"
+{sftp_extra}
 [ingress]
 jwt_hs256_secret = "{INGRESS_SECRET}"
 [admin]
@@ -115,6 +124,7 @@ level = "info,hookbridge=debug"
             http = self.http_port,
             sftp = self.sftp_port,
             extra = self.extra_config,
+            sftp_extra = self.sftp_extra,
         );
         std::fs::write(self.config_path(), cfg).unwrap();
     }

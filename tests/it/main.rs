@@ -8,3 +8,4 @@ mod e2e_faults;
 mod e2e_ingest;
 mod e2e_limits;
 mod e2e_reload;
+mod e2e_sftp;

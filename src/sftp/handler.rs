@@ -1,0 +1,670 @@
+//! The SFTP dispatcher of one channel.
+//!
+//! russh delivers channel data through a bounded queue, and the same session loop
+//! that fills it also handles the client's WINDOW_ADJUST. If we stop reading while
+//! replies wait for window space, both sides wait forever (russh-sftp's own
+//! one-request-at-a-time server does exactly that on large downloads). So:
+//! - a reader loop only ever waits on the channel: it frames packets and hands them on;
+//! - READ and WRITE run concurrently (bounded by a semaphore), replies may be out of
+//!   order (clients match ids);
+//! - every other request runs in order in one control task, so path operations and
+//!   READDIR keep their sequence;
+//! - one writer task sends every reply.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, Bytes, BytesMut};
+use russh::server::Msg;
+use russh::{Channel, ChannelMsg, ChannelWriteHalf};
+use russh_sftp::protocol::{self, Packet, StatusCode};
+use tokio::sync::{mpsc, watch, OwnedRwLockReadGuard, RwLock, Semaphore};
+use tokio::task::JoinSet;
+
+use super::ops::{self, OpError, OpResult, SessionCtx, Upload};
+
+/// Largest READ/WRITE payload we advertise (limits@openssh.com) and serve.
+pub const MAX_RW_LEN: u32 = 255 * 1024;
+/// Largest packet we advertise; 256 KiB like OpenSSH.
+pub const MAX_PACKET_LEN: u32 = 256 * 1024;
+/// A declared length above this closes the channel: never allocate what a client claims.
+const MAX_ACCEPTED_LEN: usize = MAX_PACKET_LEN as usize + 1024;
+pub const MAX_OPEN_HANDLES: usize = 256;
+/// READ/WRITE served at once per channel; more queue up without blocking the reader.
+const CONCURRENT_IO: usize = 16;
+/// Requests (and bytes of WRITE data) waiting per channel before we call it abuse.
+const MAX_QUEUED_REQUESTS: usize = 200_000;
+const MAX_QUEUED_WRITE_BYTES: u64 = 64 * 1024 * 1024;
+/// Entries per READDIR reply, as OpenSSH does.
+const READDIR_BATCH: usize = 100;
+
+const FXP_READ: u8 = 5;
+const FXP_WRITE: u8 = 6;
+
+struct FileHandle {
+    file: Arc<std::fs::File>,
+    virt: String,
+    upload: Option<Upload>,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    /// READ/WRITE hold it shared; CLOSE takes it exclusively, so it waits for them.
+    gate: Arc<RwLock<()>>,
+}
+
+enum Handle {
+    File(Arc<FileHandle>),
+    Dir(Mutex<Vec<protocol::File>>),
+}
+
+struct State {
+    ctx: Arc<SessionCtx>,
+    handles: Mutex<HashMap<String, Arc<Handle>>>,
+    next_handle: AtomicU64,
+    io: Semaphore,
+    queued_write_bytes: AtomicU64,
+    replies: mpsc::Sender<Bytes>,
+    /// Open handles of the whole connection: shutdown waits for transfers to end.
+    busy: Arc<watch::Sender<usize>>,
+}
+
+impl State {
+    async fn send(&self, p: Packet) {
+        match Bytes::try_from(p) {
+            Ok(b) => {
+                let _ = self.replies.send(b).await;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode an SFTP reply"),
+        }
+    }
+
+    async fn reply<T: Into<Packet>>(&self, id: u32, r: OpResult<T>) {
+        let p = match r {
+            Ok(p) => p.into(),
+            Err(e) => status_of(id, &e),
+        };
+        self.send(p).await;
+    }
+
+    fn insert(&self, h: Handle) -> OpResult<String> {
+        let mut map = self
+            .handles
+            .lock()
+            .map_err(|_| OpError::Failure("internal error"))?;
+        if map.len() >= MAX_OPEN_HANDLES {
+            return Err(OpError::Failure("too many open handles"));
+        }
+        let name = self.next_handle.fetch_add(1, Ordering::Relaxed).to_string();
+        map.insert(name.clone(), Arc::new(h));
+        self.busy.send_modify(|n| *n += 1);
+        Ok(name)
+    }
+
+    fn get(&self, handle: &str) -> Option<Arc<Handle>> {
+        self.handles.lock().ok()?.get(handle).cloned()
+    }
+
+    fn take(&self, handle: &str) -> Option<Arc<Handle>> {
+        let h = self.handles.lock().ok()?.remove(handle)?;
+        self.busy.send_modify(|n| *n = n.saturating_sub(1));
+        Some(h)
+    }
+
+    /// A file handle for READ/WRITE, with its gate held so CLOSE waits for the operation.
+    fn file_for_io(&self, handle: &str) -> Option<(Arc<FileHandle>, OwnedRwLockReadGuard<()>)> {
+        let map = self.handles.lock().ok()?;
+        match map.get(handle).map(|h| &**h) {
+            Some(Handle::File(f)) => {
+                let guard = f.gate.clone().try_read_owned().ok()?;
+                Some((f.clone(), guard))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn ok(id: u32) -> Packet {
+    Packet::status(id, StatusCode::Ok, "Ok", "en-US")
+}
+
+fn status_of(id: u32, e: &OpError) -> Packet {
+    let (code, msg) = e.status();
+    Packet::status(id, code, &msg, "en-US")
+}
+
+fn bad_handle() -> OpError {
+    OpError::Failure("invalid handle")
+}
+
+async fn blocking<T, F>(f: F) -> OpResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> OpResult<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(OpError::Failure("internal error")))
+}
+
+/// Runs file-system work directly: only used on the control thread, which is ours to block.
+async fn inline<T, F>(f: F) -> OpResult<T>
+where
+    F: FnOnce() -> OpResult<T>,
+{
+    f()
+}
+
+fn count_op(op: &'static str) {
+    metrics::counter!("hookbridge_sftp_operations_total", "op" => op).increment(1);
+}
+
+/// Serves SFTP on `channel` until the client sends EOF or the channel closes.
+pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender<usize>>) {
+    let (mut rx, tx) = channel.split();
+    let (reply_tx, reply_rx) = mpsc::channel::<Bytes>(64);
+    let writer = tokio::spawn(writer(tx, reply_rx));
+    let state = Arc::new(State {
+        ctx: Arc::new(ctx),
+        handles: Mutex::new(HashMap::new()),
+        next_handle: AtomicU64::new(1),
+        io: Semaphore::new(CONCURRENT_IO),
+        queued_write_bytes: AtomicU64::new(0),
+        replies: reply_tx,
+        busy,
+    });
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<Packet>();
+    // Path operations are many small syscalls in a row (`get -r` of 10k files): they run
+    // inline on a thread of their own rather than paying a blocking-pool hop each.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let rt = tokio::runtime::Handle::current();
+    let st = state.clone();
+    let spawned = std::thread::Builder::new()
+        .name("sftp-control".into())
+        .stack_size(512 * 1024)
+        .spawn(move || {
+            rt.block_on(control(st, ctl_rx));
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start an SFTP control thread");
+        return;
+    }
+    let mut io_tasks = JoinSet::new();
+    let mut buf = BytesMut::new();
+
+    'read: while let Some(msg) = rx.wait().await {
+        let data = match msg {
+            ChannelMsg::Data { data } => data,
+            ChannelMsg::Eof | ChannelMsg::Close => break,
+            _ => continue,
+        };
+        buf.extend_from_slice(&data);
+        while buf.len() >= 4 {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if len == 0 || len > MAX_ACCEPTED_LEN {
+                tracing::warn!(user = %state.ctx.user, len, "SFTP packet too large; closing the channel");
+                break 'read;
+            }
+            if buf.len() < 4 + len {
+                break;
+            }
+            buf.advance(4);
+            let pkt = buf.split_to(len).freeze();
+            if !dispatch(&state, pkt, &ctl_tx, &mut io_tasks).await {
+                break 'read;
+            }
+        }
+        // Reap finished transfers so the set does not grow with the session.
+        while io_tasks.try_join_next().is_some() {}
+    }
+
+    drop(ctl_tx);
+    let _ = done_rx.await;
+    while io_tasks.join_next().await.is_some() {}
+    release_all(&state).await;
+    drop(state);
+    // Every reply sender is gone now, so the writer drains its queue and hands the channel back.
+    if let Ok(tx) = writer.await {
+        // scp (SFTP mode) exits 1 unless it sees an exit status before the close.
+        let _ = tx.exit_status(0).await;
+        let _ = tx.eof().await;
+        let _ = tx.close().await;
+    }
+}
+
+async fn writer(
+    tx: ChannelWriteHalf<Msg>,
+    mut replies: mpsc::Receiver<Bytes>,
+) -> ChannelWriteHalf<Msg> {
+    while let Some(b) = replies.recv().await {
+        if tx.data_bytes(b).await.is_err() {
+            // The channel is gone: keep draining so no sender ever blocks.
+            while replies.recv().await.is_some() {}
+            break;
+        }
+    }
+    tx
+}
+
+/// Returns false when the channel must be closed.
+async fn dispatch(
+    state: &Arc<State>,
+    pkt: Bytes,
+    ctl: &mpsc::UnboundedSender<Packet>,
+    io_tasks: &mut JoinSet<()>,
+) -> bool {
+    let ty = pkt[0];
+    let id = if pkt.len() >= 5 {
+        u32::from_be_bytes([pkt[1], pkt[2], pkt[3], pkt[4]])
+    } else {
+        0
+    };
+    if io_tasks.len() >= MAX_QUEUED_REQUESTS {
+        tracing::warn!(user = %state.ctx.user, "too many queued SFTP requests; closing the channel");
+        return false;
+    }
+    let parsed = Packet::try_from(&mut pkt.clone());
+    let packet = match parsed {
+        Ok(p) => p,
+        Err(_) => {
+            let code = if (1..=20).contains(&ty) || ty == 200 {
+                StatusCode::BadMessage
+            } else {
+                StatusCode::OpUnsupported
+            };
+            count_op("unsupported");
+            state
+                .send(Packet::status(id, code, &code.to_string(), "en-US"))
+                .await;
+            return true;
+        }
+    };
+    match (ty, packet) {
+        (FXP_READ, Packet::Read(r)) => {
+            count_op("read");
+            let Some((h, gate)) = state.file_for_io(&r.handle) else {
+                state.send(status_of(r.id, &bad_handle())).await;
+                return true;
+            };
+            io_tasks.spawn(read(state.clone(), h, gate, r));
+        }
+        (FXP_WRITE, Packet::Write(w)) => {
+            count_op("write");
+            let Some((h, gate)) = state.file_for_io(&w.handle) else {
+                state.send(status_of(w.id, &bad_handle())).await;
+                return true;
+            };
+            let n = w.data.len() as u64;
+            if state.queued_write_bytes.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED_WRITE_BYTES
+            {
+                tracing::warn!(user = %state.ctx.user, "too much queued SFTP write data; closing the channel");
+                return false;
+            }
+            io_tasks.spawn(write(state.clone(), h, gate, w));
+        }
+        (_, p) => {
+            let _ = ctl.send(p);
+        }
+    }
+    true
+}
+
+async fn read(
+    state: Arc<State>,
+    h: Arc<FileHandle>,
+    _gate: OwnedRwLockReadGuard<()>,
+    r: protocol::Read,
+) {
+    let Ok(_permit) = state.io.acquire().await else {
+        return;
+    };
+    let len = r.len.min(MAX_RW_LEN) as usize;
+    let file = h.file.clone();
+    let (id, offset) = (r.id, r.offset);
+    let res = tokio::task::spawn_blocking(move || ops::read_packet(&file, id, offset, len)).await;
+    let reply = match res {
+        Ok(Ok(Some(bytes))) => {
+            let n = (bytes.len() - 13) as u64;
+            h.bytes_read.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!("hookbridge_sftp_bytes_read_total").increment(n);
+            bytes
+        }
+        other => {
+            let p = match other {
+                Ok(Ok(None)) => Packet::status(id, StatusCode::Eof, "End of file", "en-US"),
+                Ok(Err(e)) => status_of(id, &OpError::Io(e)),
+                _ => status_of(id, &OpError::Failure("internal error")),
+            };
+            match Bytes::try_from(p) {
+                Ok(b) => b,
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = state.replies.send(reply).await;
+}
+
+async fn write(
+    state: Arc<State>,
+    h: Arc<FileHandle>,
+    _gate: OwnedRwLockReadGuard<()>,
+    w: protocol::Write,
+) {
+    let n = w.data.len() as u64;
+    let Ok(permit) = state.io.acquire().await else {
+        return;
+    };
+    let res = if h.upload.is_none() {
+        Err(OpError::Denied)
+    } else {
+        let file = h.file.clone();
+        let (offset, data) = (w.offset, w.data);
+        blocking(move || {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&data, offset)?;
+            Ok(())
+        })
+        .await
+    };
+    drop(permit);
+    state.queued_write_bytes.fetch_sub(n, Ordering::Relaxed);
+    if res.is_ok() {
+        h.bytes_written.fetch_add(n, Ordering::Relaxed);
+    }
+    state.reply(w.id, res.map(|_| ok(w.id))).await;
+}
+
+/// Serves non-I/O requests in the order they arrived.
+async fn control(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Packet>) {
+    while let Some(p) = rx.recv().await {
+        let id = p.get_request_id();
+        let reply = serve_control(&state, p).await;
+        let packet = reply.unwrap_or_else(|e| status_of(id, &e));
+        state.send(packet).await;
+    }
+}
+
+async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
+    let ctx = state.ctx.clone();
+    Ok(match p {
+        Packet::Init(_) => {
+            count_op("init");
+            Packet::Version(version())
+        }
+        Packet::RealPath(r) => {
+            count_op("realpath");
+            let f = inline(move || ops::realpath(&ctx, &r.path)).await?;
+            Packet::Name(protocol::Name {
+                id: r.id,
+                files: vec![f],
+            })
+        }
+        Packet::Stat(s) => {
+            count_op("stat");
+            let a = inline(move || ops::stat(&ctx, &s.path)).await?;
+            Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
+        }
+        Packet::Lstat(s) => {
+            count_op("lstat");
+            let a = inline(move || ops::stat(&ctx, &s.path)).await?;
+            Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
+        }
+        Packet::Fstat(s) => {
+            count_op("fstat");
+            let f = file_handle(state, &s.handle)?;
+            let file = f.file.clone();
+            let a = inline(move || Ok(ops::attrs(&file.metadata()?))).await?;
+            Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
+        }
+        Packet::SetStat(s) => {
+            count_op("setstat");
+            inline(move || ops::setstat(&ctx, &s.path, &s.attrs)).await?;
+            ok(s.id)
+        }
+        Packet::FSetStat(s) => {
+            count_op("fsetstat");
+            let f = file_handle(state, &s.handle)?;
+            inline(move || {
+                let m = f.file.metadata()?;
+                if let (Some(size), Some(_)) = (s.attrs.size, &f.upload) {
+                    f.file.set_len(size)?;
+                }
+                ops::set_times(&f.file, &m, &s.attrs)
+            })
+            .await?;
+            ok(s.id)
+        }
+        Packet::Open(o) => {
+            count_op("open");
+            let opened = inline(move || ops::open(&ctx, &o.filename, o.pflags)).await?;
+            let fh = FileHandle {
+                file: Arc::new(opened.file),
+                virt: opened.virt,
+                upload: opened.upload,
+                bytes_read: AtomicU64::new(0),
+                bytes_written: AtomicU64::new(0),
+                gate: Arc::new(RwLock::new(())),
+            };
+            match state.insert(Handle::File(Arc::new(fh))) {
+                Ok(handle) => Packet::Handle(protocol::Handle { id: o.id, handle }),
+                Err(e) => return Err(e),
+            }
+        }
+        Packet::OpenDir(o) => {
+            count_op("opendir");
+            let entries = inline(move || ops::list_dir(&ctx, &o.path)).await?;
+            let handle = state.insert(Handle::Dir(Mutex::new(entries)))?;
+            Packet::Handle(protocol::Handle { id: o.id, handle })
+        }
+        Packet::ReadDir(r) => {
+            count_op("readdir");
+            let h = state.get(&r.handle).ok_or_else(bad_handle)?;
+            let Handle::Dir(entries) = &*h else {
+                return Err(bad_handle());
+            };
+            let mut entries = entries
+                .lock()
+                .map_err(|_| OpError::Failure("internal error"))?;
+            if entries.is_empty() {
+                return Ok(Packet::status(
+                    r.id,
+                    StatusCode::Eof,
+                    "End of directory",
+                    "en-US",
+                ));
+            }
+            let rest = entries.len().saturating_sub(READDIR_BATCH);
+            let files = entries.split_off(rest);
+            Packet::Name(protocol::Name { id: r.id, files })
+        }
+        Packet::Close(c) => {
+            count_op("close");
+            let h = state.take(&c.handle).ok_or_else(bad_handle)?;
+            close(state, h).await?;
+            ok(c.id)
+        }
+        Packet::Remove(r) => {
+            count_op("remove");
+            let virt = inline(move || ops::remove(&ctx, &r.filename)).await?;
+            audit(&state.ctx, "delete", &virt, 0);
+            ok(r.id)
+        }
+        Packet::MkDir(m) => {
+            count_op("mkdir");
+            inline(move || ops::mkdir(&ctx, &m.path)).await?;
+            ok(m.id)
+        }
+        Packet::RmDir(m) => {
+            count_op("rmdir");
+            let virt = inline(move || ops::rmdir(&ctx, &m.path)).await?;
+            audit(&state.ctx, "delete", &virt, 0);
+            ok(m.id)
+        }
+        Packet::Rename(r) => {
+            count_op("rename");
+            inline(move || ops::rename(&ctx, &r.oldpath, &r.newpath, false)).await?;
+            ok(r.id)
+        }
+        Packet::Extended(e) => extended(state, e).await?,
+        other => {
+            count_op("unsupported");
+            let id = other.get_request_id();
+            Packet::status(
+                id,
+                StatusCode::OpUnsupported,
+                "Operation unsupported",
+                "en-US",
+            )
+        }
+    })
+}
+
+fn file_handle(state: &State, handle: &str) -> OpResult<Arc<FileHandle>> {
+    match state.get(handle).as_deref() {
+        Some(Handle::File(f)) => Ok(f.clone()),
+        _ => Err(bad_handle()),
+    }
+}
+
+fn version() -> protocol::Version {
+    let mut v = protocol::Version::new();
+    for (name, ver) in [
+        ("posix-rename@openssh.com", "1"),
+        ("statvfs@openssh.com", "2"),
+        ("fsync@openssh.com", "1"),
+        ("limits@openssh.com", "1"),
+    ] {
+        v.extensions.insert(name.to_owned(), ver.to_owned());
+    }
+    v
+}
+
+#[derive(serde::Deserialize)]
+struct TwoPaths {
+    oldpath: String,
+    newpath: String,
+}
+
+async fn extended(state: &Arc<State>, e: protocol::Extended) -> OpResult<Packet> {
+    let ctx = state.ctx.clone();
+    let id = e.id;
+    let mut data = Bytes::from(e.data);
+    let reply_data = |v: Bytes| {
+        Packet::ExtendedReply(protocol::ExtendedReply {
+            id,
+            data: v.to_vec(),
+        })
+    };
+    Ok(match e.request.as_str() {
+        "posix-rename@openssh.com" => {
+            count_op("posix-rename");
+            let p: TwoPaths =
+                russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
+            inline(move || ops::rename(&ctx, &p.oldpath, &p.newpath, true)).await?;
+            ok(id)
+        }
+        "statvfs@openssh.com" => {
+            count_op("statvfs");
+            let p: russh_sftp::extensions::StatvfsExtension =
+                russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
+            let s = inline(move || ops::statvfs(&ctx, &p.path)).await?;
+            reply_data(russh_sftp::ser::to_bytes(&s).map_err(|_| OpError::Failure("encode"))?)
+        }
+        "fsync@openssh.com" => {
+            count_op("fsync");
+            let p: russh_sftp::extensions::FsyncExtension =
+                russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
+            let f = file_handle(state, &p.handle)?;
+            inline(move || Ok(f.file.sync_all()?)).await?;
+            ok(id)
+        }
+        "limits@openssh.com" => {
+            count_op("limits");
+            let l = russh_sftp::extensions::LimitsExtension {
+                max_packet_len: MAX_PACKET_LEN as u64,
+                max_read_len: MAX_RW_LEN as u64,
+                max_write_len: MAX_RW_LEN as u64,
+                max_open_handles: MAX_OPEN_HANDLES as u64,
+            };
+            reply_data(russh_sftp::ser::to_bytes(&l).map_err(|_| OpError::Failure("encode"))?)
+        }
+        _ => {
+            count_op("unsupported");
+            return Err(OpError::Unsupported);
+        }
+    })
+}
+
+/// Waits for the handle's in-flight I/O, then finishes it (upload rename, audit).
+async fn close(state: &Arc<State>, h: Arc<Handle>) -> OpResult<()> {
+    let Handle::File(f) = &*h else { return Ok(()) };
+    let _exclusive = f.gate.clone().write_owned().await;
+    let f = f.clone();
+    let ctx = &state.ctx;
+    match &f.upload {
+        Some(_) => {
+            let f2 = f.clone();
+            let res = inline(move || match &f2.upload {
+                Some(up) => ops::finish_upload(&f2.file, up),
+                None => Ok(()),
+            })
+            .await;
+            if res.is_ok() {
+                audit(
+                    ctx,
+                    "upload",
+                    &f.virt,
+                    f.bytes_written.load(Ordering::Relaxed),
+                );
+            }
+            res
+        }
+        None => {
+            audit(
+                ctx,
+                "download",
+                &f.virt,
+                f.bytes_read.load(Ordering::Relaxed),
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Handles the client left open: downloads are still audited, uploads are discarded.
+async fn release_all(state: &Arc<State>) {
+    let handles: Vec<String> = match state.handles.lock() {
+        Ok(map) => map.keys().cloned().collect(),
+        Err(_) => return,
+    };
+    for name in handles {
+        let Some(h) = state.take(&name) else { continue };
+        if let Handle::File(f) = &*h {
+            match &f.upload {
+                Some(up) => {
+                    tracing::info!(user = %state.ctx.user, path = %f.virt, "upload abandoned; discarded");
+                    ops::discard_upload(up);
+                }
+                None => audit(
+                    &state.ctx,
+                    "download",
+                    &f.virt,
+                    f.bytes_read.load(Ordering::Relaxed),
+                ),
+            }
+        }
+    }
+}
+
+fn audit(ctx: &SessionCtx, event: &str, path: &str, bytes: u64) {
+    tracing::info!(
+        target: "audit",
+        event,
+        user = %ctx.user,
+        org = %ctx.org,
+        path,
+        bytes,
+        ip = %ctx.ip,
+        "sftp {event}"
+    );
+}

@@ -1,0 +1,524 @@
+//! SFTP operations on the jailed file system. Everything here is blocking file-system
+//! work: the dispatcher runs it on tokio's blocking pool.
+
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use russh_sftp::extensions::Statvfs;
+use russh_sftp::protocol::{self, FileAttributes, OpenFlags, StatusCode};
+
+use super::jail::{Jail, JailError, Resolved};
+
+/// Why a request failed; maps onto an SFTP status without leaking host details.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("no such file")]
+    NoSuchFile,
+    #[error("permission denied")]
+    Denied,
+    #[error("{0}")]
+    Failure(&'static str),
+    #[error("bad message")]
+    BadMessage,
+    #[error("operation unsupported")]
+    Unsupported,
+    #[error("{0}")]
+    Jail(#[from] JailError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl OpError {
+    pub fn status(&self) -> (StatusCode, String) {
+        match self {
+            OpError::NoSuchFile => (StatusCode::NoSuchFile, "No such file".into()),
+            OpError::Denied => (StatusCode::PermissionDenied, "Permission denied".into()),
+            OpError::Failure(m) => (StatusCode::Failure, (*m).into()),
+            OpError::BadMessage => (StatusCode::BadMessage, "Bad message".into()),
+            OpError::Unsupported => (StatusCode::OpUnsupported, "Operation unsupported".into()),
+            OpError::Jail(JailError::Io(e)) | OpError::Io(e) => io_status(e),
+            OpError::Jail(e) => (StatusCode::PermissionDenied, e.to_string()),
+        }
+    }
+}
+
+fn io_status(e: &io::Error) -> (StatusCode, String) {
+    match e.kind() {
+        io::ErrorKind::NotFound => (StatusCode::NoSuchFile, "No such file".into()),
+        io::ErrorKind::PermissionDenied => {
+            (StatusCode::PermissionDenied, "Permission denied".into())
+        }
+        io::ErrorKind::AlreadyExists => (StatusCode::Failure, "File exists".into()),
+        // ELOOP: O_NOFOLLOW met a symlink swapped in after the jail check.
+        _ if e.raw_os_error() == Some(libc::ELOOP) => (
+            StatusCode::PermissionDenied,
+            "symbolic links are not served".into(),
+        ),
+        _ if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            (StatusCode::Failure, "Directory not empty".into())
+        }
+        // The message of an io::Error carries no path, so it is safe to pass on.
+        _ => (StatusCode::Failure, e.to_string()),
+    }
+}
+
+pub type OpResult<T> = Result<T, OpError>;
+
+/// Who is asking, and where they are jailed.
+pub struct SessionCtx {
+    pub user: String,
+    pub org: String,
+    pub upload: bool,
+    pub ip: std::net::IpAddr,
+    pub jail: Jail,
+    /// Uploads are written here and renamed in on close (same file system as the orgs).
+    pub tmp_dir: PathBuf,
+}
+
+impl SessionCtx {
+    pub fn resolve(&self, path: &str) -> OpResult<Resolved> {
+        Ok(self.jail.resolve(path)?)
+    }
+}
+
+/// An upload in progress: data goes to `tmp`, which becomes `target` on close.
+#[derive(Debug)]
+pub struct Upload {
+    pub tmp: PathBuf,
+    pub target: PathBuf,
+    /// Opened with EXCL: the rename must not replace a file that appeared meanwhile.
+    pub exclusive: bool,
+}
+
+pub struct Opened {
+    pub file: File,
+    pub virt: String,
+    pub upload: Option<Upload>,
+}
+
+fn open_nofollow() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    o
+}
+
+fn lstat(r: &Resolved) -> OpResult<Metadata> {
+    let m = fs::symlink_metadata(&r.real)?;
+    if m.file_type().is_symlink() {
+        return Err(JailError::Symlink.into());
+    }
+    Ok(m)
+}
+
+pub fn attrs(m: &Metadata) -> FileAttributes {
+    FileAttributes {
+        size: Some(m.len()),
+        uid: Some(m.uid()),
+        user: None,
+        gid: Some(m.gid()),
+        group: None,
+        permissions: Some(m.mode()),
+        atime: Some(clamp_time(m.atime())),
+        mtime: Some(clamp_time(m.mtime())),
+    }
+}
+
+fn clamp_time(t: i64) -> u32 {
+    t.clamp(0, u32::MAX as i64) as u32
+}
+
+/// `ls -l` style, as OpenSSH's server writes it: FileZilla and WinSCP parse it.
+pub fn longname(name: &str, m: &Metadata, user: &str, group: &str) -> String {
+    let ft = m.file_type();
+    let kind = if ft.is_dir() {
+        'd'
+    } else if ft.is_symlink() {
+        'l'
+    } else {
+        '-'
+    };
+    let mode = m.mode();
+    let mut perms = String::with_capacity(10);
+    perms.push(kind);
+    for shift in [6u32, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        perms.push(if bits & 4 != 0 { 'r' } else { '-' });
+        perms.push(if bits & 2 != 0 { 'w' } else { '-' });
+        perms.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    let mtime = chrono::DateTime::from_timestamp(m.mtime(), 0).unwrap_or_default();
+    let six_months = chrono::Duration::days(182);
+    let now = chrono::Utc::now();
+    let date = if mtime > now - six_months && mtime < now + six_months {
+        mtime.format("%b %e %H:%M")
+    } else {
+        mtime.format("%b %e  %Y")
+    };
+    format!(
+        "{perms} {:>4} {user:<8} {group:<8} {:>8} {date} {name}",
+        m.nlink(),
+        m.len()
+    )
+}
+
+pub fn realpath(ctx: &SessionCtx, path: &str) -> OpResult<protocol::File> {
+    let r = ctx.resolve(path)?;
+    Ok(protocol::File {
+        longname: r.virt.clone(),
+        filename: r.virt,
+        attrs: FileAttributes::empty(),
+    })
+}
+
+pub fn stat(ctx: &SessionCtx, path: &str) -> OpResult<FileAttributes> {
+    let r = ctx.resolve(path)?;
+    Ok(attrs(&lstat(&r)?))
+}
+
+/// Reads a whole directory at OPENDIR; READDIR then hands it out in batches.
+pub fn list_dir(ctx: &SessionCtx, path: &str) -> OpResult<Vec<protocol::File>> {
+    let r = ctx.resolve(path)?;
+    if !lstat(&r)?.is_dir() {
+        return Err(OpError::Failure("Not a directory"));
+    }
+    let mut out = Vec::new();
+    for entry in fs::read_dir(&r.real)? {
+        let entry = entry?;
+        // DirEntry::metadata does not follow symlinks; those (and sockets, fifos) stay hidden.
+        let Ok(m) = entry.metadata() else { continue };
+        if !(m.is_file() || m.is_dir()) {
+            continue;
+        }
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        out.push(protocol::File {
+            longname: longname(&name, &m, &ctx.user, &ctx.org),
+            filename: name,
+            attrs: attrs(&m),
+        });
+    }
+    Ok(out)
+}
+
+pub fn open(ctx: &SessionCtx, path: &str, flags: OpenFlags) -> OpResult<Opened> {
+    let r = ctx.resolve(path)?;
+    let writing = flags
+        .intersects(OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::CREATE | OpenFlags::TRUNCATE);
+    if !writing {
+        let file = open_nofollow().read(true).open(&r.real)?;
+        if !file.metadata()?.is_file() {
+            return Err(OpError::Failure("Not a regular file"));
+        }
+        return Ok(Opened {
+            file,
+            virt: r.virt,
+            upload: None,
+        });
+    }
+    if !ctx.upload {
+        return Err(OpError::Denied);
+    }
+    if r.is_root() {
+        return Err(OpError::Failure("Not a regular file"));
+    }
+    let existing = match fs::symlink_metadata(&r.real) {
+        Ok(m) if m.is_file() => true,
+        Ok(_) => return Err(OpError::Failure("Not a regular file")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e.into()),
+    };
+    if existing && flags.contains(OpenFlags::CREATE | OpenFlags::EXCLUDE) {
+        return Err(io::Error::from(io::ErrorKind::AlreadyExists).into());
+    }
+    if !existing && !flags.contains(OpenFlags::CREATE) {
+        return Err(OpError::NoSuchFile);
+    }
+    match r.real.parent() {
+        Some(dir) if dir.is_dir() => {}
+        _ => return Err(OpError::NoSuchFile),
+    }
+    // Readers of the folder must never see a partial upload: write beside, rename on close.
+    let tmp = ctx
+        .tmp_dir
+        .join(format!("sftp-upload-{}.part", ulid::Ulid::new()));
+    if existing && !flags.contains(OpenFlags::TRUNCATE) {
+        // Resumed or in-place writes start from the current content.
+        fs::copy(&r.real, &tmp)?;
+    }
+    let file = open_nofollow()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o640)
+        .open(&tmp)?;
+    Ok(Opened {
+        file,
+        virt: r.virt,
+        upload: Some(Upload {
+            tmp,
+            target: r.real,
+            exclusive: flags.contains(OpenFlags::EXCLUDE),
+        }),
+    })
+}
+
+/// Makes an upload durable and visible under its name.
+pub fn finish_upload(file: &File, up: &Upload) -> OpResult<()> {
+    file.sync_all()?;
+    let res = if up.exclusive {
+        rename_noreplace(&up.tmp, &up.target)
+    } else {
+        fs::rename(&up.tmp, &up.target)
+    };
+    if let Err(e) = res {
+        let _ = fs::remove_file(&up.tmp);
+        return Err(e.into());
+    }
+    if let Some(dir) = up.target.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+pub fn discard_upload(up: &Upload) {
+    let _ = fs::remove_file(&up.tmp);
+}
+
+pub fn read_packet(file: &File, id: u32, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
+    // The DATA reply is built in place: length, type, id, data length, then the bytes.
+    const HDR: usize = 13;
+    let mut buf = vec![0u8; HDR + len];
+    let mut n = 0;
+    while n < len {
+        match file.read_at(&mut buf[HDR + n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    buf.truncate(HDR + n);
+    buf[0..4].copy_from_slice(&((9 + n) as u32).to_be_bytes());
+    buf[4] = 103; // SSH_FXP_DATA
+    buf[5..9].copy_from_slice(&id.to_be_bytes());
+    buf[9..13].copy_from_slice(&(n as u32).to_be_bytes());
+    Ok(Some(Bytes::from(buf)))
+}
+
+pub fn remove(ctx: &SessionCtx, path: &str) -> OpResult<String> {
+    let r = ctx.resolve(path)?;
+    let m = lstat(&r)?;
+    if m.is_dir() {
+        return Err(OpError::Failure("Is a directory"));
+    }
+    fs::remove_file(&r.real)?;
+    Ok(r.virt)
+}
+
+pub fn mkdir(ctx: &SessionCtx, path: &str) -> OpResult<()> {
+    let r = ctx.resolve(path)?;
+    if r.is_root() {
+        return Err(io::Error::from(io::ErrorKind::AlreadyExists).into());
+    }
+    fs::create_dir(&r.real)?;
+    Ok(())
+}
+
+pub fn rmdir(ctx: &SessionCtx, path: &str) -> OpResult<String> {
+    let r = ctx.resolve(path)?;
+    if r.is_root() {
+        return Err(OpError::Denied);
+    }
+    if !lstat(&r)?.is_dir() {
+        return Err(OpError::Failure("Not a directory"));
+    }
+    fs::remove_dir(&r.real)?;
+    Ok(r.virt)
+}
+
+/// Plain RENAME fails when the target exists; posix-rename replaces it.
+pub fn rename(ctx: &SessionCtx, from: &str, to: &str, replace: bool) -> OpResult<()> {
+    let a = ctx.resolve(from)?;
+    let b = ctx.resolve(to)?;
+    if a.is_root() || b.is_root() {
+        return Err(OpError::Denied);
+    }
+    lstat(&a)?;
+    if replace {
+        fs::rename(&a.real, &b.real)?;
+    } else {
+        rename_noreplace(&a.real, &b.real)?;
+    }
+    Ok(())
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // renameat2(RENAME_NOREPLACE) checks and renames atomically.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EINVAL) || err.raw_os_error() == Some(libc::ENOSYS) {
+        // File systems without RENAME_NOREPLACE: check, then rename.
+        if fs::symlink_metadata(to).is_ok() {
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
+        return fs::rename(from, to);
+    }
+    Err(err)
+}
+
+/// Times are applied; ownership and modes are ours to keep; size only on uploads.
+pub fn setstat(ctx: &SessionCtx, path: &str, a: &FileAttributes) -> OpResult<()> {
+    let r = ctx.resolve(path)?;
+    let m = lstat(&r)?;
+    if a.atime.is_some() || a.mtime.is_some() {
+        let f = open_nofollow().read(true).open(&r.real)?;
+        set_times(&f, &m, a)?;
+    }
+    Ok(())
+}
+
+pub fn set_times(f: &File, m: &Metadata, a: &FileAttributes) -> OpResult<()> {
+    if a.atime.is_none() && a.mtime.is_none() {
+        return Ok(());
+    }
+    let at = |s: u32| UNIX_EPOCH + Duration::from_secs(s as u64);
+    let times = fs::FileTimes::new()
+        .set_accessed(
+            a.atime
+                .map(at)
+                .unwrap_or(m.accessed().unwrap_or(SystemTime::now())),
+        )
+        .set_modified(
+            a.mtime
+                .map(at)
+                .unwrap_or(m.modified().unwrap_or(SystemTime::now())),
+        );
+    f.set_times(times)?;
+    Ok(())
+}
+
+pub fn statvfs(ctx: &SessionCtx, path: &str) -> OpResult<Statvfs> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let r = ctx.resolve(path)?;
+    lstat(&r)?;
+    let c = CString::new(r.real.as_os_str().as_bytes()).map_err(|_| OpError::BadMessage)?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    Ok(Statvfs {
+        block_size: s.f_bsize as u64,
+        fragment_size: s.f_frsize as u64,
+        blocks: s.f_blocks as u64,
+        blocks_free: s.f_bfree as u64,
+        blocks_avail: s.f_bavail as u64,
+        inodes: s.f_files as u64,
+        inodes_free: s.f_ffree as u64,
+        inodes_avail: s.f_favail as u64,
+        fs_id: s.f_fsid as u64,
+        flags: s.f_flag as u64,
+        name_max: s.f_namemax as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(upload: bool) -> (tempfile::TempDir, SessionCtx) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("org")).unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let c = SessionCtx {
+            user: "u".into(),
+            org: "org".into(),
+            upload,
+            ip: "127.0.0.1".parse().unwrap(),
+            jail: Jail::new(&dir.path().join("org")).unwrap(),
+            tmp_dir: dir.path().join("tmp"),
+        };
+        (dir, c)
+    }
+
+    #[test]
+    fn readers_cannot_create_files() {
+        let (_d, c) = ctx(false);
+        let r = open(&c, "/x", OpenFlags::WRITE | OpenFlags::CREATE);
+        assert!(matches!(r, Err(OpError::Denied)));
+    }
+
+    #[test]
+    fn uploads_appear_on_close_only() {
+        let (_d, c) = ctx(true);
+        let o = open(
+            &c,
+            "/x",
+            OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
+        )
+        .unwrap();
+        o.file.write_all_at(b"hello", 0).unwrap();
+        assert!(!c.jail.root().join("x").exists());
+        finish_upload(&o.file, o.upload.as_ref().unwrap()).unwrap();
+        assert_eq!(std::fs::read(c.jail.root().join("x")).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn plain_rename_refuses_to_replace() {
+        let (_d, c) = ctx(false);
+        std::fs::write(c.jail.root().join("a"), "a").unwrap();
+        std::fs::write(c.jail.root().join("b"), "b").unwrap();
+        assert!(rename(&c, "/a", "/b", false).is_err());
+        rename(&c, "/a", "/b", true).unwrap();
+        assert_eq!(std::fs::read(c.jail.root().join("b")).unwrap(), b"a");
+    }
+
+    #[test]
+    fn data_packet_layout() {
+        let (_d, c) = ctx(false);
+        std::fs::write(c.jail.root().join("f"), b"abcdef").unwrap();
+        let f = File::open(c.jail.root().join("f")).unwrap();
+        let p = read_packet(&f, 7, 2, 100).unwrap().unwrap();
+        assert_eq!(
+            &p[..],
+            &[0, 0, 0, 13, 103, 0, 0, 0, 7, 0, 0, 0, 4, b'c', b'd', b'e', b'f']
+        );
+        assert!(read_packet(&f, 7, 6, 100).unwrap().is_none());
+    }
+
+    #[test]
+    fn longname_looks_like_ls() {
+        let (_d, c) = ctx(false);
+        std::fs::create_dir(c.jail.root().join("d")).unwrap();
+        let m = std::fs::metadata(c.jail.root().join("d")).unwrap();
+        let l = longname("d", &m, "u", "org");
+        assert!(l.starts_with("drwx"), "{l}");
+        assert!(l.ends_with(" d"), "{l}");
+    }
+}

@@ -1,0 +1,510 @@
+//! The SSH side: our own accept loop with session limits and a login grace time, the
+//! russh handler (authentication against the store, channels), and a draining shutdown.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::{Algorithm, HashAlg};
+use russh::server::{Auth, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, Disconnect, MethodKind, MethodSet, SshId};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::jail::Jail;
+use super::ops::SessionCtx;
+use crate::store::SftpUser;
+use crate::App;
+
+/// How long shutdown lets open transfers finish before disconnecting their sessions.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Session channels per connection; SFTP clients use one.
+const MAX_CHANNELS: usize = 10;
+
+struct Shared {
+    app: App,
+    ssh: Arc<russh::server::Config>,
+    sessions: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    /// Verified when the user is unknown, so both cases cost the same time.
+    dummy_hash: String,
+}
+
+pub async fn serve(
+    app: App,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let path = app.config.host_key_path();
+    let key = tokio::task::spawn_blocking(move || super::load_or_create_host_key(&path))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?;
+    let fingerprint = key.public_key().fingerprint(HashAlg::Sha256).to_string();
+    let cfg = &app.config.sftp;
+    let mut methods = MethodSet::empty();
+    methods.push(MethodKind::PublicKey);
+    methods.push(MethodKind::Password);
+    let ssh = russh::server::Config {
+        server_id: SshId::Standard(Cow::Owned(format!(
+            "SSH-2.0-hookbridge_{}",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        methods,
+        auth_rejection_time: cfg.auth_rejection_time.0,
+        // OpenSSH probes with "none" first; answering that at once is not a leak.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![key],
+        max_auth_attempts: cfg.max_auth_attempts,
+        inactivity_timeout: Some(cfg.idle_timeout.0),
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        window_size: 4 * 1024 * 1024,
+        maximum_packet_size: 65536,
+        ..Default::default()
+    };
+    let dummy_hash = tokio::task::spawn_blocking(|| {
+        crate::auth::hash_password("no such user, no such password")
+    })
+    .await
+    .map_err(std::io::Error::other)?
+    .map_err(std::io::Error::other)?;
+    let shared = Arc::new(Shared {
+        ssh: Arc::new(ssh),
+        sessions: Arc::new(Semaphore::new(cfg.max_sessions)),
+        per_ip: Mutex::new(HashMap::new()),
+        tracker: TaskTracker::new(),
+        cancel: cancel.clone(),
+        dummy_hash,
+        app: app.clone(),
+    });
+    tracing::info!(addr = ?listener.local_addr().ok(), host_key = %fingerprint, "SFTP server listening");
+
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => admit(&shared, stream, peer),
+                Err(e) => {
+                    // EMFILE and friends pass; never let one failed accept end the server.
+                    tracing::warn!(error = %e, "SFTP accept failed");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    shared.tracker.close();
+    tracing::info!(sessions = shared.tracker.len(), "SFTP server draining");
+    shared.tracker.wait().await;
+    Ok(())
+}
+
+/// Counts a connection against its source IP until dropped.
+struct IpSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.shared.per_ip.lock() {
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let cfg = &shared.app.config.sftp;
+    let permit = shared.sessions.clone().try_acquire_owned().ok();
+    let slot = permit.as_ref().and_then(|_| {
+        let mut m = shared.per_ip.lock().ok()?;
+        let n = m.entry(peer.ip()).or_insert(0);
+        if *n >= cfg.max_sessions_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            shared: shared.clone(),
+            ip: peer.ip(),
+        })
+    });
+    match (permit, slot) {
+        (Some(permit), Some(slot)) => {
+            let shared2 = shared.clone();
+            shared
+                .tracker
+                .spawn(connection(shared2, stream, peer, permit, slot));
+        }
+        _ => {
+            tracing::warn!(ip = %peer.ip(), "SFTP session limit reached; connection refused");
+            // A line before the version string is shown by clients; then close.
+            shared.tracker.spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let _ = stream
+                        .write_all(b"hookbridge: too many sessions, try again later\r\n")
+                        .await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+            });
+        }
+    }
+}
+
+struct GaugeGuard;
+
+impl GaugeGuard {
+    fn new() -> Self {
+        metrics::gauge!("hookbridge_sftp_sessions").increment(1.0);
+        GaugeGuard
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("hookbridge_sftp_sessions").decrement(1.0);
+    }
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    _slot: IpSlot,
+) {
+    let _gauge = GaugeGuard::new();
+    let _ = stream.set_nodelay(true);
+    let deadline = Instant::now() + shared.app.config.sftp.login_grace_time.0;
+    let authed = Arc::new(AtomicBool::new(false));
+    let (busy_tx, busy_rx) = watch::channel(0usize);
+    let conn = Conn {
+        shared: shared.clone(),
+        peer,
+        authed: authed.clone(),
+        busy: Arc::new(busy_tx),
+        user: None,
+        method: "",
+        channels: HashMap::new(),
+        sftp: HashSet::new(),
+    };
+    let cancel = shared.cancel.clone();
+    let started = tokio::select! {
+        r = russh::server::run_stream(shared.ssh.clone(), stream, conn) => r,
+        _ = tokio::time::sleep_until(deadline) => {
+            tracing::debug!(ip = %peer.ip(), "no SSH identification within the login grace time");
+            return;
+        }
+        _ = cancel.cancelled() => return,
+    };
+    let running = match started {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(ip = %peer.ip(), error = %e, "SSH handshake failed");
+            return;
+        }
+    };
+    let handle = running.handle();
+    tokio::pin!(running);
+    let grace = tokio::time::sleep_until(deadline);
+    tokio::pin!(grace);
+    let mut grace_checked = false;
+    loop {
+        tokio::select! {
+            r = &mut running => {
+                if let Err(e) = r {
+                    tracing::debug!(ip = %peer.ip(), error = %e, "SSH session ended with an error");
+                }
+                break;
+            }
+            _ = &mut grace, if !grace_checked => {
+                grace_checked = true;
+                if !authed.load(Ordering::Acquire) {
+                    tracing::info!(ip = %peer.ip(), "login grace time over; disconnecting");
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, "login grace time over".into(), "en".into())
+                        .await;
+                }
+            }
+            _ = cancel.cancelled() => {
+                // Let transfers in progress end (bounded), then say goodbye.
+                let mut busy = busy_rx.clone();
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, busy.wait_for(|n| *n == 0)).await;
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, "server shutting down".into(), "en".into())
+                    .await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut running).await;
+                break;
+            }
+        }
+    }
+}
+
+/// One SSH connection.
+struct Conn {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    authed: Arc<AtomicBool>,
+    busy: Arc<watch::Sender<usize>>,
+    user: Option<SftpUser>,
+    method: &'static str,
+    channels: HashMap<ChannelId, Channel<Msg>>,
+    sftp: HashSet<ChannelId>,
+}
+
+fn reject() -> Auth {
+    Auth::Reject {
+        proceed_with_methods: None,
+        partial_success: false,
+    }
+}
+
+impl Conn {
+    /// Looked up at every attempt, so admin API changes apply to the next login.
+    async fn lookup(&self, name: &str) -> Option<SftpUser> {
+        match self.shared.app.store.get_sftp_user(name).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look up SFTP user");
+                None
+            }
+        }
+    }
+
+    fn failed(&self, user: &str, method: &str) -> Auth {
+        metrics::counter!("hookbridge_sftp_auth_failures_total").increment(1);
+        tracing::info!(target: "audit", event = "login_failed", user, method, ip = %self.peer.ip(), "sftp login failed");
+        reject()
+    }
+
+    fn key_allowed(&self, alg: &Algorithm) -> bool {
+        // ssh-rsa signs with SHA-1: only for old devices, behind a switch.
+        *alg != (Algorithm::Rsa { hash: None }) || self.shared.app.config.sftp.allow_ssh_rsa_sha1
+    }
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        let found = self.lookup(user).await;
+        let hash = found.as_ref().and_then(|u| u.password_hash.clone());
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| self.shared.dummy_hash.clone());
+        let password = password.to_owned();
+        // argon2 takes tens of milliseconds of CPU: keep it off the async workers.
+        let verified =
+            tokio::task::spawn_blocking(move || crate::auth::verify_password(&password, &hash))
+                .await
+                .unwrap_or(false);
+        if known && verified {
+            self.user = found;
+            self.method = "password";
+            Ok(Auth::Accept)
+        } else {
+            Ok(self.failed(user, "password"))
+        }
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if !self.key_allowed(offer.algorithm) {
+            return Ok(reject());
+        }
+        match self.lookup(user).await {
+            Some(u) if crate::auth::key_matches(&u.public_keys, offer.public_key) => {
+                Ok(Auth::Accept)
+            }
+            _ => Ok(self.failed(user, "publickey")),
+        }
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if !self.key_allowed(key.algorithm) {
+            return Ok(self.failed(user, "publickey"));
+        }
+        match self.lookup(user).await {
+            Some(u) if crate::auth::key_matches(&u.public_keys, key.public_key) => {
+                self.user = Some(u);
+                self.method = "publickey";
+                Ok(Auth::Accept)
+            }
+            _ => Ok(self.failed(user, "publickey")),
+        }
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        self.authed.store(true, Ordering::Release);
+        if let Some(u) = &self.user {
+            tracing::info!(
+                target: "audit",
+                event = "login",
+                user = %u.name,
+                org = %u.org,
+                method = self.method,
+                ip = %self.peer.ip(),
+                "sftp login"
+            );
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.channels.len() + self.sftp.len() >= MAX_CHANNELS {
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        }
+        self.channels.insert(channel.id(), channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel_id: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let user = match (&self.user, name) {
+            (Some(u), "sftp") => u.clone(),
+            _ => {
+                session.channel_failure(channel_id)?;
+                return Ok(());
+            }
+        };
+        let Some(channel) = self.channels.remove(&channel_id) else {
+            session.channel_failure(channel_id)?;
+            return Ok(());
+        };
+        let ctx = match self.sftp_ctx(&user).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(org = %user.org, error = %e, "cannot open the org folder for SFTP");
+                session.channel_failure(channel_id)?;
+                return Ok(());
+            }
+        };
+        session.channel_success(channel_id)?;
+        self.sftp.insert(channel_id);
+        self.shared
+            .tracker
+            .spawn(super::handler::run(channel, ctx, self.busy.clone()));
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // rclone probes md5sum/df this way; refusing is fine, dropping the connection is not.
+        tracing::debug!(command = %String::from_utf8_lossy(data), "exec refused");
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The SFTP dispatcher answers EOF itself once its replies are out.
+        if !self.sftp.contains(&channel) {
+            session.exit_status_request(channel, 0)?;
+            session.eof(channel)?;
+            session.close(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.remove(&channel);
+        self.sftp.remove(&channel);
+        Ok(())
+    }
+}
+
+impl Conn {
+    async fn sftp_ctx(&self, user: &SftpUser) -> std::io::Result<SessionCtx> {
+        let root = self.shared.app.layout.org_dir(&user.org);
+        let tmp_dir = self.shared.app.layout.tmp_dir.clone();
+        let jail = tokio::task::spawn_blocking(move || {
+            // An org without events yet has no folder: give it an empty one.
+            std::fs::create_dir_all(&root)?;
+            Jail::new(&root)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(SessionCtx {
+            user: user.name.clone(),
+            org: user.org.clone(),
+            upload: user.upload,
+            ip: self.peer.ip(),
+            jail,
+            tmp_dir,
+        })
+    }
+}
