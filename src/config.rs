@@ -55,6 +55,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub delivery: DeliveryConfig,
     pub log: LogConfig,
+    /// Bans of source IPs that fail to log in or break the protocol (SFTP).
+    pub defender: DefenderConfig,
     /// Defaults for every org's quota, retention and ingest rate; `[[orgs]]` may override.
     pub limits: LimitsConfig,
     /// Orgs, SFTP users and webhooks applied idempotently at start.
@@ -168,6 +170,42 @@ pub struct OrgDecl {
     /// Overrides of `[limits]` for this org.
     #[serde(default)]
     pub limits: OrgLimits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefenderConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Score at which an address is banned. Default 10.
+    pub threshold: u32,
+    /// Points of a failed password or unknown user. Default 1.
+    pub score_login_failure: u32,
+    /// Points of a broken handshake or protocol error. Default 2.
+    pub score_protocol_error: u32,
+    /// Scores older than this are forgotten. Default 10m.
+    pub observation_window: Dur,
+    /// How long a ban lasts. Default 15m.
+    pub ban_time: Dur,
+    /// Addresses or CIDR networks never banned (known ETL hosts).
+    pub allow_list: Vec<String>,
+    /// SSH connections not yet authenticated, in total (like OpenSSH's MaxStartups). Default 64.
+    pub max_unauthenticated: usize,
+}
+
+impl Default for DefenderConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            threshold: 10,
+            score_login_failure: 1,
+            score_protocol_error: 2,
+            observation_window: Dur(Duration::from_secs(600)),
+            ban_time: Dur(crate::defender::default_ban_time()),
+            allow_list: Vec::new(),
+            max_unauthenticated: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -300,6 +338,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
+            defender: DefenderConfig::default(),
             orgs: Vec::new(),
             source: None,
         }
@@ -500,6 +539,16 @@ impl Config {
         }
         if self.limits.sweep_interval.0 < Duration::from_millis(100) {
             return Err(invalid("limits.sweep_interval", "must be at least 100ms"));
+        }
+        for (i, n) in self.defender.allow_list.iter().enumerate() {
+            crate::defender::Net::parse(n)
+                .map_err(|m| invalid(format!("defender.allow_list[{i}]"), m))?;
+        }
+        if self.defender.threshold == 0 || self.defender.max_unauthenticated == 0 {
+            return Err(invalid(
+                "defender",
+                "threshold and max_unauthenticated must be at least 1",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, org) in self.orgs.iter().enumerate() {

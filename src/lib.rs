@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod defender;
 pub mod delivery;
 pub mod demo;
 pub mod event;

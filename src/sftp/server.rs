@@ -37,6 +37,9 @@ struct Shared {
     cancel: CancellationToken,
     /// Verified when the user is unknown, so both cases cost the same time.
     dummy_hash: String,
+    defender: crate::defender::Defender,
+    /// Connections that have not authenticated yet (MaxStartups).
+    unauthenticated: Arc<Semaphore>,
 }
 
 pub async fn serve(
@@ -86,6 +89,8 @@ pub async fn serve(
         tracker: TaskTracker::new(),
         cancel: cancel.clone(),
         dummy_hash,
+        defender: crate::defender::Defender::new(&app.config.defender),
+        unauthenticated: Arc::new(Semaphore::new(app.config.defender.max_unauthenticated)),
         app: app.clone(),
     });
     tracing::info!(addr = ?listener.local_addr().ok(), host_key = %fingerprint, "SFTP server listening");
@@ -133,6 +138,18 @@ impl Drop for IpSlot {
 }
 
 fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    if shared.defender.is_banned(peer.ip()) {
+        // Dropping the stream closes it: a banned address gets no banner to work with.
+        metrics::counter!("hookbridge_sftp_refused_total", "reason" => "banned").increment(1);
+        tracing::debug!(ip = %peer.ip(), "connection from a banned address closed");
+        return;
+    }
+    let Ok(unauth) = shared.unauthenticated.clone().try_acquire_owned() else {
+        metrics::counter!("hookbridge_sftp_refused_total", "reason" => "unauthenticated")
+            .increment(1);
+        tracing::warn!(ip = %peer.ip(), "too many unauthenticated SFTP connections; connection refused");
+        return;
+    };
     let cfg = &shared.app.config.sftp;
     let permit = shared.sessions.clone().try_acquire_owned().ok();
     let slot = permit.as_ref().and_then(|_| {
@@ -152,9 +169,11 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             let shared2 = shared.clone();
             shared
                 .tracker
-                .spawn(connection(shared2, stream, peer, permit, slot));
+                .spawn(connection(shared2, stream, peer, permit, slot, unauth));
         }
         _ => {
+            metrics::counter!("hookbridge_sftp_refused_total", "reason" => "session_limit")
+                .increment(1);
             tracing::warn!(ip = %peer.ip(), "SFTP session limit reached; connection refused");
             // A line before the version string is shown by clients; then close.
             shared.tracker.spawn(async move {
@@ -192,6 +211,7 @@ async fn connection(
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
     _slot: IpSlot,
+    unauth: OwnedSemaphorePermit,
 ) {
     let _gauge = GaugeGuard::new();
     let _ = stream.set_nodelay(true);
@@ -207,6 +227,7 @@ async fn connection(
         method: "",
         channels: HashMap::new(),
         sftp: HashSet::new(),
+        unauth: Some(unauth),
     };
     let cancel = shared.cancel.clone();
     let started = tokio::select! {
@@ -221,6 +242,9 @@ async fn connection(
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(ip = %peer.ip(), error = %e, "SSH handshake failed");
+            shared
+                .defender
+                .record(peer.ip(), crate::defender::Offence::ProtocolError);
             return;
         }
     };
@@ -234,6 +258,9 @@ async fn connection(
             r = &mut running => {
                 if let Err(e) = r {
                     tracing::debug!(ip = %peer.ip(), error = %e, "SSH session ended with an error");
+                    if !authed.load(Ordering::Acquire) {
+                        shared.defender.record(peer.ip(), crate::defender::Offence::ProtocolError);
+                    }
                 }
                 break;
             }
@@ -270,6 +297,8 @@ struct Conn {
     method: &'static str,
     channels: HashMap<ChannelId, Channel<Msg>>,
     sftp: HashSet<ChannelId>,
+    /// Held until authentication succeeds.
+    unauth: Option<OwnedSemaphorePermit>,
 }
 
 fn reject() -> Auth {
@@ -307,6 +336,9 @@ impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        if self.shared.defender.is_banned(self.peer.ip()) {
+            return Ok(self.failed(user, "password"));
+        }
         let found = self.lookup(user).await;
         let hash = found.as_ref().and_then(|u| u.password_hash.clone());
         let known = hash.is_some();
@@ -322,6 +354,9 @@ impl russh::server::Handler for Conn {
             self.method = "password";
             Ok(Auth::Accept)
         } else {
+            self.shared
+                .defender
+                .record(self.peer.ip(), crate::defender::Offence::LoginFailure);
             Ok(self.failed(user, "password"))
         }
     }
@@ -362,6 +397,7 @@ impl russh::server::Handler for Conn {
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
         self.authed.store(true, Ordering::Release);
+        self.unauth = None;
         if let Some(u) = &self.user {
             tracing::info!(
                 target: "audit",

@@ -639,3 +639,55 @@ async fn shutdown_disconnects_sftp_clients_and_exits_cleanly() {
         .unwrap();
     assert_eq!(second.as_deref(), Some("disconnected"));
 }
+
+#[tokio::test]
+async fn repeated_failed_logins_ban_the_address_until_the_ban_ends() {
+    let d = Daemon::start_with("[defender]\nthreshold = 3\nban_time = \"3s\"\n").await;
+    org(&d, "acme").await;
+    user(&d, "acme", "etl", json!({"password": "right password"})).await;
+    let script = r#"
+import socket
+res = []
+for pw in sys.argv[1:]:
+    try:
+        t, s = connect('etl', pw); s.listdir('/'); t.close(); res.append('ok')
+    except paramiko.AuthenticationException:
+        res.append('denied')
+    except (paramiko.SSHException, EOFError, socket.error):
+        res.append('refused')
+print(json.dumps(res))
+"#;
+    let (_, out) = py(
+        &d,
+        script,
+        &["wrong 1", "wrong 2", "wrong 3", "right password"],
+    )
+    .await;
+    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v, json!(["denied", "denied", "denied", "refused"]), "{out}");
+    let metrics = d
+        .client
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("hookbridge_defender_bans_total 1"),
+        "{metrics}"
+    );
+    assert!(d.log().contains("address banned"));
+    // The ban ends by itself.
+    wait_for(
+        "the ban to end",
+        std::time::Duration::from_secs(15),
+        || async {
+            let (_, out) = py(&d, script, &["right password"]).await;
+            out.contains("\"ok\"").then_some(())
+        },
+    )
+    .await;
+    assert!(d.log().contains("ban expired"));
+}
