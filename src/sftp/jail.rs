@@ -214,7 +214,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
         fn no_generated_path_escapes(lead in prop::bool::ANY, segs in prop::collection::vec(segment(), 0..8)) {
             let t = tree();
