@@ -355,3 +355,30 @@ fn systemd_unit_verifies_and_is_hardened() {
         .unwrap_or_else(|| panic!("no exposure level in: {text}"));
     assert!(level <= 2.0, "exposure {level} > 2.0");
 }
+
+#[tokio::test]
+async fn openapi_lists_every_route_of_the_spec() {
+    let d = Daemon::start().await;
+    let doc: serde_json::Value = d
+        .client
+        .get(d.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    for path in [
+        "/v1/orgs/{org}/events",
+        "/v1/orgs/{org}/custom-values",
+        "/v1/orgs/{org}/sftp-users/{user}",
+        "/v1/orgs/{org}/webhooks/{id}/test",
+        "/v1/orgs/{org}/webhooks/{id}/replay",
+        "/.well-known/jwks.json",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    let r = d.client.get(d.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
