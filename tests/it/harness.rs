@@ -9,9 +9,15 @@ use serde_json::{json, Value};
 
 pub const INGRESS_SECRET: &str = "test-ingress-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const DEFAULT_DELIVERY: &str =
+    "allow_private_destinations = true\nretry_delays = [\"200ms\", \"400ms\", \"800ms\"]";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` until it returns `Some` or the deadline passes.
@@ -37,6 +43,8 @@ pub struct Daemon {
     pub http_port: u16,
     pub sftp_port: u16,
     pub extra_config: String,
+    /// Lines of the `[delivery]` table.
+    pub delivery_config: String,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -48,14 +56,30 @@ impl Daemon {
 
     /// `extra` is TOML appended to the generated config (e.g. `[[orgs]]` tables).
     pub async fn start_with(extra: &str) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("hookbridge-it-").tempdir().unwrap();
+        Self::start_full(extra, DEFAULT_DELIVERY).await
+    }
+
+    /// `delivery` replaces the lines of the `[delivery]` table (see [`DEFAULT_DELIVERY`]).
+    pub async fn start_with_delivery(delivery: &str) -> Daemon {
+        Self::start_full("", delivery).await
+    }
+
+    pub async fn start_full(extra: &str, delivery: &str) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("hookbridge-it-")
+            .tempdir()
+            .unwrap();
         let mut d = Daemon {
             dir,
             http_port: free_port(),
             sftp_port: free_port(),
             extra_config: extra.to_owned(),
+            delivery_config: delivery.to_owned(),
             child: None,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
         };
         d.spawn().await;
         d
@@ -86,8 +110,7 @@ jwt_hs256_secret = "{INGRESS_SECRET}"
 [admin]
 token = "{ADMIN_TOKEN}"
 [delivery]
-allow_private_destinations = true
-retry_delays = ["200ms", "400ms", "800ms"]
+{delivery}
 [log]
 level = "info,hookbridge=debug"
 {extra}
@@ -96,6 +119,7 @@ level = "info,hookbridge=debug"
             http = self.http_port,
             sftp = self.sftp_port,
             extra = self.extra_config,
+            delivery = self.delivery_config,
         );
         std::fs::write(self.config_path(), cfg).unwrap();
     }
@@ -127,9 +151,15 @@ level = "info,hookbridge=debug"
                 }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("hookbridge exited with {status}: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+                panic!(
+                    "hookbridge exited with {status}: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "hookbridge did not become healthy");
+            assert!(
+                Instant::now() < deadline,
+                "hookbridge did not become healthy"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -176,7 +206,10 @@ level = "info,hookbridge=debug"
     }
 
     pub fn token(&self, org: &str) -> String {
-        token_with(INGRESS_SECRET, json!({"org": org, "exp": chrono::Utc::now().timestamp() + 600}))
+        token_with(
+            INGRESS_SECRET,
+            json!({"org": org, "exp": chrono::Utc::now().timestamp() + 600}),
+        )
     }
 
     pub async fn post_event(&self, org: &str, body: &Value) -> reqwest::Response {
@@ -192,7 +225,10 @@ level = "info,hookbridge=debug"
     /// An admin request; returns status and parsed JSON body (Null when empty).
     pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self.client.request(m, self.url(path)).bearer_auth(ADMIN_TOKEN);
+        let mut req = self
+            .client
+            .request(m, self.url(path))
+            .bearer_auth(ADMIN_TOKEN);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -204,10 +240,16 @@ level = "info,hookbridge=debug"
 
     /// Org + sftp hook for all types; returns nothing, panics on failure.
     pub async fn org_with_sftp_hook(&self, org: &str) {
-        let (s, _) = self.admin("PUT", &format!("/v1/orgs/{org}"), Some(json!({}))).await;
+        let (s, _) = self
+            .admin("PUT", &format!("/v1/orgs/{org}"), Some(json!({})))
+            .await;
         assert!(s == 201 || s == 200, "PUT org: {s}");
         let (s, b) = self
-            .admin("POST", &format!("/v1/orgs/{org}/webhooks"), Some(json!({"kind": "sftp", "events": ["*"]})))
+            .admin(
+                "POST",
+                &format!("/v1/orgs/{org}/webhooks"),
+                Some(json!({"kind": "sftp", "events": ["*"]})),
+            )
             .await;
         assert_eq!(s, 201, "create sftp hook: {b}");
     }
@@ -233,7 +275,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let ft = e.file_type().unwrap();
             if ft.is_dir() {

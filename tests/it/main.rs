@@ -3,4 +3,5 @@
 mod harness;
 
 mod e2e_admin;
+mod e2e_delivery;
 mod e2e_ingest;
