@@ -799,3 +799,31 @@ async fn jwks_is_public_and_rotation_keeps_the_old_key() {
     d.restart().await;
     assert_eq!(jwks(&d).await["keys"].as_array().unwrap().len(), 2);
 }
+
+// Multi-threaded: `terminate` blocks its thread while the receiver must keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_attempt_under_way_finish_and_records_it() {
+    let mut d = Daemon::start().await;
+    org(&d, "acme").await;
+    let r = Receiver::start().await;
+    let h = http_hook(&d, "acme", &r.url("/h"), &["*"], false).await;
+    let id = h["id"].as_str().unwrap().to_owned();
+    *r.st.delay.lock().unwrap() = Duration::from_millis(1500);
+    post(&d, "acme", "evt_1", "payment").await;
+    wait_for("attempt under way", T, || async {
+        (!r.events().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(d.terminate(), Some(0), "clean exit: {}", d.log());
+    // The outcome was recorded before exit: a restart does not deliver it again.
+    *r.st.delay.lock().unwrap() = Duration::ZERO;
+    d.spawn().await;
+    let done = deliveries(&d, "acme", &id, "delivered").await;
+    assert_eq!(done.len(), 1, "{done:?}\n{}", d.log());
+    post(&d, "acme", "evt_2", "payment").await;
+    wait_for("second event", T, || async {
+        (r.events().len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(r.events()[1].json()["id"], "evt_2");
+}
