@@ -235,8 +235,14 @@ level = "warn"
                 rate / raw_rps
             );
             // Latency is end to end, so the offered load must also fit through ingest.
-            let lat_rate = (rate / 2.0).min(ingest_rate / 2.0);
-            if lat_rate < rate / 2.0 {
+            let lat_rate = match std::env::var("BENCH_LAT_RATE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                Some(r) => r,
+                None => (rate / 2.0).min(ingest_rate / 2.0),
+            };
+            if lat_rate < rate / 2.0 && std::env::var("BENCH_LAT_RATE").is_err() {
                 println!("(latency load capped at half the ingest rate, {lat_rate:.0} ev/s, since ingest is the slower stage)");
             }
             latency_phase(&st, lat_rate, post.clone()).await;
@@ -276,17 +282,16 @@ where
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut lat: Vec<Duration> = loop {
-        let arr = st.arrivals.lock().unwrap();
-        let sent = sent.lock().unwrap();
-        let l: Vec<Duration> = sent
-            .iter()
-            .filter_map(|(id, s)| arr.get(id).map(|a| a.saturating_duration_since(*s)))
-            .collect();
+        let l: Vec<Duration> = {
+            let arr = st.arrivals.lock().unwrap();
+            let sent = sent.lock().unwrap();
+            sent.iter()
+                .filter_map(|(id, s)| arr.get(id).map(|a| a.saturating_duration_since(*s)))
+                .collect()
+        };
         if l.len() == n || Instant::now() > deadline {
             break l;
         }
-        drop(arr);
-        drop(sent);
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     lat.sort();

@@ -1,8 +1,9 @@
 //! The scheduler: takes due jobs from the durable outbox and runs attempts concurrently.
 //!
 //! * At most `delivery.workers` attempts run at once, and at most
-//!   `delivery.per_endpoint_concurrency` per webhook. A webhook at its limit is left out
-//!   of the next query, so one slow endpoint never fills the batch and holds back others.
+//!   `delivery.per_endpoint_concurrency` per webhook. Due jobs are taken in batches into
+//!   per-webhook queues; a webhook with a deep queue is left out of the next query, so one
+//!   slow endpoint never fills the batch and holds back the others.
 //! * Outcomes are recorded by one recorder task in group commits (one fsync per batch,
 //!   not per attempt). A job stays "in flight" in memory until its outcome is durable, so
 //!   it is never picked twice; if the process dies first, the job is still due in the
@@ -10,7 +11,7 @@
 //! * The scheduler sleeps until new jobs are committed (`App::delivery_wake`), an attempt
 //!   finishes, an outcome is recorded, or the next job falls due.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,6 +54,13 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
         recorded.clone(),
     ));
     let mut attempts: JoinSet<()> = JoinSet::new();
+    // Jobs taken from the store and waiting for a permit, per webhook. Taking a batch
+    // ahead keeps the store query off the path of every single attempt.
+    let mut queued: HashMap<String, VecDeque<DeliveryJob>> = HashMap::new();
+    let mut queued_n = 0usize;
+    // A webhook with this many jobs waiting is left out of the next query, so one slow
+    // endpoint's backlog never crowds the others out of a batch.
+    let deep = per_endpoint * 4;
     tracing::info!(
         workers = cfg.workers,
         per_endpoint,
@@ -62,39 +70,33 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
     while !cancel.is_cancelled() {
         while attempts.try_join_next().is_some() {}
         // Forget idle endpoints so the map does not grow with every webhook ever seen.
-        endpoints.retain(|_, s| s.available_permits() < per_endpoint);
-        let busy = |endpoints: &HashMap<String, Arc<Semaphore>>| Busy {
+        endpoints.retain(|k, s| s.available_permits() < per_endpoint || queued.contains_key(k));
+        let busy = |queued: &HashMap<String, VecDeque<DeliveryJob>>| Busy {
             deliveries: lock(&in_flight).iter().cloned().collect(),
-            webhooks: endpoints
+            webhooks: queued
                 .iter()
-                .filter(|(_, s)| s.available_permits() == 0)
+                .filter(|(_, q)| q.len() >= deep)
                 .map(|(k, _)| k.clone())
                 .collect(),
         };
-        let free = global.available_permits();
-        let mut started = 0;
+        let mut fetched = 0;
         let mut store_failed = false;
-        if free > 0 {
+        if queued_n < FETCH_MAX / 2 {
             match app
                 .store
-                .due_jobs(Utc::now(), free.min(FETCH_MAX), busy(&endpoints))
+                .due_jobs(Utc::now(), FETCH_MAX - queued_n, busy(&queued))
                 .await
             {
                 Ok(jobs) => {
+                    fetched = jobs.len();
+                    let mut set = lock(&in_flight);
                     for job in jobs {
-                        let sem = endpoints
+                        set.insert(job.id.clone());
+                        queued
                             .entry(job.webhook_id.clone())
-                            .or_insert_with(|| Arc::new(Semaphore::new(per_endpoint)))
-                            .clone();
-                        let Ok(ep) = sem.try_acquire_owned() else {
-                            continue;
-                        };
-                        let Ok(g) = global.clone().try_acquire_owned() else {
-                            break;
-                        };
-                        lock(&in_flight).insert(job.id.clone());
-                        attempts.spawn(attempt(app.clone(), job, [g, ep], rec_tx.clone()));
-                        started += 1;
+                            .or_default()
+                            .push_back(job);
+                        queued_n += 1;
                     }
                 }
                 Err(e) => {
@@ -103,16 +105,36 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
                 }
             }
         }
-        if started > 0 {
-            // More may be due right away.
+        let mut started = 0;
+        for (hook, q) in queued.iter_mut() {
+            let sem = endpoints
+                .entry(hook.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(per_endpoint)))
+                .clone();
+            while !q.is_empty() {
+                let Ok(ep) = sem.clone().try_acquire_owned() else {
+                    break;
+                };
+                let Ok(g) = global.clone().try_acquire_owned() else {
+                    break;
+                };
+                let Some(job) = q.pop_front() else { break };
+                attempts.spawn(attempt(app.clone(), job, [g, ep], rec_tx.clone()));
+                queued_n -= 1;
+                started += 1;
+            }
+        }
+        queued.retain(|_, q| !q.is_empty());
+        if started > 0 || (fetched > 0 && queued_n < FETCH_MAX / 2) {
+            // More may be due or startable right away.
             continue;
         }
         let wait = if store_failed {
             Duration::from_secs(1)
-        } else if free == 0 {
+        } else if queued_n >= FETCH_MAX / 2 {
             IDLE_POLL
         } else {
-            match app.store.next_due_at(busy(&endpoints)).await {
+            match app.store.next_due_at(busy(&queued)).await {
                 Ok(Some(t)) => (t - Utc::now())
                     .to_std()
                     .unwrap_or(Duration::ZERO)
@@ -129,6 +151,8 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
             _ = tokio::time::sleep(wait) => {}
         }
     }
+    // Jobs still waiting for a permit stay due in the store.
+    drop(queued);
 
     // Stop taking jobs; let the attempts under way finish (each bounded by the request
     // timeout) and their outcomes be written, so a clean stop repeats nothing.
@@ -184,15 +208,9 @@ fn skipped(reason: String) -> (Attempt, AttemptOutcome) {
 async fn deliver(app: &App, job: &DeliveryJob) -> (Attempt, AttemptOutcome) {
     let cfg = &app.config.delivery;
     let now = Utc::now();
-    let hook = match app.store.get_webhook(&job.org, &job.webhook_id).await {
-        Ok(Some(h)) if h.kind == WebhookKind::Http => h,
-        Ok(_) => return skipped("webhook deleted".into()),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the webhook; retrying the job later");
-            let at = now + chrono::Duration::seconds(5);
-            let (a, _) = skipped(format!("state store: {e}"));
-            return (a, AttemptOutcome::Retry { at });
-        }
+    let hook = match &job.webhook {
+        Some(h) if h.kind == WebhookKind::Http => h,
+        _ => return skipped("webhook deleted".into()),
     };
     if !hook.enabled {
         return skipped(format!(

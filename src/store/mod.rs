@@ -218,6 +218,8 @@ pub struct DeliveryJob {
     pub payload: String,
     pub attempts: u32,
     pub created_at: DateTime<Utc>,
+    /// The webhook as it was when the job was taken (None: deleted since).
+    pub webhook: Option<Webhook>,
 }
 
 /// Jobs the scheduler must not be handed: in flight, or for a webhook at its concurrency limit.

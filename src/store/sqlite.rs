@@ -188,20 +188,25 @@ const HOOK_COLS: &str =
     "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since";
 
 fn hook_row(r: &Row<'_>) -> rusqlite::Result<Webhook> {
-    let kind: String = r.get(2)?;
-    let events: String = r.get(4)?;
+    hook_row_at(r, 0)
+}
+
+/// A webhook whose `HOOK_COLS` start at column `o` of the row.
+fn hook_row_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Webhook> {
+    let kind: String = r.get(o + 2)?;
+    let events: String = r.get(o + 4)?;
     Ok(Webhook {
-        id: r.get(0)?,
-        org: r.get(1)?,
+        id: r.get(o)?,
+        org: r.get(o + 1)?,
         kind: WebhookKind::parse(&kind).unwrap_or(WebhookKind::Sftp),
-        url: r.get(3)?,
+        url: r.get(o + 3)?,
         events: serde_json::from_str(&events).unwrap_or_default(),
-        path_template: r.get(5)?,
-        secret: r.get(6)?,
-        enabled: r.get(7)?,
-        disabled_reason: r.get(8)?,
-        created_at: from_micros(r.get(9)?),
-        failing_since: r.get::<_, Option<i64>>(10)?.map(from_micros),
+        path_template: r.get(o + 5)?,
+        secret: r.get(o + 6)?,
+        enabled: r.get(o + 7)?,
+        disabled_reason: r.get(o + 8)?,
+        created_at: from_micros(r.get(o + 9)?),
+        failing_since: r.get::<_, Option<i64>>(o + 10)?.map(from_micros),
     })
 }
 
@@ -559,14 +564,20 @@ impl Store for SqliteStore {
     ) -> Result<Vec<DeliveryJob>> {
         self.with_reader(move |c| {
             let (ids, hooks) = busy.to_json();
-            let mut st = c.prepare_cached(
-                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at
+            let hook_cols = HOOK_COLS
+                .split(", ")
+                .map(|c| format!("w.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut st = c.prepare_cached(&format!(
+                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
                  FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
+                 LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
                  WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
                    AND d.id NOT IN (SELECT value FROM json_each(?3))
                    AND d.webhook_id NOT IN (SELECT value FROM json_each(?4))
-                 ORDER BY d.next_attempt_at LIMIT ?2",
-            )?;
+                 ORDER BY d.next_attempt_at LIMIT ?2"
+            ))?;
             let rows = st
                 .query_map(params![micros(now), limit as i64, ids, hooks], |r| {
                     Ok(DeliveryJob {
@@ -577,6 +588,11 @@ impl Store for SqliteStore {
                         payload: r.get(4)?,
                         attempts: r.get(5)?,
                         created_at: from_micros(r.get(6)?),
+                        webhook: if r.get::<_, bool>(7)? {
+                            Some(hook_row_at(r, 8)?)
+                        } else {
+                            None
+                        },
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
