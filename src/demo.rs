@@ -56,6 +56,7 @@ pub async fn setup(app: &App) -> Result<String, String> {
                 enabled: true,
                 disabled_reason: None,
                 created_at: chrono::Utc::now(),
+                failing_since: None,
             })
             .await
             .map_err(|e| e.to_string())?;

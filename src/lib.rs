@@ -47,6 +47,8 @@ pub struct App {
     pub rate: Arc<limits::RateLimiter>,
     /// Wakes the delivery workers when new jobs were committed.
     pub delivery_wake: Arc<tokio::sync::Notify>,
+    /// Webhook signing keys and the outgoing HTTP clients.
+    pub delivery: Arc<delivery::Delivery>,
 }
 
 impl App {
@@ -149,6 +151,7 @@ pub async fn run_with_hook(
 ) -> Result<(), StartError> {
     let config = Arc::new(config);
     let (store, layout, secrets) = build_state(&config).await?;
+    let delivery = delivery::Delivery::new(&config).map_err(StartError::Secrets)?;
     let recovered = spool::recover(&store, &layout).await?;
     if recovered > 0 {
         tracing::warn!(
@@ -177,6 +180,7 @@ pub async fn run_with_hook(
         usage,
         rate: Arc::new(limits::RateLimiter::default()),
         delivery_wake: Arc::new(tokio::sync::Notify::new()),
+        delivery: Arc::new(delivery),
     };
 
     hook(app.clone())
@@ -220,6 +224,11 @@ pub async fn run_with_hook(
                     .map_err(|e| e.to_string()),
             )
         });
+    }
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move { ("delivery", delivery::run(app, cancel).await) });
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     telemetry::spawn_watchdog(&mut tasks, cancel.clone());

@@ -1,15 +1,259 @@
-//! HTTP delivery of events to the org's webhooks.
+//! HTTP delivery of events to the org's webhooks, the Custom Value Request, and the
+//! connection tests. The surface is small: [`run`] (the worker supervisor),
+//! [`verify_endpoint`], [`Delivery`] (keys and clients kept in the `App`), and the routers.
 
-use axum::http::StatusCode;
+mod client;
+mod custom_values;
+mod retry;
+pub mod signing;
+mod tests;
+mod worker;
 
-use crate::ingress::problem::Problem;
-use crate::store::Webhook;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ingress::admin::{find_hook, parse_body};
+use crate::ingress::problem::{ApiResult, Problem};
+use crate::store::{new_id, DeliveryStatus, Webhook, WebhookKind};
 use crate::App;
 
+pub use client::SendError;
+
+/// Signing keys and HTTP clients, built once at start and shared by handlers and workers.
+pub struct Delivery {
+    pub signer: signing::Signer,
+    client: reqwest::Client,
+    cv_client: reqwest::Client,
+}
+
+impl Delivery {
+    pub fn new(config: &Config) -> Result<Self, String> {
+        let d = &config.delivery;
+        let signer =
+            signing::Signer::load_or_create(&config.data_dir.join("secrets"), &d.jwt_issuer)
+                .map_err(|e| e.to_string())?;
+        Ok(Self {
+            signer,
+            client: client::build(d, d.request_timeout.0)?,
+            cv_client: client::build(d, d.custom_value_timeout.0)?,
+        })
+    }
+}
+
+/// Runs the delivery workers until `cancel`; in-flight attempts finish first.
+pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
+    worker::run(app, cancel).await
+}
+
+/// POSTs `body` to `url`, signed with the JWT and (given a secret) Standard Webhooks.
+/// Never fails: every problem is described in the returned [`client::Exchange`].
+pub(crate) async fn post_signed(
+    app: &App,
+    org: &str,
+    url: &str,
+    secret: Option<&str>,
+    id: &str,
+    body: Vec<u8>,
+) -> client::Exchange {
+    let timeout = app.config.delivery.request_timeout.0;
+    if let Err(e) = client::check_destination(url, app.config.delivery.allow_private_destinations) {
+        return client::Exchange::failed(std::time::Instant::now(), e);
+    }
+    let signed = match app.delivery.signer.sign(org, url, id, &body, secret) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign a delivery");
+            return client::Exchange::failed(
+                std::time::Instant::now(),
+                SendError::Other("hookbridge could not sign the request".into()),
+            );
+        }
+    };
+    let req = app
+        .delivery
+        .client
+        .post(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body);
+    client::exchange(signed.apply(req), timeout).await
+}
+
 /// Sends a signed `ping` the endpoint must answer with 2xx before the webhook is saved.
-pub async fn verify_endpoint(_app: &App, _hook: &Webhook) -> Result<(), Problem> {
-    Err(Problem::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "endpoint verification is not available in this build; create the webhook with \"verify\": false",
-    ))
+/// 400 when the destination is refused (SSRF guard), 422 when the endpoint fails; the
+/// detail names the cause (DNS, TLS, connect, timeout or the status it answered).
+pub async fn verify_endpoint(app: &App, hook: &Webhook) -> Result<(), Problem> {
+    let url = hook
+        .url
+        .as_deref()
+        .ok_or_else(|| Problem::bad_request("`url` is required for kind \"http\""))?;
+    let id = new_id("dlv");
+    let body = tests::ping_envelope(&hook.org, &hook.id, &id);
+    let ex = post_signed(app, &hook.org, url, hook.secret.as_deref(), &id, body).await;
+    let skip = "(create the webhook with \"verify\": false to skip this check)";
+    match (&ex.error, ex.status) {
+        (Some(SendError::Forbidden(m)), _) => Err(Problem::bad_request(format!("url: {m}"))),
+        (Some(e), _) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("endpoint verification failed: {e} {skip}"),
+        )),
+        (None, Some(s)) if (200..300).contains(&s) => Ok(()),
+        (None, s) => Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "endpoint verification failed: the endpoint answered HTTP {} to a signed ping; it must answer 2xx {skip}",
+                s.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
+            ),
+        )),
+    }
+}
+
+/// Admin routes; the caller puts them behind the admin token.
+pub fn admin_router() -> Router<App> {
+    Router::new()
+        .route(
+            "/v1/orgs/{org}/webhooks/{id}/deliveries",
+            get(list_deliveries),
+        )
+        .route("/v1/orgs/{org}/webhooks/{id}/replay", post(replay))
+        .route("/v1/orgs/{org}/webhooks/{id}/test", post(tests::run_test))
+        .route("/v1/signing-keys/rotate", post(rotate_keys))
+}
+
+/// Public routes: the JWKS, and the Custom Value Request (which checks the ingress JWT).
+pub fn public_router() -> Router<App> {
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .merge(custom_values::router())
+}
+
+async fn jwks(State(app): State<App>) -> Response {
+    (
+        // Receivers cache the set; a rotated-out key stays published far longer than this.
+        [(header::CACHE_CONTROL, "public, max-age=300")],
+        Json(app.delivery.signer.jwks()),
+    )
+        .into_response()
+}
+
+async fn rotate_keys(State(app): State<App>) -> ApiResult<Json<serde_json::Value>> {
+    let kid = app
+        .delivery
+        .signer
+        .rotate()
+        .map_err(|e| Problem::internal("signing key rotation failed", e))?;
+    tracing::info!(kid = %kid, "webhook signing key rotated");
+    let published: Vec<_> = app
+        .delivery
+        .signer
+        .jwks()
+        .keys
+        .into_iter()
+        .filter_map(|k| k.common.key_id)
+        .collect();
+    Ok(Json(json!({ "kid": kid, "published": published })))
+}
+
+async fn list_deliveries(
+    State(app): State<App>,
+    Path((org, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Json<serde_json::Value>> {
+    let hook = find_hook(&app, &org, &id).await?;
+    let mut status = None;
+    let mut limit = 100usize;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "status" => {
+                status = Some(DeliveryStatus::parse(&v).ok_or_else(|| {
+                    Problem::bad_request(format!(
+                        "status {v:?}: allowed: pending, delivered, failed, dead"
+                    ))
+                })?)
+            }
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| Problem::bad_request("limit must be 1 to 1000"))?
+            }
+            other => {
+                return Err(Problem::bad_request(format!(
+                    "unknown query parameter {other:?}; allowed: status, limit"
+                )))
+            }
+        }
+    }
+    let deliveries = app
+        .store
+        .list_deliveries(&org, &hook.id, status, limit)
+        .await?;
+    Ok(Json(json!({ "deliveries": deliveries })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
+    #[serde(default)]
+    since: Option<DateTime<Utc>>,
+    #[serde(default)]
+    delivery_id: Option<String>,
+}
+
+async fn replay(
+    State(app): State<App>,
+    Path((org, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let hook = find_hook(&app, &org, &id).await?;
+    if hook.kind != WebhookKind::Http {
+        return Err(Problem::bad_request(
+            "only webhooks of kind \"http\" have deliveries to replay",
+        ));
+    }
+    if !hook.enabled {
+        return Err(Problem::conflict(format!(
+            "webhook {id:?} is disabled ({}); PATCH it with \"enabled\": true first",
+            hook.disabled_reason.as_deref().unwrap_or("by an admin")
+        )));
+    }
+    let req: ReplayRequest = parse_body(&body)?;
+    let n = match (&req.delivery_id, req.since) {
+        (Some(d), None) => {
+            let n = app.store.replay(&org, &id, Some(d), None).await?;
+            if n == 0 {
+                return Err(Problem::not_found(format!(
+                    "no delivery {d:?} for webhook {id:?}"
+                )));
+            }
+            n
+        }
+        (None, Some(since)) => app.store.replay(&org, &id, None, Some(since)).await?,
+        _ => {
+            return Err(Problem::bad_request(
+                "give either `since` (RFC 3339) or `delivery_id`",
+            ))
+        }
+    };
+    if n > 0 {
+        app.delivery_wakeup();
+    }
+    tracing::info!(org = %org, webhook = %id, deliveries = n, "replay requested");
+    Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": n }))).into_response())
+}
+
+/// How long to wait for in-flight attempts at shutdown: one request plus a margin.
+fn drain_limit(app: &App) -> Duration {
+    app.config.delivery.request_timeout.0 + Duration::from_secs(2)
 }

@@ -407,6 +407,7 @@ async fn create_hook(
         enabled: req.enabled.unwrap_or(true),
         disabled_reason: None,
         created_at: Utc::now(),
+        failing_since: None,
     };
     check_hook(&hook, app.config.delivery.allow_private_destinations)?;
     if kind == WebhookKind::Http && req.verify {
@@ -599,6 +600,7 @@ pub async fn apply_declared(store: &Arc<dyn Store>, config: &Config) -> Result<(
                     .as_ref()
                     .map(|e| e.created_at)
                     .unwrap_or_else(Utc::now),
+                failing_since: None,
             };
             store.put_webhook(&hook).await.map_err(ctx)?;
         }

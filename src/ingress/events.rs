@@ -28,7 +28,7 @@ struct IngressClaims {
 }
 
 /// Checks the platform's HS256 token: signature, `exp` (required), and the `org` claim.
-pub fn check_ingress_token(app: &App, headers: &HeaderMap, org: &str) -> ApiResult<()> {
+pub(crate) fn check_ingress_token(app: &App, headers: &HeaderMap, org: &str) -> ApiResult<()> {
     let token = super::bearer(headers).ok_or_else(|| {
         Problem::unauthorized("missing bearer token: send Authorization: Bearer <JWT HS256>")
     })?;

@@ -1,7 +1,7 @@
 //! The HTTP API: platform ingress, admin, operations. Each resource has its own router.
 
 pub mod admin;
-mod events;
+pub(crate) mod events;
 mod ops;
 pub mod problem;
 mod usage;
@@ -23,9 +23,16 @@ pub fn router(app: App) -> Router {
     let timeout = app.config.http.request_timeout.0;
     Router::new()
         .merge(events::router())
-        .merge(admin::router().merge(usage::router()).route_layer(
-            axum::middleware::from_fn_with_state(app.clone(), admin::require_admin),
-        ))
+        .merge(crate::delivery::public_router())
+        .merge(
+            admin::router()
+                .merge(crate::delivery::admin_router())
+                .merge(usage::router())
+                .route_layer(axum::middleware::from_fn_with_state(
+                    app.clone(),
+                    admin::require_admin,
+                )),
+        )
         .merge(ops::router())
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {

@@ -97,6 +97,10 @@ pub struct Webhook {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disabled_reason: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// Set at the first failed attempt after a success; a webhook failing for
+    /// `delivery.disable_after` is disabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 impl Webhook {
@@ -219,6 +223,25 @@ pub struct DeliveryJob {
     pub payload: String,
     pub attempts: u32,
     pub created_at: DateTime<Utc>,
+    /// The webhook as it was when the job was taken (None: deleted since).
+    pub webhook: Option<Webhook>,
+}
+
+/// Jobs the scheduler must not be handed: in flight, or for a webhook at its concurrency limit.
+#[derive(Debug, Clone, Default)]
+pub struct Busy {
+    pub deliveries: Vec<String>,
+    pub webhooks: Vec<String>,
+}
+
+impl Busy {
+    /// JSON arrays, so SQL can filter with `json_each` whatever the list length.
+    pub fn to_json(&self) -> (String, String) {
+        (
+            serde_json::to_string(&self.deliveries).unwrap_or_else(|_| "[]".into()),
+            serde_json::to_string(&self.webhooks).unwrap_or_else(|_| "[]".into()),
+        )
+    }
 }
 
 /// How an attempt ended, decided by the delivery worker.
@@ -270,19 +293,29 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_files(&self) -> Result<Vec<PendingFiles>>;
 
     // Delivery queue
+    /// Due jobs, oldest first, leaving out the ones `busy` names.
     async fn due_jobs(
         &self,
         now: DateTime<Utc>,
         limit: usize,
-        exclude: Vec<String>,
+        busy: Busy,
     ) -> Result<Vec<DeliveryJob>>;
-    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>>;
+    /// When the next job outside `busy` is due (may be in the past).
+    async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>>;
+    /// Records attempts and their outcomes in one durable transaction (group commit).
+    async fn record_attempts(
+        &self,
+        batch: Vec<(DeliveryJob, Attempt, AttemptOutcome)>,
+    ) -> Result<()>;
     async fn record_attempt(
         &self,
         job: &DeliveryJob,
         attempt: &Attempt,
         outcome: &AttemptOutcome,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.record_attempts(vec![(job.clone(), attempt.clone(), outcome.clone())])
+            .await
+    }
     async fn list_deliveries(
         &self,
         org: &str,

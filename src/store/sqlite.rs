@@ -84,7 +84,11 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_delivery ON attempts(delivery_id, at);
 "#,
-    // Per-org overrides of [limits] (quota, retention, ingest rate), as JSON.
+    // 2: when a webhook started failing without a success since (for `disable_after`).
+    r#"
+ALTER TABLE webhooks ADD COLUMN failing_since INTEGER;
+"#,
+    // 3: per-org overrides of [limits] (quota, retention, ingest rate), as JSON.
     "ALTER TABLE orgs ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';",
 ];
 
@@ -185,22 +189,28 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<SftpUser> {
 
 const USER_COLS: &str = "name, org, password_hash, public_keys, upload";
 const HOOK_COLS: &str =
-    "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at";
+    "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since";
 
 fn hook_row(r: &Row<'_>) -> rusqlite::Result<Webhook> {
-    let kind: String = r.get(2)?;
-    let events: String = r.get(4)?;
+    hook_row_at(r, 0)
+}
+
+/// A webhook whose `HOOK_COLS` start at column `o` of the row.
+fn hook_row_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Webhook> {
+    let kind: String = r.get(o + 2)?;
+    let events: String = r.get(o + 4)?;
     Ok(Webhook {
-        id: r.get(0)?,
-        org: r.get(1)?,
+        id: r.get(o)?,
+        org: r.get(o + 1)?,
         kind: WebhookKind::parse(&kind).unwrap_or(WebhookKind::Sftp),
-        url: r.get(3)?,
+        url: r.get(o + 3)?,
         events: serde_json::from_str(&events).unwrap_or_default(),
-        path_template: r.get(5)?,
-        secret: r.get(6)?,
-        enabled: r.get(7)?,
-        disabled_reason: r.get(8)?,
-        created_at: from_micros(r.get(9)?),
+        path_template: r.get(o + 5)?,
+        secret: r.get(o + 6)?,
+        enabled: r.get(o + 7)?,
+        disabled_reason: r.get(o + 8)?,
+        created_at: from_micros(r.get(o + 9)?),
+        failing_since: r.get::<_, Option<i64>>(o + 10)?.map(from_micros),
     })
 }
 
@@ -385,10 +395,12 @@ impl Store for SqliteStore {
             let events = serde_json::to_string(&h.events).unwrap_or_else(|_| "[]".into());
             c.execute(
                 &format!(
-                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL)
                      ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, url = excluded.url, events = excluded.events,
                        path_template = excluded.path_template, secret = excluded.secret, enabled = excluded.enabled,
-                       disabled_reason = excluded.disabled_reason"
+                       disabled_reason = excluded.disabled_reason,
+                       failing_since = CASE WHEN excluded.enabled = 1 AND webhooks.enabled = 0 THEN NULL
+                                            ELSE webhooks.failing_since END"
                 ),
                 params![
                     h.id,
@@ -566,46 +578,55 @@ impl Store for SqliteStore {
         &self,
         now: DateTime<Utc>,
         limit: usize,
-        exclude: Vec<String>,
+        busy: Busy,
     ) -> Result<Vec<DeliveryJob>> {
         self.with_reader(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at
+            let (ids, hooks) = busy.to_json();
+            let hook_cols = HOOK_COLS
+                .split(", ")
+                .map(|c| format!("w.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut st = c.prepare_cached(&format!(
+                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
                  FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
+                 LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
                  WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
-                 ORDER BY d.next_attempt_at LIMIT ?2",
-            )?;
-            let mut out = Vec::new();
-            let rows = st.query_map(params![micros(now), (limit + exclude.len()) as i64], |r| {
-                Ok(DeliveryJob {
-                    id: r.get(0)?,
-                    org: r.get(1)?,
-                    webhook_id: r.get(2)?,
-                    event_id: r.get(3)?,
-                    payload: r.get(4)?,
-                    attempts: r.get(5)?,
-                    created_at: from_micros(r.get(6)?),
-                })
-            })?;
-            for j in rows {
-                let j = j?;
-                if !exclude.contains(&j.id) {
-                    out.push(j);
-                }
-                if out.len() >= limit {
-                    break;
-                }
-            }
-            Ok(out)
+                   AND d.id NOT IN (SELECT value FROM json_each(?3))
+                   AND d.webhook_id NOT IN (SELECT value FROM json_each(?4))
+                 ORDER BY d.next_attempt_at LIMIT ?2"
+            ))?;
+            let rows = st
+                .query_map(params![micros(now), limit as i64, ids, hooks], |r| {
+                    Ok(DeliveryJob {
+                        id: r.get(0)?,
+                        org: r.get(1)?,
+                        webhook_id: r.get(2)?,
+                        event_id: r.get(3)?,
+                        payload: r.get(4)?,
+                        attempts: r.get(5)?,
+                        created_at: from_micros(r.get(6)?),
+                        webhook: if r.get::<_, bool>(7)? {
+                            Some(hook_row_at(r, 8)?)
+                        } else {
+                            None
+                        },
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
         })
         .await
     }
 
-    async fn next_due_at(&self) -> Result<Option<DateTime<Utc>>> {
-        self.with_reader(|c| {
+    async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>> {
+        self.with_reader(move |c| {
+            let (ids, hooks) = busy.to_json();
             let v: Option<i64> = c.query_row(
-                "SELECT MIN(next_attempt_at) FROM deliveries WHERE status IN ('pending', 'failed')",
-                [],
+                "SELECT MIN(next_attempt_at) FROM deliveries WHERE status IN ('pending', 'failed')
+                   AND id NOT IN (SELECT value FROM json_each(?1))
+                   AND webhook_id NOT IN (SELECT value FROM json_each(?2))",
+                params![ids, hooks],
                 |r| r.get(0),
             )?;
             Ok(v.map(from_micros))
@@ -613,35 +634,55 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_attempt(
+    async fn record_attempts(
         &self,
-        job: &DeliveryJob,
-        a: &Attempt,
-        outcome: &AttemptOutcome,
+        batch: Vec<(DeliveryJob, Attempt, AttemptOutcome)>,
     ) -> Result<()> {
-        let (job, a, outcome) = (job.clone(), a.clone(), outcome.clone());
+        if batch.is_empty() {
+            return Ok(());
+        }
         self.with_writer(move |c| {
             let tx = c.transaction()?;
             let now = micros(Utc::now());
-            tx.execute(
-                "INSERT INTO attempts (delivery_id, at, status, latency_ms, error, response_excerpt) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![job.id, micros(a.at), a.status, a.latency_ms as i64, a.error, a.response_excerpt],
-            )?;
-            let (status, next): (&str, Option<i64>) = match &outcome {
-                AttemptOutcome::Delivered => ("delivered", None),
-                AttemptOutcome::Retry { at } => ("failed", Some(micros(*at))),
-                AttemptOutcome::Dead | AttemptOutcome::DisableWebhook { .. } => ("dead", None),
-            };
-            tx.execute(
-                "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3, last_status = ?4,
-                   last_error = ?5, updated_at = ?6 WHERE id = ?1",
-                params![job.id, status, next, a.status, a.error, now],
-            )?;
-            if let AttemptOutcome::DisableWebhook { reason } = &outcome {
-                tx.execute(
-                    "UPDATE webhooks SET enabled = 0, disabled_reason = ?2 WHERE id = ?1",
-                    params![job.webhook_id, reason],
+            {
+                let mut ins = tx.prepare_cached(
+                    "INSERT INTO attempts (delivery_id, at, status, latency_ms, error, response_excerpt) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
+                let mut upd = tx.prepare_cached(
+                    "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3, last_status = ?4,
+                       last_error = ?5, updated_at = ?6 WHERE id = ?1",
+                )?;
+                let mut ok_hook = tx.prepare_cached(
+                    "UPDATE webhooks SET failing_since = NULL WHERE id = ?1 AND failing_since IS NOT NULL",
+                )?;
+                let mut failing_hook = tx.prepare_cached(
+                    "UPDATE webhooks SET failing_since = ?2 WHERE id = ?1 AND failing_since IS NULL",
+                )?;
+                let mut disable = tx.prepare_cached(
+                    "UPDATE webhooks SET enabled = 0, disabled_reason = ?2 WHERE id = ?1",
+                )?;
+                for (job, a, outcome) in &batch {
+                    ins.execute(params![job.id, micros(a.at), a.status, a.latency_ms as i64, a.error, a.response_excerpt])?;
+                    let (status, next): (&str, Option<i64>) = match outcome {
+                        AttemptOutcome::Delivered => ("delivered", None),
+                        AttemptOutcome::Retry { at } => ("failed", Some(micros(*at))),
+                        AttemptOutcome::Dead | AttemptOutcome::DisableWebhook { .. } => ("dead", None),
+                    };
+                    upd.execute(params![job.id, status, next, a.status, a.error, now])?;
+                    match outcome {
+                        AttemptOutcome::Delivered => {
+                            ok_hook.execute([&job.webhook_id])?;
+                        }
+                        AttemptOutcome::DisableWebhook { reason } => {
+                            disable.execute(params![job.webhook_id, reason])?;
+                        }
+                        // An attempt that never reached the endpoint says nothing about it.
+                        _ if a.status.is_none() && a.latency_ms == 0 => {}
+                        _ => {
+                            failing_hook.execute(params![job.webhook_id, micros(a.at)])?;
+                        }
+                    }
+                }
             }
             tx.commit()?;
             Ok(())
@@ -711,12 +752,12 @@ impl Store for SqliteStore {
             let now = micros(Utc::now());
             let n = match did {
                 Some(did) => c.execute(
-                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?4, updated_at = ?4
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?4, updated_at = ?4
                      WHERE org = ?1 AND webhook_id = ?2 AND id = ?3",
                     params![org, wid, did, now],
                 )?,
                 None => c.execute(
-                    "UPDATE deliveries SET status = 'pending', next_attempt_at = ?4, updated_at = ?4
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?4, updated_at = ?4
                      WHERE org = ?1 AND webhook_id = ?2 AND created_at >= ?3",
                     params![org, wid, since.map(micros).unwrap_or(0), now],
                 )?,

@@ -34,7 +34,11 @@ async fn disk_full_gives_503_writes_nothing_partial_and_recovers() {
         eprintln!("SKIPPED: this machine does not allow mounting a tmpfs (needs root)");
         return;
     };
-    let d = Daemon::start_full("", "", Some(fs.0.path().join("data"))).await;
+    let d = Daemon::start_opts(Opts {
+        data_dir: Some(fs.0.path().join("data")),
+        ..Opts::default()
+    })
+    .await;
     d.org_with_sftp_hook("acme").await;
     let pad = "x".repeat(200 * 1024);
     let mut accepted = Vec::new();

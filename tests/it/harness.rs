@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 
 pub const INGRESS_SECRET: &str = "test-ingress-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const DEFAULT_DELIVERY: &str =
+    "allow_private_destinations = true\nretry_delays = [\"200ms\", \"400ms\", \"800ms\"]";
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -45,8 +47,33 @@ pub struct Daemon {
     pub data_dir_override: Option<PathBuf>,
     /// TOML lines added to the generated `[sftp]` table (e.g. `max_sessions = 2`).
     pub sftp_extra: String,
+    /// Lines of the `[delivery]` table.
+    pub delivery_config: String,
     child: Option<Child>,
     pub client: reqwest::Client,
+}
+
+/// What a test may change in the generated config.
+pub struct Opts<'a> {
+    /// TOML appended to the config (e.g. `[[orgs]]` or `[limits]` tables).
+    pub extra: &'a str,
+    /// Lines added to the `[sftp]` table.
+    pub sftp_extra: &'a str,
+    /// Lines of the `[delivery]` table.
+    pub delivery: &'a str,
+    /// Data dir somewhere else than the temp dir (e.g. a small tmpfs).
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for Opts<'_> {
+    fn default() -> Self {
+        Opts {
+            extra: "",
+            sftp_extra: "",
+            delivery: DEFAULT_DELIVERY,
+            data_dir: None,
+        }
+    }
 }
 
 impl Daemon {
@@ -56,15 +83,35 @@ impl Daemon {
 
     /// `extra` is TOML appended to the generated config (e.g. `[[orgs]]` tables).
     pub async fn start_with(extra: &str) -> Daemon {
-        Self::start_full("", extra, None).await
+        Self::start_opts(Opts {
+            extra,
+            ..Opts::default()
+        })
+        .await
     }
 
     /// Like `start_with`, with `sftp_extra` added to the `[sftp]` table.
     pub async fn start_with_sftp(sftp_extra: &str, extra: &str) -> Daemon {
-        Self::start_full(sftp_extra, extra, None).await
+        Self::start_opts(Opts {
+            sftp_extra,
+            extra,
+            ..Opts::default()
+        })
+        .await
     }
 
-    pub async fn start_full(sftp_extra: &str, extra: &str, data_dir: Option<PathBuf>) -> Daemon {
+    /// `delivery` replaces the lines of the `[delivery]` table (see [`DEFAULT_DELIVERY`]).
+    pub async fn start_with_delivery(delivery: &str) -> Daemon {
+        Self::start_opts(Opts {
+            delivery,
+            ..Opts::default()
+        })
+        .await
+    }
+
+    pub async fn start_opts(o: Opts<'_>) -> Daemon {
+        let (extra, sftp_extra, delivery, data_dir) =
+            (o.extra, o.sftp_extra, o.delivery, o.data_dir);
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -76,6 +123,7 @@ impl Daemon {
             extra_config: extra.to_owned(),
             data_dir_override: data_dir,
             sftp_extra: sftp_extra.to_owned(),
+            delivery_config: delivery.to_owned(),
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -114,8 +162,7 @@ jwt_hs256_secret = "{INGRESS_SECRET}"
 [admin]
 token = "{ADMIN_TOKEN}"
 [delivery]
-allow_private_destinations = true
-retry_delays = ["200ms", "400ms", "800ms"]
+{delivery}
 [log]
 level = "info,hookbridge=debug"
 {extra}
@@ -125,6 +172,7 @@ level = "info,hookbridge=debug"
             sftp = self.sftp_port,
             extra = self.extra_config,
             sftp_extra = self.sftp_extra,
+            delivery = self.delivery_config,
         );
         std::fs::write(self.config_path(), cfg).unwrap();
     }

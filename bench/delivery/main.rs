@@ -1,0 +1,306 @@
+//! Delivery benchmark (run through `bench/delivery/run`).
+//!
+//! In one run, against one local receiver (axum, in this process):
+//! 1. raw: the request rate this program's own load generator (reqwest, `CONC`
+//!    connections, the same HTTP stack hookbridge uses) reaches against the receiver;
+//! 2. throughput: `N` events posted to a release hookbridge (SQLite, fsync'd ingest and
+//!    fsync'd delivery outcomes) with one subscribed http webhook while the receiver
+//!    holds its answers (so the outbox fills up); then the receiver opens and
+//!    deliveries/s is N / (last delivery − opening);
+//! 3. latency: events paced at half the measured delivery rate; p50/p99 of
+//!    "POST sent" → "receiver got it".
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use serde_json::json;
+
+const CONC: usize = 64;
+const SECRET: &str = "bench-ingress-secret-0123456789";
+const ADMIN: &str = "bench-admin-token-0123456789";
+
+struct Recv {
+    count: AtomicU64,
+    arrivals: Mutex<HashMap<String, Instant>>,
+    /// Closed: webhook requests wait, so jobs pile up in the outbox during ingest.
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+async fn receive(State(st): State<Arc<Recv>>, body: Bytes) -> &'static str {
+    let mut gate = st.gate.subscribe();
+    let _ = gate.wait_for(|open| *open).await;
+    st.count.fetch_add(1, Ordering::Relaxed);
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+        if let Some(id) = v["id"].as_str() {
+            st.arrivals
+                .lock()
+                .unwrap()
+                .entry(id.to_owned())
+                .or_insert_with(Instant::now);
+        }
+    }
+    "ok"
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let n_events = arg("BENCH_EVENTS", 20_000) as usize;
+    let raw_secs = arg("BENCH_RAW_SECS", 5);
+    let bin = std::env::args()
+        .nth(1)
+        .expect("usage: bench_delivery <path to release hookbridge>");
+
+    let st = Arc::new(Recv {
+        count: AtomicU64::new(0),
+        arrivals: Mutex::default(),
+        gate: tokio::sync::watch::Sender::new(true),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let recv_addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(receive).with_state(st.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // 1. Raw request rate against the receiver.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CONC)
+        .build()
+        .unwrap();
+    let body = json!({"id": "raw", "type": "payment", "org": "bench", "timestamp": "2026-01-01T00:00:00.000000Z",
+        "data": {"paymentId": "pay_1", "amount": 1999, "currency": "EUR", "customerId": "cus_1"}})
+    .to_string();
+    let stop = Instant::now() + Duration::from_secs(raw_secs);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONC {
+        let (c, b, done) = (client.clone(), body.clone(), done.clone());
+        let url = format!("http://{recv_addr}/raw");
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                if c.post(&url)
+                    .header("content-type", "application/json")
+                    .body(b.clone())
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let raw_rps = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    println!("raw load generator (reqwest, {CONC} connections) -> receiver: {raw_rps:.0} req/s");
+
+    // 2. hookbridge, release build, durable SQLite state.
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = format!(
+        r#"data_dir = "{data}"
+[http]
+listen = "127.0.0.1:{port}"
+max_pending_events = 100000
+[sftp]
+enabled = false
+[ingress]
+jwt_hs256_secret = "{SECRET}"
+[admin]
+token = "{ADMIN}"
+[delivery]
+allow_private_destinations = true
+workers = 128
+per_endpoint_concurrency = {CONC}
+request_timeout = "120s"
+[log]
+level = "warn"
+"#,
+        data = dir.path().join("data").display()
+    );
+    let cfg_path = dir.path().join("hookbridge.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let mut child: Child = Command::new(&bin)
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start hookbridge");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "hookbridge did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = |m: reqwest::Method, p: &str, b: serde_json::Value| {
+        client
+            .request(m, format!("{base}{p}"))
+            .bearer_auth(ADMIN)
+            .json(&b)
+            .send()
+    };
+    admin(reqwest::Method::PUT, "/v1/orgs/bench", json!({}))
+        .await
+        .unwrap();
+    let r = admin(
+        reqwest::Method::POST,
+        "/v1/orgs/bench/webhooks",
+        json!({"kind": "http", "url": format!("http://{recv_addr}/hook"), "events": ["*"], "verify": false}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"org": "bench", "exp": chrono::Utc::now().timestamp() + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let events_url = format!("{base}/v1/orgs/bench/events");
+    let post = {
+        let (client, token, url) = (client.clone(), token.clone(), events_url.clone());
+        move |id: String| {
+            let (client, token, url) = (client.clone(), token.clone(), url.clone());
+            async move {
+                let b = json!({"id": id, "type": "payment",
+                    "data": {"paymentId": "pay_1", "amount": 1999, "currency": "EUR", "customerId": "cus_1"}});
+                let r = client.post(&url).bearer_auth(&token).json(&b).send().await;
+                matches!(r, Ok(r) if r.status().as_u16() == 202)
+            }
+        }
+    };
+
+    let count_tp = |st: &Recv, prefix: &str| {
+        st.arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| *v)
+            .collect::<Vec<_>>()
+    };
+    // Hold the receiver while ingesting, so the outbox fills; then measure the drain.
+    st.gate.send_replace(false);
+    let t0 = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CONC {
+        let (next, post) = (next.clone(), post.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n_events {
+                    break;
+                }
+                assert!(post(format!("tp_{i}")).await, "ingest refused an event");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ingest_secs = t0.elapsed().as_secs_f64();
+    let t_open = Instant::now();
+    st.gate.send_replace(true);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let got = count_tp(&st, "tp_");
+        if got.len() >= n_events {
+            let last = got.iter().max().unwrap();
+            let secs = (*last - t_open).as_secs_f64();
+            let rate = n_events as f64 / secs;
+            let ingest_rate = n_events as f64 / ingest_secs;
+            println!(
+                "hookbridge ingest (durable, 64 posters): {n_events} events at {ingest_rate:.0} ev/s"
+            );
+            println!(
+                "hookbridge delivery: {n_events} queued jobs drained in {secs:.2}s = {rate:.0} deliveries/s = {:.2} of the raw rate",
+                rate / raw_rps
+            );
+            // Latency is end to end, so the offered load must also fit through ingest.
+            let lat_rate = match std::env::var("BENCH_LAT_RATE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                Some(r) => r,
+                None => (rate / 2.0).min(ingest_rate / 2.0),
+            };
+            if lat_rate < rate / 2.0 && std::env::var("BENCH_LAT_RATE").is_err() {
+                println!("(latency load capped at half the ingest rate, {lat_rate:.0} ev/s, since ingest is the slower stage)");
+            }
+            latency_phase(&st, lat_rate, post.clone()).await;
+            break;
+        }
+        if Instant::now() > deadline {
+            println!("timed out: {} of {n_events} delivered", got.len());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn latency_phase<F, Fut>(st: &Arc<Recv>, rate: f64, post: F)
+where
+    F: Fn(String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let secs = arg("BENCH_LAT_SECS", 5) as f64;
+    let n = (rate * secs) as usize;
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        // Open-loop pacing: event i is due at i / rate, whatever the earlier ones do.
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let id = format!("lat_{i}");
+        sent.lock().unwrap().insert(id.clone(), Instant::now());
+        let post = post.clone();
+        tasks.push(tokio::spawn(async move { post(id).await }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lat: Vec<Duration> = loop {
+        let l: Vec<Duration> = {
+            let arr = st.arrivals.lock().unwrap();
+            let sent = sent.lock().unwrap();
+            sent.iter()
+                .filter_map(|(id, s)| arr.get(id).map(|a| a.saturating_duration_since(*s)))
+                .collect()
+        };
+        if l.len() == n || Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "latency at {rate:.0} ev/s for {secs:.0}s ({} of {n} delivered): ingest-to-delivery p50 {:?}, p99 {:?}, max {:?}",
+        lat.len(),
+        pct(0.50),
+        pct(0.99),
+        lat[lat.len() - 1]
+    );
+}
