@@ -34,7 +34,7 @@ fn reply(status: u16) -> Reply {
 }
 
 #[derive(Clone, Debug)]
-struct Seen {
+pub(crate) struct Seen {
     method: String,
     uri: String,
     headers: HeaderMap,
@@ -43,10 +43,10 @@ struct Seen {
 }
 
 impl Seen {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
-    fn header(&self, name: &str) -> String {
+    pub(crate) fn header(&self, name: &str) -> String {
         self.headers
             .get(name)
             .and_then(|v| v.to_str().ok())
@@ -69,7 +69,7 @@ struct RecvState {
 
 /// A webhook receiver on 127.0.0.1:0 whose answers can be changed mid-test.
 #[derive(Clone)]
-struct Receiver {
+pub(crate) struct Receiver {
     addr: SocketAddr,
     st: Arc<RecvState>,
 }
@@ -108,7 +108,7 @@ async fn receive(State(st): State<Arc<RecvState>>, req: Request) -> Response {
 }
 
 impl Receiver {
-    async fn start() -> Receiver {
+    pub(crate) async fn start() -> Receiver {
         let st = Arc::new(RecvState::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -116,7 +116,7 @@ impl Receiver {
         tokio::spawn(async move { axum::serve(listener, app).await });
         Receiver { addr, st }
     }
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
     fn set_default(&self, r: Reply) {
@@ -129,7 +129,7 @@ impl Receiver {
         self.st.seen.lock().unwrap().clone()
     }
     /// Requests that carried events (not verification pings).
-    fn events(&self) -> Vec<Seen> {
+    pub(crate) fn events(&self) -> Vec<Seen> {
         self.seen().into_iter().filter(|s| !s.is_ping()).collect()
     }
 }
@@ -146,7 +146,13 @@ async fn org(d: &Daemon, name: &str) {
     assert!(s == 201 || s == 200, "PUT org: {s} {b}");
 }
 
-async fn http_hook(d: &Daemon, org: &str, url: &str, events: &[&str], verify: bool) -> Value {
+pub(crate) async fn http_hook(
+    d: &Daemon,
+    org: &str,
+    url: &str,
+    events: &[&str],
+    verify: bool,
+) -> Value {
     let (s, b) = d
         .admin(
             "POST",
