@@ -12,8 +12,6 @@
 //! rotation can keep retired keys published for [`ROTATION_GRACE`] while receivers
 //! refresh their JWKS caches.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -102,17 +100,7 @@ fn new_stored_key() -> StoredKey {
 /// Writes the key list atomically: temp file, fsync, rename, fsync the folder.
 fn write_key_file(path: &Path, file: &KeyFile) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&json)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+    crate::secrets::write_private_file(path, &json)
 }
 
 /// The key ring: the newest unretired key signs; every unexpired key is published.

@@ -76,11 +76,11 @@ fn check_name(what: &str, name: &str) -> ApiResult<()> {
     validate_name(name).map_err(|m| Problem::bad_request(format!("invalid {what} name: {m}")))
 }
 
-pub async fn require_org(store: &Arc<dyn Store>, org: &str) -> ApiResult<()> {
-    match store.get_org(org).await? {
-        Some(_) => Ok(()),
-        None => Err(Problem::not_found(format!("unknown org {org:?}"))),
-    }
+pub async fn require_org(store: &Arc<dyn Store>, org: &str) -> ApiResult<crate::store::Org> {
+    store
+        .get_org(org)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("unknown org {org:?}")))
 }
 
 async fn list_orgs(State(app): State<App>) -> ApiResult<Json<serde_json::Value>> {
@@ -137,11 +137,7 @@ async fn get_org(
     State(app): State<App>,
     Path(org): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let o = app
-        .store
-        .get_org(&org)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("unknown org {org:?}")))?;
+    let o = require_org(&app.store, &org).await?;
     let users = app.store.list_sftp_users(&org).await?;
     let hooks = app.store.list_webhooks(&org).await?;
     let cv = app.store.get_custom_value_endpoint(&org).await?;

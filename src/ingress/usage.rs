@@ -16,11 +16,7 @@ async fn usage(
     State(app): State<App>,
     Path(org): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let o = app
-        .store
-        .get_org(&org)
-        .await?
-        .ok_or_else(|| Problem::not_found(format!("unknown org {org:?}")))?;
+    let o = super::admin::require_org(&app.store, &org).await?;
     let limits = app.current().limits.for_org(&o.limits);
     // A fresh count, so that the answer reflects deletes made over SFTP a moment ago.
     let root = app.layout.org_dir(&org);

@@ -1,7 +1,5 @@
 //! The persisted ed25519 host key (OpenSSH format, mode 0600), made on first start.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use russh::keys::ssh_key::LineEnding;
@@ -21,23 +19,8 @@ pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(|e| format!("cannot write host key {}: {e}", path.display()))?;
+    crate::secrets::write_private_file(path, text.as_bytes())
+        .map_err(|e| format!("cannot write host key {}: {e}", path.display()))?;
     tracing::info!(path = %path.display(), "generated a new SFTP host key");
     Ok(key)
 }

@@ -218,6 +218,14 @@ async fn config_declared_orgs_applied_twice_give_the_same_state() {
     assert_eq!(files_under(&d.org_dir("acme")).len(), 1);
 }
 
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"))
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_names_the_bad_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -227,21 +235,13 @@ fn check_config_names_the_bad_key() {
         "[http]\nlisten = \"127.0.0.1:1\"\nlisten_backlog = 5\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = check_config(&bad);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen_backlog"), "{err}");
 
     std::fs::write(&bad, "[[orgs]]\nname = \"Bad Name\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"))
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = check_config(&bad);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("orgs[0].name"), "{err}");
@@ -255,11 +255,7 @@ fn check_config_names_the_bad_key() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"))
-        .args(["check-config", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
+    let out = check_config(&good);
     assert!(
         out.status.success(),
         "{}",
@@ -293,11 +289,7 @@ fn hash_password_prints_an_argon2id_hash() {
 fn example_config_is_valid() {
     let example =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/hookbridge.example.toml");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"))
-        .args(["check-config", "--config"])
-        .arg(&example)
-        .output()
-        .unwrap();
+    let out = check_config(&example);
     assert!(
         out.status.success(),
         "{}",

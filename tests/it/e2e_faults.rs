@@ -116,7 +116,6 @@ async fn disk_full_gives_503_writes_nothing_partial_and_recovers() {
 async fn kill_9_under_mixed_load_loses_and_duplicates_nothing() {
     use crate::e2e_delivery::{http_hook, Receiver};
     use std::collections::{HashMap, HashSet};
-    use std::sync::{Arc, Mutex};
 
     let mut d = Daemon::start().await;
     d.org_with_sftp_hook("acme").await;
@@ -156,43 +155,18 @@ print(n, flush=True)
         .output();
     let downloader = tokio::spawn(downloader);
 
-    let acked = Arc::new(Mutex::new(Vec::<Value>::new()));
-    let port = d.http_port;
-    let token = d.token("acme");
-    let mut posters = tokio::task::JoinSet::new();
-    for w in 0..8 {
-        let (acked, token) = (acked.clone(), token.clone());
-        posters.spawn(async move {
-            let client = reqwest::Client::new();
-            for i in 0.. {
-                let body = json!({"id": format!("evt_m{w}_{i}"), "type": "payment", "data": {"w": w, "i": i}});
-                let r = client
-                    .post(format!("http://127.0.0.1:{port}/v1/orgs/acme/events"))
-                    .bearer_auth(&token)
-                    .json(&body)
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) if r.status() == 202 => {
-                        let v: Value = r.json().await.unwrap();
-                        acked.lock().unwrap().push(v);
-                    }
-                    _ => break,
-                }
-            }
-        });
-    }
+    let burst = Burst::start(&d, "acme", 8, "m");
     wait_for(
         "load to build up",
         std::time::Duration::from_secs(30),
         || {
-            let (n, delivered) = (acked.lock().unwrap().len(), rx.events().len());
+            let (n, delivered) = (burst.count(), rx.events().len());
             async move { (n >= 300 && delivered >= 50).then_some(()) }
         },
     )
     .await;
     d.kill9();
-    while posters.join_next().await.is_some() {}
+    let acked = burst.finish().await;
     let out = downloader.await.unwrap().unwrap();
     let downloaded: u64 = String::from_utf8_lossy(&out.stdout)
         .trim()
@@ -202,7 +176,6 @@ print(n, flush=True)
         downloaded > 0,
         "the SFTP downloader fetched files during the load"
     );
-    let acked = acked.lock().unwrap().clone();
     d.spawn().await;
 
     // Files: every acknowledged event once, complete; nothing else, no temp files.

@@ -338,45 +338,18 @@ async fn every_error_is_problem_json_with_a_reason_and_writes_nothing() {
 async fn kill_9_during_a_burst_loses_no_acknowledged_event() {
     let mut d = Daemon::start().await;
     d.org_with_sftp_hook("acme").await;
-    let acked = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
-    let port = d.http_port;
-    let token = d.token("acme");
-    let mut set = tokio::task::JoinSet::new();
-    for w in 0..16 {
-        let acked = acked.clone();
-        let token = token.clone();
-        set.spawn(async move {
-            let client = reqwest::Client::new();
-            for i in 0.. {
-                let body = json!({"id": format!("evt_k{w}_{i}"), "type": "payment", "data": {"w": w, "i": i}});
-                let r = client
-                    .post(format!("http://127.0.0.1:{port}/v1/orgs/acme/events"))
-                    .bearer_auth(&token)
-                    .json(&body)
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) if r.status() == 202 => {
-                        let v: Value = r.json().await.unwrap();
-                        acked.lock().unwrap().push(v);
-                    }
-                    _ => break,
-                }
-            }
-        });
-    }
+    let burst = Burst::start(&d, "acme", 16, "k");
     wait_for(
         "some acknowledged events",
         std::time::Duration::from_secs(30),
         || {
-            let n = acked.lock().unwrap().len();
+            let n = burst.count();
             async move { (n >= 200).then_some(()) }
         },
     )
     .await;
     d.kill9();
-    while set.join_next().await.is_some() {}
-    let acked = acked.lock().unwrap().clone();
+    let acked = burst.finish().await;
     d.spawn().await;
     for ack in &acked {
         let rel = ack["files"][0].as_str().unwrap().trim_start_matches('/');

@@ -354,3 +354,47 @@ pub fn python() -> PathBuf {
         PathBuf::from("python3")
     }
 }
+
+/// Posters that keep posting `payment` events to `org` until a post fails (e.g. the daemon
+/// was killed); every acknowledgement (202 body) is kept.
+pub struct Burst {
+    pub acked: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Burst {
+    pub fn start(d: &Daemon, org: &str, writers: usize, prefix: &str) -> Burst {
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let url = d.url(&format!("/v1/orgs/{org}/events"));
+        let token = d.token(org);
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..writers {
+            let (acked, token, url, prefix) =
+                (acked.clone(), token.clone(), url.clone(), prefix.to_owned());
+            tasks.spawn(async move {
+                let client = reqwest::Client::new();
+                for i in 0.. {
+                    let body = json!({"id": format!("evt_{prefix}{w}_{i}"), "type": "payment", "data": {"w": w, "i": i}});
+                    match client.post(&url).bearer_auth(&token).json(&body).send().await {
+                        Ok(r) if r.status() == 202 => {
+                            let v: Value = r.json().await.unwrap();
+                            acked.lock().unwrap().push(v);
+                        }
+                        _ => break,
+                    }
+                }
+            });
+        }
+        Burst { acked, tasks }
+    }
+
+    pub fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits for the posters to stop (after the daemon died) and returns what was acked.
+    pub async fn finish(mut self) -> Vec<Value> {
+        while self.tasks.join_next().await.is_some() {}
+        self.acked.lock().unwrap().clone()
+    }
+}
