@@ -1,6 +1,7 @@
 //! SQLite implementation: WAL with `synchronous=FULL`, so a commit is fsync'd before it returns.
-//! One writer connection and one reader connection, each behind a mutex and used from
-//! blocking threads, so a commit's fsync never stalls reads.
+//! One writer connection and a few reader connections, each behind a mutex and used from
+//! blocking threads, so a commit's fsync never stalls reads and ingest lookups, SFTP
+//! logins and the delivery scheduler do not queue behind one another.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,8 +15,12 @@ use super::*;
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
-    reader: Arc<Mutex<Connection>>,
+    readers: Arc<Vec<Mutex<Connection>>>,
+    next_reader: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// WAL readers never block each other or the writer.
+const READERS: usize = 4;
 
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -126,10 +131,13 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self> {
         let mut writer = open(path)?;
         migrate(&mut writer)?;
-        let reader = open(path)?;
+        let readers = (0..READERS)
+            .map(|_| open(path).map(Mutex::new))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
-            reader: Arc::new(Mutex::new(reader)),
+            readers: Arc::new(readers),
+            next_reader: Arc::default(),
         })
     }
 
@@ -152,11 +160,20 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let conn = self.reader.clone();
+        let readers = self.readers.clone();
+        let start = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
-            let c = conn
-                .lock()
-                .map_err(|_| StoreError::Db("reader lock poisoned".into()))?;
+            // A free connection if there is one, else wait for the one this call drew.
+            let n = readers.len();
+            let free = (0..n).find_map(|i| readers[(start + i) % n].try_lock().ok());
+            let c = match free {
+                Some(c) => c,
+                None => readers[start % n]
+                    .lock()
+                    .map_err(|_| StoreError::Db("reader lock poisoned".into()))?,
+            };
             f(&c)
         })
         .await
