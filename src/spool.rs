@@ -165,6 +165,7 @@ async fn committer(
     cancel: CancellationToken,
 ) {
     let mut done_not_marked: Vec<(String, String)> = Vec::new();
+    let durable = DurableDirs::default();
     loop {
         let first = tokio::select! {
             biased;
@@ -185,7 +186,25 @@ async fn committer(
         }
         waiting.fetch_sub(batch.len(), Ordering::AcqRel);
         let marked = std::mem::take(&mut done_not_marked);
-        commit_batch(&store, &layout, &usage, batch, marked, &mut done_not_marked).await;
+        commit_batch(
+            &store,
+            &layout,
+            &usage,
+            &durable,
+            batch,
+            marked,
+            &mut done_not_marked,
+        )
+        .await;
+        if rx.is_empty() && !done_not_marked.is_empty() {
+            // Idle: record now that these files are written, or a crash before the next
+            // post would rewrite them at start-up, after an ETL job may have taken them.
+            let marks = std::mem::take(&mut done_not_marked);
+            if let Err(e) = store.mark_files_done(marks.clone()).await {
+                tracing::warn!(error = %e, "could not mark written files; retrying with the next batch");
+                done_not_marked = marks;
+            }
+        }
     }
     if let Err(e) = store.mark_files_done(done_not_marked).await {
         tracing::warn!(error = %e, "could not mark the last files as written; they will be rewritten at the next start");
@@ -196,6 +215,7 @@ async fn commit_batch(
     store: &Arc<dyn Store>,
     layout: &Layout,
     usage: &Usage,
+    durable: &DurableDirs,
     batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
@@ -248,14 +268,17 @@ async fn commit_batch(
                 result,
                 pending_envelope: Some(envelope_json),
             } => {
-                redo.push(NewEvent {
-                    org: ev.org.clone(),
-                    id: ev.id.clone(),
-                    envelope_json,
-                    files: result.files.clone(),
-                    deliveries: vec![],
-                    defer_files: false,
-                });
+                redo.push((
+                    i,
+                    NewEvent {
+                        org: ev.org.clone(),
+                        id: ev.id.clone(),
+                        envelope_json,
+                        files: result.files.clone(),
+                        deliveries: vec![],
+                        defer_files: false,
+                    },
+                ));
                 publish.push(i);
                 replies.push(Ok(Committed::Known(result)));
             }
@@ -266,36 +289,32 @@ async fn commit_batch(
         }
     }
 
-    match temps {
+    let placed = match temps {
         Ok(temps) => {
-            let layout = layout.clone();
-            // Fresh temps of the batch serve new events only; pending ones use `redo`.
-            let fresh: Vec<usize> = publish
-                .iter()
-                .copied()
-                .filter(|&i| !is_redo(&redo, &batch[i].event))
-                .collect();
-            let res = tokio::task::spawn_blocking(move || {
-                let mut n = publish_temps(&layout, temps, &fresh)?;
-                if !redo.is_empty() {
-                    let all: Vec<usize> = (0..redo.len()).collect();
-                    n += publish_temps(&layout, write_temps(&layout, &redo)?, &all)?;
-                }
-                Ok::<_, SpoolError>(n)
+            let (layout, durable, publish_set) = (layout.clone(), durable.clone(), publish.clone());
+            tokio::task::spawn_blocking(move || {
+                let temps = with_redo(&layout, temps, redo)?;
+                Ok(publish_temps(&layout, &durable, temps, &publish_set))
             })
             .await
-            .unwrap_or_else(|e| Err(SpoolError::Io(e.to_string())));
-            match res {
-                Ok(files) => {
-                    metrics::counter!("hookbridge_files_written_total").increment(files as u64);
-                    for &i in &publish {
-                        let ev = &batch[i].event;
-                        let bytes = ev.files.len() * (ev.envelope_json.len() + 1);
-                        usage.add(&ev.org, ev.files.len() as u64, bytes as u64);
-                        done.push((ev.org.clone(), ev.id.clone()));
-                    }
+            .unwrap_or_else(|e| Err(SpoolError::Io(e.to_string())))
+        }
+        Err(e) => Err(e),
+    };
+    match placed {
+        Ok(placed) => {
+            metrics::counter!("hookbridge_files_written_total").increment(placed.files as u64);
+            for &i in &publish {
+                let ev = &batch[i].event;
+                if let Some(e) = placed.failed.get(&i) {
+                    tracing::error!(org = %ev.org, event_id = %ev.id, error = %e,
+                        "event files could not be written; the event stays pending and is written on repost or at the next start");
+                    replies[i] = Err(clone_err(e));
+                    continue;
                 }
-                Err(e) => fail_published(&e, &publish, &mut replies),
+                let bytes = ev.files.len() * (ev.envelope_json.len() + 1);
+                usage.add(&ev.org, ev.files.len() as u64, bytes as u64);
+                done.push((ev.org.clone(), ev.id.clone()));
             }
         }
         Err(e) => fail_published(&e, &publish, &mut replies),
@@ -307,8 +326,30 @@ async fn commit_batch(
     }
 }
 
-fn is_redo(redo: &[NewEvent], ev: &NewEvent) -> bool {
-    redo.iter().any(|r| r.org == ev.org && r.id == ev.id)
+/// Swaps the fresh temps of events left pending earlier for temps of the envelope first
+/// recorded (`redo`, with the batch index of each), so a retry never changes a file.
+fn with_redo(
+    layout: &Layout,
+    mut temps: Vec<Temp>,
+    redo: Vec<(usize, NewEvent)>,
+) -> Result<Vec<Temp>, SpoolError> {
+    if redo.is_empty() {
+        return Ok(temps);
+    }
+    let (index, events): (Vec<usize>, Vec<NewEvent>) = redo.into_iter().unzip();
+    let mut extra = write_temps(layout, &events)?;
+    for t in &mut extra {
+        t.event = index[t.event];
+    }
+    temps.retain(|t| {
+        let keep = !index.contains(&t.event);
+        if !keep {
+            let _ = fs::remove_file(&t.tmp);
+        }
+        keep
+    });
+    temps.extend(extra);
+    Ok(temps)
 }
 
 fn fail_published(
@@ -400,38 +441,101 @@ fn discard(temps: Vec<Temp>) {
     }
 }
 
-/// Renames the temps of `publish` into place and fsyncs the directories; removes the rest.
+/// Directories whose entry is known to be durable: their parent chain was fsync'd once.
+/// Folders made elsewhere (admin API, SFTP mkdir) are not trusted until then.
+#[derive(Clone, Default)]
+pub(crate) struct DurableDirs(Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>);
+
+/// What `publish_temps` did: files placed, and the events that failed with why.
+struct Placed {
+    files: usize,
+    failed: std::collections::BTreeMap<usize, SpoolError>,
+}
+
+fn place(layout: &Layout, t: &Temp, to_sync: &mut BTreeSet<PathBuf>) -> io::Result<()> {
+    let parent = t
+        .target
+        .parent()
+        .ok_or_else(|| io::Error::other("target has no parent"))?;
+    create_dirs(&layout.orgs_dir, parent, to_sync)?;
+    fs::rename(&t.tmp, &t.target)
+}
+
+/// Renames the temps of `publish` into place, each event on its own (one failure does
+/// not fail the batch), then fsyncs every directory touched; removes the other temps.
 fn publish_temps(
     layout: &Layout,
+    durable: &DurableDirs,
     temps: Vec<Temp>,
     publish: &[usize],
-) -> Result<usize, SpoolError> {
-    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut published = 0;
-    let mut iter = temps.into_iter();
-    while let Some(t) = iter.next() {
-        if !publish.contains(&t.event) {
+) -> Placed {
+    let mut to_sync: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut targets: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut placed = Placed {
+        files: 0,
+        failed: Default::default(),
+    };
+    for t in temps {
+        if !publish.contains(&t.event) || placed.failed.contains_key(&t.event) {
             let _ = fs::remove_file(&t.tmp);
             continue;
         }
-        let step = (|| -> io::Result<()> {
-            let parent = t.target.parent().expect("target has a parent");
-            create_dirs(&layout.orgs_dir, parent, &mut dirs)?;
-            fs::rename(&t.tmp, &t.target)?;
-            dirs.insert(parent.to_owned());
-            Ok(())
-        })();
-        if let Err(e) = step {
-            let _ = fs::remove_file(&t.tmp);
-            discard(iter.collect());
-            return Err(io_err(e));
+        let mut res = place(layout, &t, &mut to_sync);
+        if res
+            .as_ref()
+            .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+        {
+            // An SFTP client removed the day folder between our mkdir and the rename.
+            res = place(layout, &t, &mut to_sync);
         }
-        published += 1;
+        match res {
+            Ok(()) => {
+                placed.files += 1;
+                if let Some(p) = t.target.parent() {
+                    targets.insert(p.to_owned());
+                }
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&t.tmp);
+                placed.failed.insert(t.event, io_err(e));
+            }
+        }
     }
-    for d in &dirs {
-        File::open(d).and_then(|f| f.sync_all()).map_err(io_err)?;
+    let data_dir = layout
+        .orgs_dir
+        .parent()
+        .unwrap_or(&layout.orgs_dir)
+        .to_owned();
+    {
+        let known = durable.0.lock().unwrap_or_else(|p| p.into_inner());
+        for d in targets.iter().filter(|d| !known.contains(*d)) {
+            to_sync.extend(
+                d.ancestors()
+                    .skip(1)
+                    .take_while(|a| a.starts_with(&data_dir))
+                    .map(Path::to_path_buf),
+            );
+        }
     }
-    Ok(published)
+    to_sync.extend(targets.iter().cloned());
+    let synced = to_sync
+        .iter()
+        .try_for_each(|d| File::open(d).and_then(|f| f.sync_all()));
+    match synced {
+        Ok(()) => durable
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(targets),
+        Err(e) => {
+            // Placed but not durable: not acknowledged, left pending, rewritten on repost.
+            let e = io_err(e);
+            for &i in publish {
+                placed.failed.entry(i).or_insert_with(|| clone_err(&e));
+            }
+        }
+    }
+    placed
 }
 
 /// Like `create_dir_all`, but remembers the parent of every directory it creates, whose
@@ -476,7 +580,10 @@ pub async fn recover(store: &Arc<dyn Store>, layout: &Layout) -> Result<usize, S
             .collect();
         let temps = write_temps(&layout, &events)?;
         let all: Vec<usize> = (0..events.len()).collect();
-        publish_temps(&layout, temps, &all)?;
+        let placed = publish_temps(&layout, &DurableDirs::default(), temps, &all);
+        if let Some(e) = placed.failed.values().next() {
+            return Err(clone_err(e));
+        }
         Ok(events.into_iter().map(|e| (e.org, e.id)).collect())
     })
     .await

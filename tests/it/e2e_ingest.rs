@@ -383,3 +383,50 @@ async fn sigterm_drains_and_exits_zero() {
     assert_eq!(d.terminate(), Some(0), "{}", d.log());
     assert!(d.log().contains("stopped cleanly"));
 }
+
+/// An ETL job takes a file, then the daemon is killed before any other event arrives:
+/// the restart must not bring the taken file back.
+#[tokio::test]
+async fn a_file_taken_before_a_crash_does_not_come_back() {
+    let mut d = Daemon::start().await;
+    d.org_with_sftp_hook("acme").await;
+    let r = d
+        .post_event(
+            "acme",
+            &json!({"id": "evt_taken", "type": "payment", "data": {}}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let ack: Value = r.json().await.unwrap();
+    let path = d
+        .org_dir("acme")
+        .join(ack["files"][0].as_str().unwrap().trim_start_matches('/'));
+    let db = d.data_dir().join("state.db");
+    wait_for(
+        "the write to be recorded as finished",
+        std::time::Duration::from_secs(10),
+        || {
+            let conn = rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let pending: i64 = conn
+                .query_row(
+                    "SELECT files_pending FROM events WHERE id = 'evt_taken'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            async move { (pending == 0).then_some(()) }
+        },
+    )
+    .await;
+    std::fs::remove_file(&path).unwrap();
+    d.kill9();
+    d.spawn().await;
+    assert!(
+        !path.exists(),
+        "a file the customer took reappeared after a restart"
+    );
+}
