@@ -39,6 +39,7 @@ const MAX_QUEUED_WRITE_BYTES: u64 = 64 * 1024 * 1024;
 /// Entries per READDIR reply, as OpenSSH does.
 const READDIR_BATCH: usize = 100;
 
+const FXP_INIT: u8 = 1;
 const FXP_READ: u8 = 5;
 const FXP_WRITE: u8 = 6;
 
@@ -191,6 +192,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
     }
     let mut io_tasks = JoinSet::new();
     let mut buf = BytesMut::new();
+    let mut initialized = false;
 
     'read: while let Some(msg) = rx.wait().await {
         let data = match msg {
@@ -210,6 +212,14 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
             }
             buf.advance(4);
             let pkt = buf.split_to(len).freeze();
+            // INIT first and only once, as OpenSSH's sftp-server insists: a client that
+            // skips or repeats the handshake is lost or probing, and has no request id to
+            // answer a STATUS to (INIT carries a version there), so the channel closes.
+            if (pkt[0] == FXP_INIT) == initialized {
+                tracing::warn!(user = %state.ctx.user, packet_type = pkt[0], "SFTP INIT missing or repeated; closing the channel");
+                break 'read;
+            }
+            initialized = true;
             if !dispatch(&state, pkt, &ctl_tx, &mut io_tasks).await {
                 break 'read;
             }
