@@ -200,3 +200,52 @@ async fn client_killed_mid_download() {
     })
     .await;
 }
+
+/// A client that asks for far more than its window and dies without reading: the
+/// replies can never be sent, and the channel's tasks must still end (audit written,
+/// file closed, shutdown not held up).
+#[tokio::test]
+async fn client_dead_while_replies_wait_for_window() {
+    let mut d = Daemon::start().await;
+    org(&d, "acme").await;
+    user(&d, "acme", "etl", json!({"password": PW})).await;
+    std::fs::create_dir_all(d.org_dir("acme")).unwrap();
+    big_file(&d.org_dir("acme").join("big.bin"), 16 << 20);
+    let script = r#"
+import struct
+def pkt(ty, body=b''): return struct.pack('>IB', len(body) + 1, ty) + body
+def s(b): return struct.pack('>I', len(b)) + b
+t = paramiko.Transport((H, P)); t.connect(username='etl', password=sys.argv[1])
+ch = t.open_session(); ch.invoke_subsystem('sftp'); ch.settimeout(10)
+ch.sendall(pkt(1, struct.pack('>I', 3)))
+ch.sendall(pkt(3, struct.pack('>I', 1) + s(b'/big.bin') + struct.pack('>II', 1, 0)))
+# Read up to the HANDLE reply (type 102, id 1), then ask for 16 MiB and never read again.
+buf = b''
+while b'\x66\x00\x00\x00\x01' not in buf:
+    buf += ch.recv(65536)
+for i in range(256):
+    ch.sendall(pkt(5, struct.pack('>I', 100 + i) + s(b'1') + struct.pack('>QI', i * 65536, 65536)))
+time.sleep(1)
+print('dying', flush=True)
+os._exit(0)
+"#;
+    let (_, out) = py(&d, script, &[PW]).await;
+    assert!(out.contains("dying"), "{out}");
+    assert_healthy(&d).await;
+    wait_for(
+        "the dead client's download to be released",
+        Duration::from_secs(20),
+        || async {
+            d.log()
+                .lines()
+                .any(|l| l.contains("sftp download") && l.contains("big.bin"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Nothing holds the draining shutdown up.
+    let code = tokio::task::spawn_blocking(move || d.terminate())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
