@@ -21,6 +21,7 @@ use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use russh_sftp::protocol::{self, Packet, StatusCode};
 use tokio::sync::{mpsc, watch, OwnedRwLockReadGuard, RwLock, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::ops::{self, OpError, OpResult, SessionCtx, Upload};
 
@@ -39,6 +40,7 @@ const MAX_QUEUED_WRITE_BYTES: u64 = 64 * 1024 * 1024;
 /// Entries per READDIR reply, as OpenSSH does.
 const READDIR_BATCH: usize = 100;
 
+const FXP_INIT: u8 = 1;
 const FXP_READ: u8 = 5;
 const FXP_WRITE: u8 = 6;
 
@@ -162,7 +164,10 @@ fn count_op(op: &'static str) {
 pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender<usize>>) {
     let (mut rx, tx) = channel.split();
     let (reply_tx, reply_rx) = mpsc::channel::<Bytes>(64);
-    let writer = tokio::spawn(writer(tx, reply_rx));
+    // Cancelled once the channel is closed or its connection gone: replies then have
+    // nowhere to go, and a writer waiting for window space would wait forever.
+    let gone = CancellationToken::new();
+    let writer = tokio::spawn(writer(tx, reply_rx, gone.clone()));
     let state = Arc::new(State {
         ctx: Arc::new(ctx),
         handles: Mutex::new(HashMap::new()),
@@ -191,11 +196,18 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
     }
     let mut io_tasks = JoinSet::new();
     let mut buf = BytesMut::new();
+    let mut initialized = false;
 
+    // Stays true only if the channel was closed or its connection ended (no more messages).
+    let mut closed = true;
     'read: while let Some(msg) = rx.wait().await {
         let data = match msg {
             ChannelMsg::Data { data } => data,
-            ChannelMsg::Eof | ChannelMsg::Close => break,
+            ChannelMsg::Eof => {
+                closed = false;
+                break;
+            }
+            ChannelMsg::Close => break,
             _ => continue,
         };
         buf.extend_from_slice(&data);
@@ -203,6 +215,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
             let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
             if len == 0 || len > MAX_ACCEPTED_LEN {
                 tracing::warn!(user = %state.ctx.user, len, "SFTP packet too large; closing the channel");
+                closed = false;
                 break 'read;
             }
             if buf.len() < 4 + len {
@@ -210,7 +223,17 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
             }
             buf.advance(4);
             let pkt = buf.split_to(len).freeze();
+            // INIT first and only once, as OpenSSH's sftp-server insists: a client that
+            // skips or repeats the handshake is lost or probing, and has no request id to
+            // answer a STATUS to (INIT carries a version there), so the channel closes.
+            if (pkt[0] == FXP_INIT) == initialized {
+                tracing::warn!(user = %state.ctx.user, packet_type = pkt[0], "SFTP INIT missing or repeated; closing the channel");
+                closed = false;
+                break 'read;
+            }
+            initialized = true;
             if !dispatch(&state, pkt, &ctl_tx, &mut io_tasks).await {
+                closed = false;
                 break 'read;
             }
         }
@@ -218,6 +241,23 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
         while io_tasks.try_join_next().is_some() {}
     }
 
+    // After EOF (or when we close a misbehaving channel) the client may still read the
+    // replies in flight; keep watching for its close, or the connection's end (the
+    // channel's queue is dropped), while they go out.
+    let watcher = if !closed {
+        let gone = gone.clone();
+        Some(tokio::spawn(async move {
+            while let Some(msg) = rx.wait().await {
+                if matches!(msg, ChannelMsg::Close) {
+                    break;
+                }
+            }
+            gone.cancel();
+        }))
+    } else {
+        gone.cancel();
+        None
+    };
     drop(ctl_tx);
     let _ = done_rx.await;
     while io_tasks.join_next().await.is_some() {}
@@ -225,20 +265,33 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
     drop(state);
     // Every reply sender is gone now, so the writer drains its queue and hands the channel back.
     if let Ok(tx) = writer.await {
-        // scp (SFTP mode) exits 1 unless it sees an exit status before the close.
-        let _ = tx.exit_status(0).await;
-        let _ = tx.eof().await;
-        let _ = tx.close().await;
+        if !gone.is_cancelled() {
+            // scp (SFTP mode) exits 1 unless it sees an exit status before the close.
+            let _ = tx.exit_status(0).await;
+            let _ = tx.eof().await;
+            let _ = tx.close().await;
+        }
+    }
+    if let Some(w) = watcher {
+        // Our close is sent: the client's close or the connection's end stops it anyway.
+        w.abort();
     }
 }
 
 async fn writer(
     tx: ChannelWriteHalf<Msg>,
     mut replies: mpsc::Receiver<Bytes>,
+    gone: CancellationToken,
 ) -> ChannelWriteHalf<Msg> {
     while let Some(b) = replies.recv().await {
-        if tx.data_bytes(b).await.is_err() {
-            // The channel is gone: keep draining so no sender ever blocks.
+        // russh waits for window space without noticing that the connection died
+        // (a client killed mid-download): stop on `gone` as well as on an error.
+        let sent = tokio::select! {
+            r = tx.data_bytes(b) => r.is_ok(),
+            _ = gone.cancelled() => false,
+        };
+        if !sent {
+            // Nobody will read them: keep draining so no sender ever blocks.
             while replies.recv().await.is_some() {}
             break;
         }

@@ -108,6 +108,26 @@ pub fn clean(path: &str) -> Result<Vec<&str>, JailError> {
     Ok(out)
 }
 
+/// The path a chrooted OpenSSH answers to REALPATH: cleaned, with `..` at `/` staying at
+/// `/` (WinSCP and `sftp`'s `cd ..` ask for the parent of the root and expect the root).
+/// Only REALPATH uses it; every other operation still refuses a path that climbs above `/`.
+pub fn clamp(path: &str) -> Result<String, JailError> {
+    if path.contains('\0') {
+        return Err(JailError::Invalid);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    Ok(virtual_path(&out))
+}
+
 pub fn virtual_path(segments: &[&str]) -> String {
     if segments.is_empty() {
         "/".to_owned()
@@ -166,6 +186,22 @@ mod tests {
         // Encodings are not decoded: these are plain (odd) names inside the folder.
         assert_eq!(clean("%2e%2e/x").unwrap(), vec!["%2e%2e", "x"]);
         assert_eq!(clean("..\\..\\x").unwrap(), vec!["..\\..\\x"]);
+    }
+
+    #[test]
+    fn clamps_for_realpath() {
+        for (p, want) in [
+            ("", "/"),
+            (".", "/"),
+            ("..", "/"),
+            ("/..", "/"),
+            ("/../../a", "/a"),
+            ("//a//b/..", "/a"),
+            ("a/./b/../../..", "/"),
+        ] {
+            assert_eq!(clamp(p).unwrap(), want, "{p:?}");
+        }
+        assert!(matches!(clamp("/a\0"), Err(JailError::Invalid)));
     }
 
     #[test]

@@ -166,7 +166,9 @@ pub fn longname(name: &str, m: &Metadata, user: &str, group: &str) -> String {
 }
 
 pub fn realpath(ctx: &SessionCtx, path: &str) -> OpResult<protocol::File> {
-    let r = ctx.resolve(path)?;
+    // Clamped first, so `..` at the root answers `/` as a chrooted OpenSSH does; the
+    // result still goes through the resolver (symlinks refused).
+    let r = ctx.resolve(&super::jail::clamp(path)?)?;
     Ok(protocol::File {
         longname: r.virt.clone(),
         filename: r.virt,

@@ -11,10 +11,10 @@ use tokio::process::Command;
 
 use crate::harness::*;
 
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(50);
+pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(50);
 
 /// An ed25519 (or other) key pair made by ssh-keygen; returns (key path, public key line).
-fn keygen(dir: &Path, name: &str, kind: &str) -> (PathBuf, String) {
+pub(crate) fn keygen(dir: &Path, name: &str, kind: &str) -> (PathBuf, String) {
     let key = dir.join(name);
     let mut cmd = std::process::Command::new("ssh-keygen");
     cmd.args(["-q", "-t", kind, "-N", "", "-C", "test", "-f"])
@@ -29,7 +29,7 @@ fn keygen(dir: &Path, name: &str, kind: &str) -> (PathBuf, String) {
     (key, public.trim().to_owned())
 }
 
-async fn user(d: &Daemon, org: &str, name: &str, body: Value) {
+pub(crate) async fn user(d: &Daemon, org: &str, name: &str, body: Value) {
     let (s, b) = d
         .admin(
             "PUT",
@@ -40,14 +40,14 @@ async fn user(d: &Daemon, org: &str, name: &str, body: Value) {
     assert!(s == 200 || s == 201, "PUT user: {s} {b}");
 }
 
-async fn org(d: &Daemon, org: &str) {
+pub(crate) async fn org(d: &Daemon, org: &str) {
     let (s, b) = d
         .admin("PUT", &format!("/v1/orgs/{org}"), Some(json!({})))
         .await;
     assert!(s == 200 || s == 201, "PUT org: {s} {b}");
 }
 
-async fn run(mut cmd: Command) -> Output {
+pub(crate) async fn run(mut cmd: Command) -> Output {
     cmd.kill_on_drop(true).stdin(Stdio::null());
     tokio::time::timeout(CLIENT_TIMEOUT, cmd.output())
         .await
@@ -55,7 +55,7 @@ async fn run(mut cmd: Command) -> Output {
         .expect("client runs")
 }
 
-fn ssh_opts(cmd: &mut Command, key: &Path) {
+pub(crate) fn ssh_opts(cmd: &mut Command, key: &Path) {
     cmd.args([
         "-o",
         "StrictHostKeyChecking=no",
@@ -73,7 +73,13 @@ fn ssh_opts(cmd: &mut Command, key: &Path) {
 }
 
 /// `sftp -b` with `batch`; returns (success, stdout + stderr).
-async fn sftp_batch(d: &Daemon, user: &str, key: &Path, batch: &str, cwd: &Path) -> (bool, String) {
+pub(crate) async fn sftp_batch(
+    d: &Daemon,
+    user: &str,
+    key: &Path,
+    batch: &str,
+    cwd: &Path,
+) -> (bool, String) {
     let file = cwd.join(format!("batch-{}", free_port()));
     std::fs::write(&file, batch).unwrap();
     let mut cmd = Command::new("sftp");
@@ -93,7 +99,7 @@ async fn sftp_batch(d: &Daemon, user: &str, key: &Path, batch: &str, cwd: &Path)
 }
 
 /// Runs a paramiko script; `H`, `P` are host and port, `sys.argv[1:]` the args.
-async fn py(d: &Daemon, script: &str, args: &[&str]) -> (bool, String) {
+pub(crate) async fn py(d: &Daemon, script: &str, args: &[&str]) -> (bool, String) {
     let prelude = format!(
         "import sys, os, json, hashlib, time, stat, paramiko\nH, P = '127.0.0.1', {}\n\
          def connect(u, pw=None, key=None):\n    t = paramiko.Transport((H, P))\n    \
@@ -111,7 +117,7 @@ async fn py(d: &Daemon, script: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn sha256_file(p: &Path) -> String {
+pub(crate) fn sha256_file(p: &Path) -> String {
     use std::io::Read;
     let mut f = std::fs::File::open(p).unwrap();
     let mut h = Sha256::new();
@@ -127,7 +133,7 @@ fn sha256_file(p: &Path) -> String {
 }
 
 /// A file of pseudo-random bytes (incompressible, so nothing shortcuts the transfer).
-fn big_file(path: &Path, size: usize) {
+pub(crate) fn big_file(path: &Path, size: usize) {
     use std::io::Write;
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -147,7 +153,7 @@ fn big_file(path: &Path, size: usize) {
     f.flush().unwrap();
 }
 
-async fn post(d: &Daemon, org: &str, id: &str, ty: &str) {
+pub(crate) async fn post(d: &Daemon, org: &str, id: &str, ty: &str) {
     let r = d
         .post_event(org, &json!({"id": id, "type": ty, "data": {"n": id}}))
         .await;
@@ -155,7 +161,7 @@ async fn post(d: &Daemon, org: &str, id: &str, ty: &str) {
 }
 
 /// Virtual path of a file under the org folder.
-fn virt(d: &Daemon, org: &str, p: &Path) -> String {
+pub(crate) fn virt(d: &Daemon, org: &str, p: &Path) -> String {
     format!("/{}", p.strip_prefix(d.org_dir(org)).unwrap().display())
 }
 
@@ -380,8 +386,10 @@ async fn the_jail_holds() {
 
     let dl = tmp.path().join("dl");
     std::fs::create_dir(&dl).unwrap();
+    // `cd ..` at the root stays at the root, as with a chrooted OpenSSH.
+    let (ok, out) = sftp_batch(&d, "alice", &key_a, "cd ..\npwd\n", &dl).await;
+    assert!(ok && out.contains("Remote working directory: /\n"), "{out}");
     for cmd in [
-        "cd ..",
         "get /../../etc/passwd",
         "get ../etc/passwd",
         "get /planted",

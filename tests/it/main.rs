@@ -7,6 +7,8 @@ mod e2e_badinput;
 mod e2e_delivery;
 mod e2e_faults;
 mod e2e_ingest;
+mod e2e_interop;
 mod e2e_limits;
 mod e2e_reload;
 mod e2e_sftp;
+mod e2e_sftp_badinput;
