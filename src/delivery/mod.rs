@@ -147,10 +147,11 @@ async fn jwks(State(app): State<App>) -> Response {
 }
 
 async fn rotate_keys(State(app): State<App>) -> ApiResult<Json<serde_json::Value>> {
-    let kid = app
-        .delivery
-        .signer
-        .rotate()
+    // The key file is fsync'd under the key lock: keep that off the async workers.
+    let a = app.clone();
+    let kid = tokio::task::spawn_blocking(move || a.delivery.signer.rotate())
+        .await
+        .map_err(|e| Problem::internal("signing key rotation failed", e))?
         .map_err(|e| Problem::internal("signing key rotation failed", e))?;
     tracing::info!(kid = %kid, "webhook signing key rotated");
     let published: Vec<_> = app

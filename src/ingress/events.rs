@@ -216,7 +216,8 @@ async fn ingest(
                 format!("{why}; no file was written (HTTP deliveries go on). Post the event again once files were removed"),
             )
             .with("id", &r.id)
-            .with("deliveries", &r.deliveries))
+            .with("deliveries", &r.deliveries)
+            .retry_after(60))
         }
     }
 }

@@ -44,7 +44,37 @@ pub fn router(app: App) -> Router {
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| request_timeout(req, next, timeout),
         ))
+        .layer(axum::middleware::map_response(problem_everywhere))
         .with_state(app)
+}
+
+/// Errors made by axum itself (a path that does not decode, a body over the extractor's
+/// limit, …) come as text/plain: re-dress them as problem+json, as every error must be.
+async fn problem_everywhere(resp: Response) -> Response {
+    use axum::response::IntoResponse;
+    let status = resp.status();
+    let is_problem = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return resp;
+    }
+    let retry_after = resp.headers().get(axum::http::header::RETRY_AFTER).cloned();
+    let body = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_owned();
+    let detail = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut out = Problem::new(status, detail).into_response();
+    if let Some(v) = retry_after {
+        out.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+    }
+    out
 }
 
 async fn request_timeout(req: Request, next: Next, limit: Duration) -> Response {

@@ -35,8 +35,11 @@ pub const MAX_OPEN_HANDLES: usize = 256;
 /// READ/WRITE served at once per channel; more queue up without blocking the reader.
 const CONCURRENT_IO: usize = 16;
 /// Requests (and bytes of WRITE data) waiting per channel before we call it abuse.
-const MAX_QUEUED_REQUESTS: usize = 200_000;
+const MAX_QUEUED_REQUESTS: usize = 10_000;
 const MAX_QUEUED_WRITE_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes of control requests (stat, realpath, …) waiting for the control thread: a client
+/// that streams them without reading replies is cut off instead of growing our memory.
+const MAX_QUEUED_CONTROL_BYTES: u64 = 16 * 1024 * 1024;
 /// Entries per READDIR reply, as OpenSSH does.
 const READDIR_BATCH: usize = 100;
 
@@ -65,6 +68,7 @@ struct State {
     next_handle: AtomicU64,
     io: Semaphore,
     queued_write_bytes: AtomicU64,
+    queued_control_bytes: AtomicU64,
     replies: mpsc::Sender<Bytes>,
     /// Open handles of the whole connection: shutdown waits for transfers to end.
     busy: Arc<watch::Sender<usize>>,
@@ -174,10 +178,11 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
         next_handle: AtomicU64::new(1),
         io: Semaphore::new(CONCURRENT_IO),
         queued_write_bytes: AtomicU64::new(0),
+        queued_control_bytes: AtomicU64::new(0),
         replies: reply_tx,
         busy,
     });
-    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<Packet>();
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<(Packet, u64)>();
     // Path operations are many small syscalls in a row (`get -r` of 10k files): they run
     // inline on a thread of their own rather than paying a blocking-pool hop each.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -303,7 +308,7 @@ async fn writer(
 async fn dispatch(
     state: &Arc<State>,
     pkt: Bytes,
-    ctl: &mpsc::UnboundedSender<Packet>,
+    ctl: &mpsc::UnboundedSender<(Packet, u64)>,
     io_tasks: &mut JoinSet<()>,
 ) -> bool {
     let ty = pkt[0];
@@ -356,7 +361,14 @@ async fn dispatch(
             io_tasks.spawn(write(state.clone(), h, gate, w));
         }
         (_, p) => {
-            let _ = ctl.send(p);
+            let n = pkt.len() as u64;
+            if state.queued_control_bytes.fetch_add(n, Ordering::Relaxed) + n
+                > MAX_QUEUED_CONTROL_BYTES
+            {
+                tracing::warn!(user = %state.ctx.user, "too many queued SFTP requests; closing the channel");
+                return false;
+            }
+            let _ = ctl.send((p, n));
         }
     }
     true
@@ -428,8 +440,9 @@ async fn write(
 }
 
 /// Serves non-I/O requests in the order they arrived.
-async fn control(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<Packet>) {
-    while let Some(p) = rx.recv().await {
+async fn control(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<(Packet, u64)>) {
+    while let Some((p, n)) = rx.recv().await {
+        state.queued_control_bytes.fetch_sub(n, Ordering::Relaxed);
         let id = p.get_request_id();
         let reply = serve_control(&state, p).await;
         let packet = reply.unwrap_or_else(|e| status_of(id, &e));

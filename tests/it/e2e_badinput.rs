@@ -80,3 +80,33 @@ async fn huge_headers_and_garbage_get_an_error_not_a_hang() {
     let r = d.client.get(d.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn errors_made_by_the_framework_are_problem_json_too() {
+    let d = Daemon::start().await;
+    // A path segment that is not UTF-8 fails axum's Path extractor.
+    let r = d
+        .client
+        .post(d.url("/v1/orgs/%FF/events"))
+        .bearer_auth(d.token("acme"))
+        .json(&serde_json::json!({"type": "payment", "data": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error());
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    // An admin body over axum's default body limit.
+    let big = vec![b' '; 3 << 20];
+    let r = d
+        .client
+        .put(d.url("/v1/orgs/acme"))
+        .bearer_auth(ADMIN_TOKEN)
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let p: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(p["status"], 413);
+}
