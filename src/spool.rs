@@ -432,7 +432,11 @@ fn write_synced(path: &Path, body: &[u8]) -> io::Result<()> {
         .open(path)?;
     f.write_all(body)?;
     f.write_all(b"\n")?;
-    f.sync_data()
+    let t = Instant::now();
+    f.sync_data()?;
+    metrics::histogram!("hookbridge_fsync_seconds", "what" => "file")
+        .record(t.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn discard(temps: Vec<Temp>) {
@@ -518,9 +522,12 @@ fn publish_temps(
         }
     }
     to_sync.extend(targets.iter().cloned());
+    let t = Instant::now();
     let synced = to_sync
         .iter()
         .try_for_each(|d| File::open(d).and_then(|f| f.sync_all()));
+    metrics::histogram!("hookbridge_fsync_seconds", "what" => "dirs")
+        .record(t.elapsed().as_secs_f64());
     match synced {
         Ok(()) => durable
             .0

@@ -1,8 +1,10 @@
-//! SIGHUP re-reads the config file; a bad file is refused and the old config stays.
+//! SIGHUP re-reads the config file; a bad file is refused and the old config stays; SFTP
+//! sessions open during the reload keep working.
 
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::harness::*;
 
@@ -14,6 +16,36 @@ async fn sighup_applies_new_orgs_and_limits_and_refuses_a_bad_file() {
         .post_event("acme", &json!({"type": "payment", "data": {}}))
         .await;
     assert_eq!(r.status(), 202);
+    let (s, _) = d
+        .admin(
+            "PUT",
+            "/v1/orgs/acme/sftp-users/etl",
+            Some(json!({"password": "etl password"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+
+    // An SFTP session opened before the reload must still work after it.
+    let script = r#"
+import sys, paramiko
+t = paramiko.Transport(('127.0.0.1', int(sys.argv[1]))); t.connect(username='etl', password='etl password')
+s = paramiko.SFTPClient.from_transport(t)
+print(len(s.listdir('/payment')), flush=True)
+sys.stdin.readline()
+print(len(s.listdir('/payment')), flush=True)
+"#;
+    let mut session = tokio::process::Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(d.sftp_port.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(session.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "1", "session open before the reload");
 
     d.extra_config =
         "[limits]\ningest_rate = 0.001\ningest_burst = 1\n[[orgs]]\nname = \"newco\"\n".into();
@@ -24,19 +56,26 @@ async fn sighup_applies_new_orgs_and_limits_and_refuses_a_bad_file() {
     })
     .await;
     // The new default rate (burst 1) applies to existing orgs without a restart.
-    let codes: Vec<u16> = {
-        let mut v = Vec::new();
-        for _ in 0..3 {
-            v.push(
-                d.post_event("acme", &json!({"type": "payment", "data": {}}))
-                    .await
-                    .status()
-                    .as_u16(),
-            );
-        }
-        v
-    };
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(
+            d.post_event("acme", &json!({"type": "payment", "data": {}}))
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
     assert!(codes.contains(&429), "{codes:?}");
+
+    let mut stdin = session.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    line.clear();
+    out.read_line(&mut line).await.unwrap();
+    assert!(
+        line.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+        "the SFTP session survived the reload: {line:?}"
+    );
+    assert!(session.wait().await.unwrap().success());
 
     std::fs::write(d.config_path(), "[http]\nlisten = 12\nwhat = true\n").unwrap();
     d.signal(libc::SIGHUP);
