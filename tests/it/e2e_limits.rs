@@ -159,15 +159,7 @@ async fn retention_removes_old_files_and_empty_day_folders() {
     .await;
     assert!(!old_day.exists(), "its emptied day folder goes too");
     assert!(path(&fresh).exists(), "fresh files stay");
-    let metrics = d
-        .client
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     assert!(
         metrics.contains("hookbridge_retention_removed_total"),
         "{metrics}"

@@ -478,15 +478,7 @@ print(json.dumps(res))
         v,
         json!({"etl:wrong password": false, "nobody:right password": false, "etl:right password": true})
     );
-    let metrics = d
-        .client
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     assert!(
         metrics.contains("hookbridge_sftp_auth_failures_total"),
         "{metrics}"
@@ -673,15 +665,7 @@ print(json.dumps(res))
     .await;
     let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(v, json!(["denied", "denied", "denied", "refused"]), "{out}");
-    let metrics = d
-        .client
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = d.metrics().await;
     assert!(
         metrics.contains("hookbridge_defender_bans_total 1"),
         "{metrics}"
