@@ -15,15 +15,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use base64::engine::general_purpose::STANDARD;
+use aws_lc_rs::signature::Ed25519KeyPair;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
-use hmac::{KeyInit, Mac};
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// How long a retired key stays in the JWKS after a rotation.
 pub const ROTATION_GRACE: Duration = Duration::days(7);
@@ -62,7 +61,11 @@ struct KeyFile {
 
 struct LoadedKey {
     stored: StoredKey,
-    enc: EncodingKey,
+    /// The parsed key pair, so signing does not parse the PKCS#8 document and derive the
+    /// public key again for every delivery (what `jsonwebtoken::encode` does).
+    pair: Ed25519KeyPair,
+    /// `base64url(JSON header)`: the same for every token this key signs.
+    header_b64: String,
     jwk: Jwk,
 }
 
@@ -83,7 +86,23 @@ fn load_key(stored: StoredKey) -> Result<LoadedKey, SigningError> {
     jwk.common.key_id = Some(stored.kid.clone());
     jwk.common.public_key_use = Some(PublicKeyUse::Signature);
     jwk.common.key_algorithm = Some(KeyAlgorithm::EdDSA);
-    Ok(LoadedKey { stored, enc, jwk })
+    let pair = Ed25519KeyPair::from_pkcs8(&der)
+        .map_err(|e| SigningError::Key(format!("key {}: {e}", stored.kid)))?;
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(stored.kid.clone());
+    let header_b64 = b64_json(&header)?;
+    Ok(LoadedKey {
+        stored,
+        pair,
+        header_b64,
+        jwk,
+    })
+}
+
+/// `base64url(JSON)` without padding, as a JWT part is encoded.
+fn b64_json<T: Serialize>(v: &T) -> Result<String, SigningError> {
+    let json = serde_json::to_vec(v).map_err(|e| SigningError::Key(format!("JSON: {e}")))?;
+    Ok(URL_SAFE_NO_PAD.encode(json))
 }
 
 fn new_stored_key() -> StoredKey {
@@ -249,7 +268,7 @@ impl Signer {
             iat: now.timestamp(),
             exp: (now + JWT_TTL).timestamp(),
             jti: id,
-            body_sha256: hex(&Sha256::digest(body)),
+            body_sha256: hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body).as_ref()),
         };
         let keys = match self.keys.read() {
             Ok(k) => k,
@@ -260,9 +279,14 @@ impl Signer {
             .rev()
             .find(|k| k.stored.retired_at.is_none())
             .ok_or_else(|| SigningError::Key("no active signing key".into()))?;
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(active.stored.kid.clone());
-        let jwt = jsonwebtoken::encode(&header, &claims, &active.enc)?;
+        // The JWS compact form jsonwebtoken::encode produces, with the cached key pair.
+        let mut jwt = String::with_capacity(512);
+        jwt.push_str(&active.header_b64);
+        jwt.push('.');
+        jwt.push_str(&b64_json(&claims)?);
+        let sig = active.pair.sign(jwt.as_bytes());
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut jwt);
         let ts = now.timestamp().to_string();
         Ok(SignedHeaders {
             authorization: format!("Bearer {jwt}"),
@@ -274,7 +298,13 @@ impl Signer {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    s
 }
 
 /// `v1,<base64 HMAC-SHA256>` of `{id}.{timestamp}.{body}` as Standard Webhooks defines it.
@@ -284,19 +314,21 @@ pub fn standard_signature(secret: &str, id: &str, timestamp: &str, body: &[u8]) 
     let key = STANDARD
         .decode(raw)
         .unwrap_or_else(|_| raw.as_bytes().to_vec());
-    let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(&key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-    mac.update(id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+    // aws-lc's HMAC-SHA256 (assembly, SHA extensions where the CPU has them).
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key);
+    let mut ctx = aws_lc_rs::hmac::Context::with_key(&key);
+    ctx.update(id.as_bytes());
+    ctx.update(b".");
+    ctx.update(timestamp.as_bytes());
+    ctx.update(b".");
+    ctx.update(body);
+    format!("v1,{}", STANDARD.encode(ctx.sign().as_ref()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn standard_webhooks_reference_vector() {

@@ -178,13 +178,18 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
 /// One attempt of one job; the outcome goes to the recorder.
 async fn attempt(
     app: App,
-    job: DeliveryJob,
+    mut job: DeliveryJob,
     permits: [OwnedSemaphorePermit; 2],
     rec: mpsc::Sender<Recorded>,
 ) {
-    let (a, outcome) = deliver(&app, &job).await;
+    // The payload becomes the request body (no copy); a retry reads it from the store again.
+    let body = std::mem::take(&mut job.payload).into_bytes();
+    let (a, outcome) = deliver(&app, &job, body).await;
     // The endpoint is free for the next job while the outcome waits for its commit.
     drop(permits);
+    // Recording needs the ids only: keep the batches the recorder holds (and copies on a
+    // retry) small.
+    job.webhook = None;
     let id = job.id.clone();
     if rec.send((job, a, outcome)).await.is_err() {
         tracing::warn!(delivery = %id, "outcome not recorded (shutting down); the job will be retried");
@@ -205,7 +210,7 @@ fn skipped(reason: String) -> (Attempt, AttemptOutcome) {
 }
 
 #[tracing::instrument(skip_all, fields(org = %job.org, webhook = %job.webhook_id, delivery = %job.id, attempt = job.attempts + 1))]
-async fn deliver(app: &App, job: &DeliveryJob) -> (Attempt, AttemptOutcome) {
+async fn deliver(app: &App, job: &DeliveryJob, body: Vec<u8>) -> (Attempt, AttemptOutcome) {
     let cfg = &app.config.delivery;
     let now = Utc::now();
     let hook = match &job.webhook {
@@ -221,15 +226,7 @@ async fn deliver(app: &App, job: &DeliveryJob) -> (Attempt, AttemptOutcome) {
     let Some(url) = hook.url.as_deref() else {
         return skipped("webhook has no url".into());
     };
-    let ex = super::post_signed(
-        app,
-        &job.org,
-        url,
-        hook.secret.as_deref(),
-        &job.id,
-        job.payload.clone().into_bytes(),
-    )
-    .await;
+    let ex = super::post_signed(app, &job.org, url, hook.secret.as_deref(), &job.id, body).await;
     let latency = ex.latency;
     let verdict = retry::classify(ex.status, ex.error.is_some());
     let retry_after = ex
