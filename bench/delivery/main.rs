@@ -47,6 +47,20 @@ async fn receive(State(st): State<Arc<Recv>>, body: Bytes) -> &'static str {
     "ok"
 }
 
+/// utime + stime of a process, in seconds, from its `/proc/<pid>/stat` (0 if unreadable).
+fn cpu_secs(stat_path: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(stat_path) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    let hz = 100.0; // USER_HZ on Linux
+    (ticks(11) + ticks(12)) / hz
+}
+
 fn arg(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -217,6 +231,10 @@ level = "warn"
         t.await.unwrap();
     }
     let ingest_secs = t0.elapsed().as_secs_f64();
+    let cpu_open = (
+        cpu_secs(&format!("/proc/{}/stat", child.id())),
+        cpu_secs("/proc/self/stat"),
+    );
     let t_open = Instant::now();
     st.gate.send_replace(true);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -227,12 +245,19 @@ level = "warn"
             let secs = (*last - t_open).as_secs_f64();
             let rate = n_events as f64 / secs;
             let ingest_rate = n_events as f64 / ingest_secs;
+            let hb_cpu = cpu_secs(&format!("/proc/{}/stat", child.id())) - cpu_open.0;
+            let bench_cpu = cpu_secs("/proc/self/stat") - cpu_open.1;
             println!(
                 "hookbridge ingest (durable, 64 posters): {n_events} events at {ingest_rate:.0} ev/s"
             );
             println!(
                 "hookbridge delivery: {n_events} queued jobs drained in {secs:.2}s = {rate:.0} deliveries/s = {:.2} of the raw rate",
                 rate / raw_rps
+            );
+            println!(
+                "  CPU during the drain (up to the moment it was seen complete): hookbridge {:.0} us/delivery, receiver process {:.0} us/delivery",
+                hb_cpu * 1e6 / n_events as f64,
+                bench_cpu * 1e6 / n_events as f64
             );
             // Latency is end to end, so the offered load must also fit through ingest.
             let lat_rate = match std::env::var("BENCH_LAT_RATE")

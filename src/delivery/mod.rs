@@ -67,9 +67,12 @@ pub(crate) async fn post_signed(
     body: Vec<u8>,
 ) -> client::Exchange {
     let timeout = app.config.delivery.request_timeout.0;
-    if let Err(e) = client::check_destination(url, app.config.delivery.allow_private_destinations) {
-        return client::Exchange::failed(std::time::Instant::now(), e);
-    }
+    // The URL parsed (and checked) once; reqwest takes it as is instead of parsing it again.
+    let parsed =
+        match client::check_destination(url, app.config.delivery.allow_private_destinations) {
+            Ok(u) => u,
+            Err(e) => return client::Exchange::failed(std::time::Instant::now(), e),
+        };
     let signed = match app.delivery.signer.sign(org, url, id, &body, secret) {
         Ok(s) => s,
         Err(e) => {
@@ -83,7 +86,7 @@ pub(crate) async fn post_signed(
     let req = app
         .delivery
         .client
-        .post(url)
+        .post(parsed)
         .header(header::CONTENT_TYPE, "application/json")
         .body(body);
     client::exchange(signed.apply(req), timeout).await
