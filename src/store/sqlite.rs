@@ -613,8 +613,24 @@ impl Store for SqliteStore {
                    AND d.webhook_id NOT IN (SELECT value FROM json_each(?4))
                  ORDER BY d.next_attempt_at LIMIT ?2"
             ))?;
+            // Jobs of one webhook share its row: parse it once per query.
+            let mut hooks_seen: std::collections::HashMap<(String, String), Webhook> =
+                Default::default();
             let rows = st
                 .query_map(params![micros(now), limit as i64, ids, hooks], |r| {
+                    let webhook = if r.get::<_, bool>(7)? {
+                        let id: (String, String) = (r.get(9)?, r.get(8)?);
+                        match hooks_seen.get(&id) {
+                            Some(h) => Some(h.clone()),
+                            None => {
+                                let h = hook_row_at(r, 8)?;
+                                hooks_seen.insert(id, h.clone());
+                                Some(h)
+                            }
+                        }
+                    } else {
+                        None
+                    };
                     Ok(DeliveryJob {
                         id: r.get(0)?,
                         org: r.get(1)?,
@@ -623,11 +639,7 @@ impl Store for SqliteStore {
                         payload: r.get(4)?,
                         attempts: r.get(5)?,
                         created_at: from_micros(r.get(6)?),
-                        webhook: if r.get::<_, bool>(7)? {
-                            Some(hook_row_at(r, 8)?)
-                        } else {
-                            None
-                        },
+                        webhook,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -678,6 +690,13 @@ impl Store for SqliteStore {
                 let mut disable = tx.prepare_cached(
                     "UPDATE webhooks SET enabled = 0, disabled_reason = ?2 WHERE id = ?1",
                 )?;
+                // The webhook statement last run per webhook in this batch: running the
+                // same "clear failing_since" or "set failing_since if unset" again right
+                // after it changes nothing, so it is skipped (one per webhook, not per job).
+                let mut last: std::collections::HashMap<&str, u8> = Default::default();
+                const OK: u8 = 1;
+                const FAILING: u8 = 2;
+                const DISABLED: u8 = 3;
                 for (job, a, outcome) in &batch {
                     ins.execute(params![job.id, micros(a.at), a.status, a.latency_ms as i64, a.error, a.response_excerpt])?;
                     let (status, next): (&str, Option<i64>) = match outcome {
@@ -686,17 +705,23 @@ impl Store for SqliteStore {
                         AttemptOutcome::Dead | AttemptOutcome::DisableWebhook { .. } => ("dead", None),
                     };
                     upd.execute(params![job.id, status, next, a.status, a.error, now])?;
+                    let hook = job.webhook_id.as_str();
                     match outcome {
                         AttemptOutcome::Delivered => {
-                            ok_hook.execute([&job.webhook_id])?;
+                            if last.insert(hook, OK) != Some(OK) {
+                                ok_hook.execute([hook])?;
+                            }
                         }
                         AttemptOutcome::DisableWebhook { reason } => {
-                            disable.execute(params![job.webhook_id, reason])?;
+                            disable.execute(params![hook, reason])?;
+                            last.insert(hook, DISABLED);
                         }
                         // An attempt that never reached the endpoint says nothing about it.
                         _ if a.status.is_none() && a.latency_ms == 0 => {}
                         _ => {
-                            failing_hook.execute(params![job.webhook_id, micros(a.at)])?;
+                            if last.insert(hook, FAILING) != Some(FAILING) {
+                                failing_hook.execute(params![hook, micros(a.at)])?;
+                            }
                         }
                     }
                 }
