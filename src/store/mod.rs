@@ -307,15 +307,6 @@ pub trait Store: Send + Sync + 'static {
         &self,
         batch: Vec<(DeliveryJob, Attempt, AttemptOutcome)>,
     ) -> Result<()>;
-    async fn record_attempt(
-        &self,
-        job: &DeliveryJob,
-        attempt: &Attempt,
-        outcome: &AttemptOutcome,
-    ) -> Result<()> {
-        self.record_attempts(vec![(job.clone(), attempt.clone(), outcome.clone())])
-            .await
-    }
     async fn list_deliveries(
         &self,
         org: &str,
