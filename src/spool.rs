@@ -337,7 +337,13 @@ fn with_redo(
         return Ok(temps);
     }
     let (index, events): (Vec<usize>, Vec<NewEvent>) = redo.into_iter().unzip();
-    let mut extra = write_temps(layout, &events)?;
+    let mut extra = match write_temps(layout, &events) {
+        Ok(extra) => extra,
+        Err(e) => {
+            discard(temps);
+            return Err(e);
+        }
+    };
     for t in &mut extra {
         t.event = index[t.event];
     }
