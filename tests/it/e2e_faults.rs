@@ -121,14 +121,7 @@ async fn kill_9_under_mixed_load_loses_and_duplicates_nothing() {
     d.org_with_sftp_hook("acme").await;
     let rx = Receiver::start().await;
     http_hook(&d, "acme", &rx.url("/hook"), &["*"], false).await;
-    let (s, _) = d
-        .admin(
-            "PUT",
-            "/v1/orgs/acme/sftp-users/etl",
-            Some(json!({"password": "etl password"})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    d.sftp_user("acme", "etl", "etl password").await;
 
     // A downloader that keeps listing and fetching over SFTP until it is cut off.
     let script = r#"

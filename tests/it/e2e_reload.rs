@@ -16,14 +16,7 @@ async fn sighup_applies_new_orgs_and_limits_and_refuses_a_bad_file() {
         .post_event("acme", &json!({"type": "payment", "data": {}}))
         .await;
     assert_eq!(r.status(), 202);
-    let (s, _) = d
-        .admin(
-            "PUT",
-            "/v1/orgs/acme/sftp-users/etl",
-            Some(json!({"password": "etl password"})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    d.sftp_user("acme", "etl", "etl password").await;
 
     // An SFTP session opened before the reload must still work after it.
     let script = r#"

@@ -304,6 +304,15 @@ level = "info,hookbridge=debug"
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// An SFTP user with a password in `org` (which must exist).
+    pub async fn sftp_user(&self, org: &str, name: &str, password: &str) {
+        let path = format!("/v1/orgs/{org}/sftp-users/{name}");
+        let (s, b) = self
+            .admin("PUT", &path, Some(json!({ "password": password })))
+            .await;
+        assert!(s == 201 || s == 200, "PUT SFTP user: {s} {b}");
+    }
+
     /// Org + sftp hook for all types; returns nothing, panics on failure.
     pub async fn org_with_sftp_hook(&self, org: &str) {
         let (s, _) = self
