@@ -102,6 +102,8 @@ pub struct SftpConfig {
     pub idle_timeout: Dur,
     /// Accept legacy `ssh-rsa` (SHA-1) signatures from old devices. Default false.
     pub allow_ssh_rsa_sha1: bool,
+    /// Largest file a user with the `upload` permission may upload, bytes. Default 1 GiB.
+    pub max_upload_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -369,6 +371,7 @@ impl Default for SftpConfig {
             max_auth_attempts: 6,
             idle_timeout: Dur(Duration::from_secs(3600)),
             allow_ssh_rsa_sha1: false,
+            max_upload_bytes: 1 << 30,
         }
     }
 }

@@ -53,6 +53,8 @@ struct FileHandle {
     upload: Option<Upload>,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    /// A write of this upload failed: on close it is discarded, never published part-done.
+    write_failed: std::sync::atomic::AtomicBool,
     /// READ/WRITE hold it shared; CLOSE takes it exclusively, so it waits for them.
     gate: Arc<RwLock<()>>,
 }
@@ -421,6 +423,10 @@ async fn write(
     };
     let res = if h.upload.is_none() {
         Err(OpError::Denied)
+    } else if w.offset.saturating_add(n) > state.ctx.max_upload {
+        Err(OpError::Failure(
+            "upload larger than this server allows (sftp.max_upload_bytes)",
+        ))
     } else {
         let file = h.file.clone();
         let (offset, data) = (w.offset, w.data);
@@ -435,6 +441,8 @@ async fn write(
     state.queued_write_bytes.fetch_sub(n, Ordering::Relaxed);
     if res.is_ok() {
         h.bytes_written.fetch_add(n, Ordering::Relaxed);
+    } else {
+        h.write_failed.store(true, Ordering::Relaxed);
     }
     state.reply(w.id, res.map(|_| ok(w.id))).await;
 }
@@ -493,6 +501,11 @@ async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
             inline(move || {
                 let m = f.file.metadata()?;
                 if let (Some(size), Some(_)) = (s.attrs.size, &f.upload) {
+                    if size > ctx.max_upload {
+                        return Err(OpError::Failure(
+                            "upload larger than this server allows (sftp.max_upload_bytes)",
+                        ));
+                    }
                     f.file.set_len(size)?;
                 }
                 ops::set_times(&f.file, &m, &s.attrs)
@@ -509,6 +522,7 @@ async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
                 upload: opened.upload,
                 bytes_read: AtomicU64::new(0),
                 bytes_written: AtomicU64::new(0),
+                write_failed: Default::default(),
                 gate: Arc::new(RwLock::new(())),
             };
             match state.insert(Handle::File(Arc::new(fh))) {
@@ -670,7 +684,14 @@ async fn close(state: &Arc<State>, h: Arc<Handle>) -> OpResult<()> {
     match &f.upload {
         Some(_) => {
             let f2 = f.clone();
+            let failed = f.write_failed.load(Ordering::Relaxed);
             let res = inline(move || match &f2.upload {
+                Some(up) if failed => {
+                    ops::discard_upload(up);
+                    Err(OpError::Failure(
+                        "a write of this upload failed; nothing was kept",
+                    ))
+                }
                 Some(up) => ops::finish_upload(&f2.file, up),
                 None => Ok(()),
             })

@@ -77,6 +77,9 @@ pub struct SessionCtx {
     pub jail: Jail,
     /// Uploads are written here and renamed in on close (same file system as the orgs).
     pub tmp_dir: PathBuf,
+    /// No upload may grow past this (`sftp.max_upload_bytes`): a WRITE at a huge offset or
+    /// a SETSTAT size would otherwise fill the disk every org shares.
+    pub max_upload: u64,
 }
 
 impl SessionCtx {
@@ -465,6 +468,7 @@ mod tests {
             ip: "127.0.0.1".parse().unwrap(),
             jail: Jail::new(&dir.path().join("org")).unwrap(),
             tmp_dir: dir.path().join("tmp"),
+            max_upload: 1 << 20,
         };
         (dir, c)
     }

@@ -541,6 +541,7 @@ impl Conn {
             ip: self.peer.ip(),
             jail,
             tmp_dir,
+            max_upload: self.shared.app.config.sftp.max_upload_bytes,
         })
     }
 }

@@ -683,3 +683,39 @@ print(json.dumps(res))
     .await;
     assert!(d.log().contains("ban expired"));
 }
+
+#[tokio::test]
+async fn uploads_over_the_size_cap_fail_and_leave_nothing() {
+    let d = Daemon::start_with_sftp("max_upload_bytes = 1048576", "").await;
+    org(&d, "acme").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(tmp.path(), "id", "ed25519");
+    user(
+        &d,
+        "acme",
+        "writer",
+        json!({"public_keys": [public], "upload": true}),
+    )
+    .await;
+    big_file(&tmp.path().join("big.bin"), 2 << 20);
+    big_file(&tmp.path().join("small.bin"), 100 << 10);
+    let (ok, out) = sftp_batch(&d, "writer", &key, "put big.bin /big.bin\n", tmp.path()).await;
+    assert!(!ok, "an upload over the cap must fail: {out}");
+    assert!(
+        !d.org_dir("acme").join("big.bin").exists(),
+        "no partial upload is published"
+    );
+    assert!(
+        std::fs::read_dir(d.data_dir().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the partial upload is removed"
+    );
+    let (ok, out) = sftp_batch(&d, "writer", &key, "put small.bin /small.bin\n", tmp.path()).await;
+    assert!(ok, "{out}");
+    assert_eq!(
+        sha256_file(&d.org_dir("acme").join("small.bin")),
+        sha256_file(&tmp.path().join("small.bin"))
+    );
+}
