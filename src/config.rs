@@ -531,15 +531,14 @@ impl Config {
                 "concurrency must be at least 1",
             ));
         }
-        if !self.limits.ingest_rate.is_finite() || self.limits.ingest_rate < 0.0 {
-            return Err(invalid(
-                "limits.ingest_rate",
-                "must be events per second, 0 (unlimited) or more",
-            ));
+        // The defaults obey the same rules as a per-org override of them.
+        OrgLimits {
+            ingest_rate: Some(self.limits.ingest_rate),
+            ingest_burst: Some(self.limits.ingest_burst),
+            ..OrgLimits::default()
         }
-        if self.limits.ingest_burst == 0 {
-            return Err(invalid("limits.ingest_burst", "must be at least 1"));
-        }
+        .validate()
+        .map_err(|m| invalid("limits", m))?;
         if self.limits.sweep_interval.0 < Duration::from_millis(100) {
             return Err(invalid("limits.sweep_interval", "must be at least 100ms"));
         }

@@ -89,6 +89,18 @@ impl Jail {
 
 /// Lexically cleans a client path into its segments below `/`.
 pub fn clean(path: &str) -> Result<Vec<&str>, JailError> {
+    segments(path, false)
+}
+
+/// The path a chrooted OpenSSH answers to REALPATH: cleaned, with `..` at `/` staying at
+/// `/` (WinSCP and `sftp`'s `cd ..` ask for the parent of the root and expect the root).
+/// Only REALPATH uses it; every other operation still refuses a path that climbs above `/`.
+pub fn clamp(path: &str) -> Result<String, JailError> {
+    Ok(virtual_path(&segments(path, true)?))
+}
+
+/// The one lexical walk behind `clean` and `clamp`; they differ only at `..` above `/`.
+fn segments(path: &str, clamp_at_root: bool) -> Result<Vec<&str>, JailError> {
     // A NUL would truncate the path in the kernel; it has no business in a file name.
     if path.contains('\0') {
         return Err(JailError::Invalid);
@@ -98,7 +110,7 @@ pub fn clean(path: &str) -> Result<Vec<&str>, JailError> {
         match seg {
             "" | "." => {}
             ".." => {
-                if out.pop().is_none() {
+                if out.pop().is_none() && !clamp_at_root {
                     return Err(JailError::Escape);
                 }
             }
@@ -106,26 +118,6 @@ pub fn clean(path: &str) -> Result<Vec<&str>, JailError> {
         }
     }
     Ok(out)
-}
-
-/// The path a chrooted OpenSSH answers to REALPATH: cleaned, with `..` at `/` staying at
-/// `/` (WinSCP and `sftp`'s `cd ..` ask for the parent of the root and expect the root).
-/// Only REALPATH uses it; every other operation still refuses a path that climbs above `/`.
-pub fn clamp(path: &str) -> Result<String, JailError> {
-    if path.contains('\0') {
-        return Err(JailError::Invalid);
-    }
-    let mut out: Vec<&str> = Vec::new();
-    for seg in path.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    Ok(virtual_path(&out))
 }
 
 pub fn virtual_path(segments: &[&str]) -> String {
