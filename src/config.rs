@@ -92,6 +92,10 @@ pub struct SftpConfig {
     pub max_sessions: usize,
     /// Concurrent SSH connections from one source IP. Default 100.
     pub max_sessions_per_ip: usize,
+    /// Connections from one source IP that have not authenticated yet (like OpenSSH's
+    /// PerSourceMaxStartups), so one source cannot take every `defender.max_unauthenticated`
+    /// slot. Default 10.
+    pub max_startups_per_source: usize,
     /// A connection must authenticate within this time. Default 30s.
     pub login_grace_time: Dur,
     /// Delay before a failed authentication is answered. Default 1s.
@@ -185,6 +189,8 @@ pub struct DefenderConfig {
     pub score_login_failure: u32,
     /// Points of a broken handshake or protocol error. Default 2.
     pub score_protocol_error: u32,
+    /// Points of a connection still unauthenticated at `sftp.login_grace_time`. Default 2.
+    pub score_login_timeout: u32,
     /// Scores older than this are forgotten. Default 10m.
     pub observation_window: Dur,
     /// How long a ban lasts. Default 15m.
@@ -202,6 +208,7 @@ impl Default for DefenderConfig {
             threshold: 10,
             score_login_failure: 1,
             score_protocol_error: 2,
+            score_login_timeout: 2,
             observation_window: Dur(Duration::from_secs(600)),
             ban_time: Dur(crate::defender::default_ban_time()),
             allow_list: Vec::new(),
@@ -366,6 +373,7 @@ impl Default for SftpConfig {
             host_key: None,
             max_sessions: 1000,
             max_sessions_per_ip: 100,
+            max_startups_per_source: 10,
             login_grace_time: Dur(Duration::from_secs(30)),
             auth_rejection_time: Dur(Duration::from_secs(1)),
             max_auth_attempts: 6,
@@ -512,6 +520,12 @@ impl Config {
             if s.len() < 16 {
                 return Err(invalid("admin.token", "must be at least 16 bytes"));
             }
+        }
+        if self.sftp.max_startups_per_source == 0 {
+            return Err(invalid(
+                "sftp.max_startups_per_source",
+                "must be at least 1",
+            ));
         }
         if self.sftp.max_sessions == 0 || self.sftp.max_sessions_per_ip == 0 {
             return Err(invalid("sftp.max_sessions", "limits must be at least 1"));

@@ -9,6 +9,7 @@ mod handler;
 mod hostkey;
 pub mod jail;
 mod ops;
+mod per_ip;
 mod server;
 
 pub use hostkey::{host_key_fingerprint, load_or_create_host_key};

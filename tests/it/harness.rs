@@ -245,6 +245,11 @@ level = "info,hookbridge=debug"
         }
     }
 
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     pub fn signal(&self, sig: i32) {
         let pid = self.child.as_ref().expect("daemon running").id();
         unsafe { libc::kill(pid as i32, sig) };

@@ -9,6 +9,7 @@ mod e2e_faults;
 mod e2e_ingest;
 mod e2e_interop;
 mod e2e_limits;
+mod e2e_preauth;
 mod e2e_reload;
 mod e2e_sftp;
 mod e2e_sftp_badinput;
