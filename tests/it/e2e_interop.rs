@@ -1,8 +1,8 @@
 //! The interop matrix: each real SFTP client lists, downloads (byte-identical) and
 //! deletes event files the daemon wrote. OpenSSH `sftp`/`scp` and paramiko basics live in
 //! `e2e_sftp`; here are lftp, rclone, curl, asyncssh, and WinSCP/FileZilla habits.
-//! A test skips (with `SKIPPED:`) only when its client is not installed: `scripts/test`
-//! installs them all.
+//! A missing client fails the test under `CI=true` and skips it elsewhere
+//! (`harness::require`); `scripts/test` installs them all.
 
 use std::path::{Path, PathBuf};
 
@@ -14,18 +14,9 @@ use crate::harness::*;
 
 const PW: &str = "interop-pw-123";
 
-/// Whether `cmd` runs at all; prints the skip line when it does not.
-fn have(cmd: &str, test: &str) -> bool {
-    let ok = std::process::Command::new(cmd)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: {test}: `{cmd}` is not installed (scripts/test installs it)");
-    }
-    ok
+/// Whether `cmd` runs at all ([`require`]: a failure under `CI=true`, a skip elsewhere).
+fn have(cmd: &str, _test: &str) -> bool {
+    require(cmd)
 }
 
 /// A daemon with org `acme`, reader `etl` (password `PW`) and a few posted events.
@@ -211,8 +202,7 @@ async fn curl_lists_downloads_and_removes() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(" sftp"))
         .unwrap_or(false);
-    if !has_sftp {
-        eprintln!("SKIPPED: curl_lists_downloads_and_removes: no curl with sftp:// (libssh2)");
+    if !require_that("curl with sftp:// (libssh2)", has_sftp) {
         return;
     }
     let (d, files) = with_events().await;

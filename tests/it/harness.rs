@@ -38,6 +38,31 @@ where
     }
 }
 
+/// Whether a prerequisite of a test is there. When it is missing the test must not pass
+/// silently: under `CI=true` (`.ci/run`) this panics, so the run fails; elsewhere it prints a
+/// `SKIPPED:` line and returns false, and the caller returns. `scripts/test` installs every
+/// client the tests need.
+pub fn require_that(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(!ci, "missing test prerequisite under CI=true: {what}");
+    eprintln!("SKIPPED: missing {what} (scripts/test installs the clients)");
+    false
+}
+
+/// [`require_that`] for a command: present when `cmd --version` runs.
+pub fn require(cmd: &str) -> bool {
+    let runs = Command::new(cmd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    require_that(&format!("`{cmd}`"), runs)
+}
+
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub http_port: u16,
