@@ -26,6 +26,10 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    // A deadline only catches a hang; on a loaded 2-core machine the states tests wait for
+    // can take many seconds, so no wait gives up sooner than this. Tests that assert timing
+    // measure it themselves.
+    let timeout = timeout.max(Duration::from_secs(30));
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
