@@ -25,8 +25,6 @@ use crate::App;
 
 /// How long shutdown lets open transfers finish before disconnecting their sessions.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Session channels per connection; SFTP clients use one.
-const MAX_CHANNELS: usize = 10;
 
 struct Shared {
     app: App,
@@ -40,6 +38,8 @@ struct Shared {
     defender: crate::defender::Defender,
     /// Connections that have not authenticated yet (MaxStartups).
     unauthenticated: Arc<Semaphore>,
+    /// Open SFTP handles per user and for the process.
+    handles: Arc<super::budget::HandleBudget>,
 }
 
 pub async fn serve(
@@ -91,9 +91,15 @@ pub async fn serve(
         dummy_hash,
         defender: crate::defender::Defender::new(&app.config.defender),
         unauthenticated: Arc::new(Semaphore::new(app.config.defender.max_unauthenticated)),
+        handles: super::budget::HandleBudget::for_process(cfg.max_handles_per_user),
         app: app.clone(),
     });
-    tracing::info!(addr = ?listener.local_addr().ok(), host_key = %fingerprint, "SFTP server listening");
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        host_key = %fingerprint,
+        handle_budget = shared.handles.total(),
+        "SFTP server listening"
+    );
 
     loop {
         tokio::select! {
@@ -418,7 +424,11 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.channels.len() + self.sftp.len() >= MAX_CHANNELS {
+        // SFTP clients use one channel; OpenSSH's MaxSessions caps them the same way.
+        if self.channels.len() + self.sftp.len()
+            >= self.shared.app.config.sftp.max_channels_per_connection
+        {
+            tracing::info!(ip = %self.peer.ip(), "session channel refused: sftp.max_channels_per_connection reached");
             reply
                 .reject(russh::ChannelOpenFailure::ResourceShortage)
                 .await;
@@ -542,6 +552,8 @@ impl Conn {
             jail,
             tmp_dir,
             max_upload: self.shared.app.config.sftp.max_upload_bytes,
+            max_handles: self.shared.app.config.sftp.max_handles_per_session,
+            budget: self.shared.handles.clone(),
         })
     }
 }
