@@ -12,3 +12,4 @@ mod e2e_limits;
 mod e2e_reload;
 mod e2e_sftp;
 mod e2e_sftp_badinput;
+mod e2e_sftp_rules;
