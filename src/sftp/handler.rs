@@ -551,21 +551,15 @@ async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
                 let m = f.file.metadata()?;
                 let own_upload = f.upload.is_some();
                 ops::check_setstat(&ctx, &m, &s.attrs, own_upload)?;
-                if own_upload {
-                    if let Some(size) = s.attrs.size {
-                        if size > ctx.max_upload {
-                            return Err(OpError::Failure(
-                                "upload larger than this server allows (sftp.max_upload_bytes)",
-                            ));
-                        }
-                        f.file.set_len(size)?;
+                if let (true, Some(size)) = (own_upload, s.attrs.size) {
+                    if size > ctx.max_upload {
+                        return Err(OpError::Failure(
+                            "upload larger than this server allows (sftp.max_upload_bytes)",
+                        ));
                     }
-                    if let Some(mode) = s.attrs.permissions {
-                        use std::os::unix::fs::PermissionsExt;
-                        f.file
-                            .set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
-                    }
+                    f.file.set_len(size)?;
                 }
+                ops::set_mode(&f.file, &m, &s.attrs)?;
                 ops::set_times(&f.file, &m, &s.attrs)
             })
             .await?;

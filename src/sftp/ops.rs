@@ -411,23 +411,33 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     Err(err)
 }
 
-/// SETSTAT by path: only users who may upload may change anything, and only times
-/// (WinSCP, rclone and paramiko set the mtime after an upload). Ownership, modes and
-/// sizes are hookbridge's: a request to change them is refused, never answered OK
-/// without being applied.
+/// SETSTAT by path: only users who may upload may change anything, and only times and
+/// plain read/write modes (WinSCP, FileZilla, rclone and paramiko set them after an
+/// upload). Ownership and sizes are hookbridge's: a request to change them is refused,
+/// never answered OK without being applied.
 pub fn setstat(ctx: &SessionCtx, path: &str, a: &FileAttributes) -> OpResult<()> {
     let r = ctx.resolve(path)?;
     let m = lstat(&r)?;
     check_setstat(ctx, &m, a, false)?;
-    if a.atime.is_some() || a.mtime.is_some() {
-        let f = open_nofollow().read(true).open(&r.real)?;
-        set_times(&f, &m, a)?;
+    let f = open_nofollow().read(true).open(&r.real)?;
+    set_mode(&f, &m, a)?;
+    set_times(&f, &m, a)
+}
+
+/// Applies a mode `check_setstat` allowed.
+pub fn set_mode(f: &File, m: &Metadata, a: &FileAttributes) -> OpResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match a.permissions {
+        Some(p) if p & 0o7777 != m.mode() & 0o7777 => {
+            f.set_permissions(fs::Permissions::from_mode(p & 0o7777))?;
+            Ok(())
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Whether a SETSTAT/FSETSTAT of `a` on a file with metadata `m` may be applied.
-/// `own_upload`: the handle is an upload in progress, whose size and mode the user may set.
+/// `own_upload`: the handle is an upload in progress, whose size the user may set.
 /// Values equal to the current ones change nothing and are accepted.
 pub fn check_setstat(
     ctx: &SessionCtx,
@@ -442,12 +452,15 @@ pub fn check_setstat(
         .permissions
         .is_some_and(|p| p & 0o7777 != m.mode() & 0o7777);
     let changes_owner = a.uid.is_some_and(|u| u != m.uid()) || a.gid.is_some_and(|g| g != m.gid());
+    // WinSCP and FileZilla set 0644-like modes after an upload: plain read/write bits
+    // that keep the owner's (hookbridge's) read and write; no exec or special bits.
+    let mode_ok = a
+        .permissions
+        .is_none_or(|p| p & 0o7777 & !0o666 == 0 && p & 0o600 == 0o600);
     let allowed = if !ctx.upload {
         !(changes_times || changes_size || changes_mode || changes_owner)
-    } else if own_upload {
-        !changes_owner
     } else {
-        !(changes_mode || changes_owner || changes_size)
+        !(changes_owner || changes_mode && !mode_ok || changes_size && !own_upload)
     };
     if allowed {
         Ok(())

@@ -102,11 +102,11 @@ r['read'] = len(s.open(a).read())
 r['mkdir'] = code(lambda: s.mkdir(day + '/new'))
 r['rmdir'] = code(lambda: s.rmdir(day))
 r['utime'] = code(lambda: s.utime(a, (1000000000, 1000000000)))
-r['chmod'] = code(lambda: s.chmod(a, 0o777))
+r['chmod'] = code(lambda: s.chmod(a, 0o600))
 r['truncate'] = code(lambda: s.truncate(a, 0))
 r['chown'] = code(lambda: s.chown(a, 12345, 12345))
 f = s.open(a, 'r')
-r['fchmod'] = code(lambda: f.chmod(0o777))
+r['fchmod'] = code(lambda: f.chmod(0o600))
 r['ftruncate'] = code(lambda: f.truncate(0))
 r['futime'] = code(lambda: f.utime((1000000000, 1000000000)))
 f.close()
@@ -178,6 +178,8 @@ r['truncate'] = code(lambda: s.truncate(a, 0))
 r['chmod'] = code(lambda: s.chmod(a, 0o777))
 r['put'] = code(lambda: s.put(local, '/up.json'))
 r['utime_own'] = code(lambda: s.utime('/up.json', (1000000000, 1000000000)))
+r['chmod_own'] = code(lambda: s.chmod('/up.json', 0o664))
+r['mode_own'] = s.stat('/up.json').st_mode & 0o7777
 r['mtime_own'] = s.stat('/up.json').st_mtime
 r['put_again'] = code(lambda: s.put(local, '/up.json'))
 r['posix_rename_over'] = code(lambda: s.posix_rename('/up.json', a))
@@ -194,7 +196,7 @@ print(json.dumps(r))
         v,
         json!({
             "overwrite": 3, "append": 3, "in_place": 3, "truncate": 3, "chmod": 3,
-            "put": 0, "utime_own": 0, "mtime_own": 1000000000, "put_again": 3,
+            "put": 0, "utime_own": 0, "chmod_own": 0, "mode_own": 0o664, "mtime_own": 1000000000, "put_again": 3,
             "posix_rename_over": 3, "rename_over": 4, "mkdir": 0, "rmdir": 0
         }),
         "{out}"
