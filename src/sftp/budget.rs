@@ -122,7 +122,7 @@ pub fn raise_nofile_limit() -> u64 {
     if lim.rlim_cur == libc::RLIM_INFINITY {
         return 1 << 20;
     }
-    lim.rlim_cur as u64
+    lim.rlim_cur
 }
 
 #[cfg(test)]
