@@ -108,6 +108,12 @@ pub struct SftpConfig {
     pub allow_ssh_rsa_sha1: bool,
     /// Largest file a user with the `upload` permission may upload, bytes. Default 1 GiB.
     pub max_upload_bytes: u64,
+    /// Open files and listings per SFTP channel. Default 64.
+    pub max_handles_per_session: usize,
+    /// Session channels per SSH connection (OpenSSH's MaxSessions). Default 10.
+    pub max_channels_per_connection: usize,
+    /// Open files and listings of one user across all its connections. Default 256.
+    pub max_handles_per_user: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -380,6 +386,9 @@ impl Default for SftpConfig {
             idle_timeout: Dur(Duration::from_secs(3600)),
             allow_ssh_rsa_sha1: false,
             max_upload_bytes: 1 << 30,
+            max_handles_per_session: 64,
+            max_channels_per_connection: 10,
+            max_handles_per_user: 256,
         }
     }
 }
@@ -529,6 +538,21 @@ impl Config {
         }
         if self.sftp.max_sessions == 0 || self.sftp.max_sessions_per_ip == 0 {
             return Err(invalid("sftp.max_sessions", "limits must be at least 1"));
+        }
+        for (key, v) in [
+            (
+                "sftp.max_handles_per_session",
+                self.sftp.max_handles_per_session,
+            ),
+            (
+                "sftp.max_channels_per_connection",
+                self.sftp.max_channels_per_connection,
+            ),
+            ("sftp.max_handles_per_user", self.sftp.max_handles_per_user),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "limits must be at least 1"));
+            }
         }
         if !(1..=20).contains(&self.sftp.max_auth_attempts) {
             return Err(invalid(

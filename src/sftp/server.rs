@@ -27,8 +27,6 @@ use crate::App;
 
 /// How long shutdown lets open transfers finish before disconnecting their sessions.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Session channels per connection; SFTP clients use one.
-const MAX_CHANNELS: usize = 10;
 
 struct Shared {
     app: App,
@@ -46,6 +44,8 @@ struct Shared {
     unauthenticated_per_ip: PerIp,
     /// Password checks, one per core at a time, each in memory kept for the next.
     verifier: crate::auth::Verifier,
+    /// Open SFTP handles per user and for the process.
+    handles: Arc<super::budget::HandleBudget>,
 }
 
 /// The place of a connection among the unauthenticated ones; given back at login.
@@ -107,9 +107,15 @@ pub async fn serve(
         verifier: crate::auth::Verifier::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         ),
+        handles: super::budget::HandleBudget::for_process(cfg.max_handles_per_user),
         app: app.clone(),
     });
-    tracing::info!(addr = ?listener.local_addr().ok(), host_key = %fingerprint, "SFTP server listening");
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        host_key = %fingerprint,
+        handle_budget = shared.handles.total(),
+        "SFTP server listening"
+    );
 
     loop {
         tokio::select! {
@@ -456,7 +462,11 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.channels.len() + self.sftp.len() >= MAX_CHANNELS {
+        // SFTP clients use one channel; OpenSSH's MaxSessions caps them the same way.
+        if self.channels.len() + self.sftp.len()
+            >= self.shared.app.config.sftp.max_channels_per_connection
+        {
+            tracing::info!(ip = %self.peer.ip(), "session channel refused: sftp.max_channels_per_connection reached");
             reply
                 .reject(russh::ChannelOpenFailure::ResourceShortage)
                 .await;
@@ -580,6 +590,8 @@ impl Conn {
             jail,
             tmp_dir,
             max_upload: self.shared.app.config.sftp.max_upload_bytes,
+            max_handles: self.shared.app.config.sftp.max_handles_per_session,
+            budget: self.shared.handles.clone(),
         })
     }
 }

@@ -14,3 +14,4 @@ mod e2e_preauth;
 mod e2e_reload;
 mod e2e_sftp;
 mod e2e_sftp_badinput;
+mod e2e_sftp_rules;
