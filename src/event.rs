@@ -110,19 +110,27 @@ mod micros {
 }
 
 /// What the platform may send; everything optional so that each problem gets its own message.
+/// A member that is present stays `Some` even when it is `null`, so that `null` is refused
+/// as "not a string" instead of passing for absent.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Incoming<'a> {
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     id: Option<&'a RawValue>,
-    #[serde(rename = "type", default, borrow)]
+    #[serde(rename = "type", default, borrow, deserialize_with = "present")]
     kind: Option<&'a RawValue>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     org: Option<&'a RawValue>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     timestamp: Option<&'a RawValue>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+}
+
+fn present<'de: 'a, 'a, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'a RawValue>, D::Error> {
+    <&'a RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -320,7 +328,6 @@ impl Envelope {
 
         let id = match inc.id {
             None => new_event_id(),
-            Some(raw) if raw.get() == "null" => new_event_id(),
             Some(raw) => {
                 let id = string_field(raw, "id")?;
                 validate_event_id(&id).map_err(|m| field("id", m))?;
@@ -340,7 +347,6 @@ impl Envelope {
 
         let timestamp = match inc.timestamp {
             None => now,
-            Some(raw) if raw.get() == "null" => now,
             Some(raw) => {
                 let s = string_field(raw, "timestamp")?;
                 let t = DateTime::parse_from_rfc3339(&s)
@@ -427,6 +433,14 @@ mod tests {
                 "timestamp",
             ),
             (br#"{"type":"payment","data":{},"extra":1}"#, "extra"),
+            (br#"{"type":"payment","data":{},"org":null}"#, "org"),
+            (br#"{"type":"payment","data":{},"id":null}"#, "id"),
+            (
+                br#"{"type":"payment","data":{},"timestamp":null}"#,
+                "timestamp",
+            ),
+            (br#"{"type":null,"data":{}}"#, "type"),
+            (br#"{"type":"payment","data":null}"#, "data"),
         ];
         for (body, needle) in cases {
             let e = Envelope::from_request(body, "acme", now())

@@ -102,7 +102,7 @@ async fn custom_values(
     crate::ingress::events::check_ingress_token(&app, &headers, &org)?;
     crate::ingress::admin::require_org(&app.store, &org).await?;
     let q = parse_query(raw)?;
-    let values = fetch(&app, &org, &q).await.inspect_err(|e| {
+    let (_status, values) = fetch(&app, &org, &q).await.inspect_err(|e| {
         if !matches!(e, CvError::NoEndpoint(_)) {
             tracing::info!(error = %e, "custom value request failed");
         }
@@ -110,12 +110,13 @@ async fn custom_values(
     Ok(Json(json!({ "values": values })))
 }
 
-/// Asks the org's endpoint; the answer holds exactly the requested fields.
+/// Asks the org's endpoint; the answer holds the endpoint's (2xx) status and exactly the
+/// requested fields.
 pub(super) async fn fetch(
     app: &App,
     org: &str,
     q: &CvQuery,
-) -> Result<Map<String, Value>, CvError> {
+) -> Result<(u16, Map<String, Value>), CvError> {
     let started = Instant::now();
     let res = fetch_inner(app, org, q).await;
     let outcome = match &res {
@@ -129,7 +130,11 @@ pub(super) async fn fetch(
     res
 }
 
-async fn fetch_inner(app: &App, org: &str, q: &CvQuery) -> Result<Map<String, Value>, CvError> {
+async fn fetch_inner(
+    app: &App,
+    org: &str,
+    q: &CvQuery,
+) -> Result<(u16, Map<String, Value>), CvError> {
     let cfg = &app.config.delivery;
     let endpoint = app
         .store
@@ -158,17 +163,17 @@ async fn fetch_inner(app: &App, org: &str, q: &CvQuery) -> Result<Map<String, Va
         .get(url)
         .header(header::ACCEPT, "application/json");
     let ex = client::exchange(signed.apply(req), cfg.custom_value_timeout.0).await;
-    match (&ex.error, ex.status) {
+    let status = match (&ex.error, ex.status) {
         (Some(SendError::Timeout(t)), _) => return Err(CvError::Timeout(*t)),
         (Some(e), _) => return Err(CvError::Upstream(e.to_string())),
-        (None, Some(s)) if (200..300).contains(&s) => {}
+        (None, Some(s)) if (200..300).contains(&s) => s,
         (None, s) => {
             return Err(CvError::Upstream(format!(
                 "it answered HTTP {}",
                 s.unwrap_or_default()
             )))
         }
-    }
+    };
     let answer: Value = serde_json::from_slice(&ex.body).map_err(|_| {
         CvError::Upstream(format!(
             "its answer is not JSON (or longer than {} bytes)",
@@ -180,10 +185,12 @@ async fn fetch_inner(app: &App, org: &str, q: &CvQuery) -> Result<Map<String, Va
             "its answer is not a JSON object keyed by field name".into(),
         ));
     };
-    Ok(q.fields
+    let values = q
+        .fields
         .iter()
         .map(|f| (f.clone(), obj.remove(f).unwrap_or(Value::Null)))
-        .collect())
+        .collect();
+    Ok((status, values))
 }
 
 #[cfg(test)]
