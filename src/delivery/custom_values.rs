@@ -23,6 +23,8 @@ use crate::App;
 
 /// A bot asks for a handful of fields; more is a mistake, not a use case.
 const MAX_FIELDS: usize = 50;
+/// The `maxLength` of `fields` in the OpenAPI document.
+const MAX_FIELDS_LEN: usize = 4096;
 
 pub(super) fn router() -> Router<App> {
     Router::new().route("/v1/orgs/{org}/custom-values", get(custom_values))
@@ -66,6 +68,11 @@ fn parse_query(raw: Option<String>) -> ApiResult<CvQuery> {
             "customer_id" => q.customer_id = v.into_owned(),
             "channel_id" => q.channel_id = v.into_owned(),
             "fields" => {
+                if v.chars().count() > MAX_FIELDS_LEN {
+                    return Err(Problem::bad_request(format!(
+                        "`fields` is longer than {MAX_FIELDS_LEN} characters"
+                    )));
+                }
                 for f in v.split(',').map(str::trim).filter(|f| !f.is_empty()) {
                     if !q.fields.iter().any(|x| x == f) {
                         q.fields.push(f.to_owned());
@@ -208,5 +215,7 @@ mod tests {
         assert_eq!(q.fields, ["a", "b"]);
         assert!(parse_query(Some("customer_id=1".into())).is_err());
         assert!(parse_query(Some("fields=a&x=1".into())).is_err());
+        assert!(parse_query(Some(format!("fields={}", "a".repeat(4097)))).is_err());
+        assert!(parse_query(Some(format!("fields={}", "a".repeat(4096)))).is_ok());
     }
 }

@@ -70,8 +70,33 @@ pub fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             "a JSON object body is required (send {} for none of the optional fields)",
         ));
     }
+    // serde would fill a struct from an array too (`["pw"]` as `{"password":"pw"}`).
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Problem::bad_request("the body must be a JSON object"));
+    }
     serde_json::from_slice(body)
         .map_err(|e| Problem::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// For optional object fields: like [`not_null`], and only a JSON object (serde would
+/// otherwise fill a struct from an array).
+pub fn object_only<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+        .map(Some)
 }
 
 /// For optional body fields: absent is `None`, `null` is refused (the document types them
@@ -105,7 +130,7 @@ struct PutOrg {
     #[serde(default, deserialize_with = "not_null")]
     name: Option<String>,
     /// Overrides of `[limits]`; absent keeps the current ones.
-    #[serde(default, deserialize_with = "not_null")]
+    #[serde(default, deserialize_with = "object_only")]
     limits: Option<crate::config::OrgLimits>,
 }
 
