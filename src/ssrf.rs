@@ -239,7 +239,9 @@ pub fn check_literal(url: &url::Url, allow_private: bool) -> Result<(), String> 
     }
     let refused = |ip: IpAddr| {
         forbidden_reason(ip).map_or(Ok(()), |why| {
-            Err(format!("destination {ip} is not a public address: {why}"))
+            Err(format!(
+                "destination {ip} is a private, loopback or special-purpose address ({why})"
+            ))
         })
     };
     match url.host() {
