@@ -77,6 +77,12 @@ pub struct HttpConfig {
     pub request_timeout: Dur,
     /// Events waiting for a group commit before new posts get 503. Default 10000.
     pub max_pending_events: usize,
+    /// A second address serving only `GET /metrics`, without auth (keep it on loopback or
+    /// a private network). Unset: `/metrics` is served on `listen` and needs a token.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token for `/metrics` on `listen`, besides the admin token (env
+    /// `HOOKBRIDGE_METRICS_TOKEN`), so a scraper need not hold the admin token.
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +127,9 @@ pub struct SftpConfig {
 pub struct IngressConfig {
     /// HS256 secret the platform signs event JWTs with (env `HOOKBRIDGE_INGRESS_JWT_SECRET`).
     pub jwt_hs256_secret: Option<String>,
+    /// Tokens whose `exp` is further ahead than this are refused (401), so a leaked
+    /// token cannot be valid for ever. Default 24h.
+    pub max_token_lifetime: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -367,6 +376,8 @@ impl Default for HttpConfig {
             max_body: 1 << 20,
             request_timeout: Dur(Duration::from_secs(30)),
             max_pending_events: 10_000,
+            metrics_listen: None,
+            metrics_token: None,
         }
     }
 }
@@ -397,6 +408,7 @@ impl Default for IngressConfig {
     fn default() -> Self {
         Self {
             jwt_hs256_secret: None,
+            max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -475,6 +487,9 @@ impl Config {
         if let Some(v) = get("HOOKBRIDGE_ADMIN_TOKEN") {
             self.admin.token = Some(v);
         }
+        if let Some(v) = get("HOOKBRIDGE_METRICS_TOKEN") {
+            self.http.metrics_token = Some(v);
+        }
         if let Some(v) = get("HOOKBRIDGE_HTTP_LISTEN") {
             self.http.listen = v
                 .parse()
@@ -512,6 +527,24 @@ impl Config {
                     "{:?} is not a tracing filter like \"info\" or \"hookbridge=debug\"",
                     self.log.level
                 ),
+            ));
+        }
+        if self.ingress.max_token_lifetime.0 < Duration::from_secs(60) {
+            return Err(invalid(
+                "ingress.max_token_lifetime",
+                "must be at least 60s",
+            ));
+        }
+        if let Some(t) = &self.http.metrics_token {
+            if t.len() < 16 {
+                return Err(invalid("http.metrics_token", "must be at least 16 bytes"));
+            }
+        }
+        if self.http.metrics_listen.is_some() && self.http.metrics_listen == Some(self.http.listen)
+        {
+            return Err(invalid(
+                "http.metrics_listen",
+                "must differ from http.listen",
             ));
         }
         if self.http.max_pending_events == 0 {

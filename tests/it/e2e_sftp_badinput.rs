@@ -131,6 +131,7 @@ async fn assert_healthy(d: &Daemon) {
             let m = d
                 .client
                 .get(d.url("/metrics"))
+                .bearer_auth(ADMIN_TOKEN)
                 .send()
                 .await
                 .ok()?

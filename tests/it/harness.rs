@@ -78,6 +78,8 @@ pub struct Daemon {
     pub sftp_extra: String,
     /// Lines of the `[delivery]` table.
     pub delivery_config: String,
+    /// Lines added to the generated `[http]` table (e.g. `metrics_listen = …`).
+    pub http_extra: String,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -92,6 +94,8 @@ pub struct Opts<'a> {
     pub delivery: &'a str,
     /// Data dir somewhere else than the temp dir (e.g. a small tmpfs).
     pub data_dir: Option<PathBuf>,
+    /// Lines added to the `[http]` table.
+    pub http_extra: &'a str,
 }
 
 impl Default for Opts<'_> {
@@ -101,6 +105,7 @@ impl Default for Opts<'_> {
             sftp_extra: "",
             delivery: DEFAULT_DELIVERY,
             data_dir: None,
+            http_extra: "",
         }
     }
 }
@@ -141,6 +146,7 @@ impl Daemon {
     pub async fn start_opts(o: Opts<'_>) -> Daemon {
         let (extra, sftp_extra, delivery, data_dir) =
             (o.extra, o.sftp_extra, o.delivery, o.data_dir);
+        let http_extra = o.http_extra.to_owned();
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -153,6 +159,7 @@ impl Daemon {
             data_dir_override: data_dir,
             sftp_extra: sftp_extra.to_owned(),
             delivery_config: delivery.to_owned(),
+            http_extra,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -182,6 +189,7 @@ impl Daemon {
             r#"data_dir = "{data}"
 [http]
 listen = "127.0.0.1:{http}"
+{http_extra}
 [sftp]
 listen = "127.0.0.1:{sftp}"
 auth_rejection_time = "100ms"
@@ -202,6 +210,7 @@ level = "info,hookbridge=debug"
             extra = self.extra_config,
             sftp_extra = self.sftp_extra,
             delivery = self.delivery_config,
+            http_extra = self.http_extra,
         );
         std::fs::write(self.config_path(), cfg).unwrap();
     }
@@ -293,6 +302,7 @@ level = "info,hookbridge=debug"
     pub async fn metrics(&self) -> String {
         self.client
             .get(self.url("/metrics"))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()

@@ -4,9 +4,11 @@ mod harness;
 
 mod e2e_admin;
 mod e2e_badinput;
+mod e2e_contract;
 mod e2e_delivery;
 mod e2e_docs;
 mod e2e_faults;
+mod e2e_http_edges;
 mod e2e_ingest;
 mod e2e_interop;
 mod e2e_limits;
