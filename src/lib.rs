@@ -12,6 +12,7 @@ pub mod demo;
 pub mod event;
 pub mod ingress;
 pub mod limits;
+pub mod provision;
 pub mod reload;
 pub mod retention;
 pub mod secrets;
@@ -117,7 +118,7 @@ pub async fn build_state(
     layout.prepare().map_err(dd_err)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dd.join("state.db"))?);
     let secrets = secrets::Secrets::load_or_create(config).map_err(StartError::Secrets)?;
-    ingress::admin::apply_declared(&store, config)
+    provision::apply_declared(&store, config)
         .await
         .map_err(StartError::Declared)?;
     Ok((store, layout, secrets))

@@ -43,7 +43,7 @@ pub async fn reload(app: &App) -> Result<(), String> {
     if !ignored.is_empty() {
         tracing::warn!(keys = ?ignored, "these settings changed in the file but need a restart");
     }
-    crate::ingress::admin::apply_declared(&app.store, &new).await?;
+    crate::provision::apply_declared(&app.store, &new).await?;
     crate::telemetry::set_level(&new.log.level);
     app.set_current(Arc::new(new));
     Ok(())
