@@ -58,11 +58,40 @@ pub fn write_private_file(path: &Path, body: &[u8]) -> std::io::Result<()> {
     .sync_all()
 }
 
+/// Creates `dir` (and its parents) and makes it owner-only (0700) whatever the umask;
+/// an existing folder that is more open is closed down.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes an existing file owner-only (0600), or creates it empty with that mode. State
+/// files made by an older version under umask 022 are closed down at start.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    if f.metadata()?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 impl Secrets {
     pub fn load_or_create(config: &Config) -> Result<Self, String> {
         let dir = config.data_dir.join("secrets");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let (ingress_jwt, ingress_jwt_file) = match &config.ingress.jwt_hs256_secret {
             Some(s) => (s.clone(), None),
             None => {

@@ -215,7 +215,9 @@ fn skipped(reason: String) -> (Attempt, AttemptOutcome) {
 
 #[tracing::instrument(skip_all, fields(org = %job.org, webhook = %job.webhook_id, delivery = %job.id, attempt = job.attempts + 1))]
 async fn deliver(app: &App, job: &DeliveryJob, body: Vec<u8>) -> (Attempt, AttemptOutcome) {
-    let cfg = &app.config.delivery;
+    // Retry delays and `disable_after` follow SIGHUP reloads.
+    let current = app.current();
+    let cfg = &current.delivery;
     let now = Utc::now();
     let hook = match &job.webhook {
         Some(h) if h.kind == WebhookKind::Http => h,

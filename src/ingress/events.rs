@@ -154,7 +154,8 @@ async fn ingest(
             "Content-Type must be application/json",
         ));
     }
-    let max = app.config.http.max_body;
+    // Follows SIGHUP reloads.
+    let max = app.current().http.max_body;
     let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,

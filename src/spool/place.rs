@@ -3,8 +3,12 @@
 //! Org folders are shared with SFTP readers, who may rename or remove folders while a
 //! batch is placed. So every event stands on its own: a folder that fails (or vanishes)
 //! fails or re-places only the events whose files are in it, never the rest of the
-//! batch — one org's folders can never fail another org's events. An event whose folder
-//! vanished before its entry was durable is placed again (folders recreated, file
+//! batch — one org's folders can never fail another org's events.
+//!
+//! Each file is renamed into its folder through an open descriptor of that folder, and
+//! that descriptor is fsync'd: a reader renaming the folder afterwards moves the file
+//! with it, durably. An event whose folder vanished before it was opened, or whose
+//! parent folders vanished before their fsync, is placed again (folders recreated, file
 //! rewritten from the envelope), up to [`PLACE_ROUNDS`] times.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -38,32 +42,39 @@ fn vanished(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR)
 }
 
-fn place(layout: &Layout, t: &Temp, to_sync: &mut BTreeSet<PathBuf>) -> io::Result<()> {
+/// Renames the temp into its folder, opened first: once the folder is open, a reader
+/// renaming it cannot make the rename fail, and the fsync of that open folder makes the
+/// entry durable wherever the folder was moved. Returns the open folder.
+fn place(layout: &Layout, t: &Temp, to_sync: &mut BTreeSet<PathBuf>) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let parent = t
         .target
         .parent()
         .ok_or_else(|| io::Error::other("target has no parent"))?;
+    let name = t
+        .target
+        .file_name()
+        .ok_or_else(|| io::Error::other("target has no name"))?;
     create_dirs(&layout.orgs_dir, parent, to_sync)?;
-    fs::rename(&t.tmp, &t.target)
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(parent)?;
+    let from = CString::new(t.tmp.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let to = CString::new(name.as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: both names are NUL-terminated and outlive the call; `dir` is open.
+    let rc = unsafe { libc::renameat(libc::AT_FDCWD, from.as_ptr(), dir.as_raw_fd(), to.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(dir)
 }
 
-/// Whether `name` is an entry of the directory open as `dir` (the one just fsync'd, not
-/// whatever the path points at now).
-fn entry_in(dir: &File, name: &std::ffi::OsStr) -> bool {
-    let Ok(c) = CString::new(name.as_bytes()) else {
-        return false;
-    };
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: `dir` is an open directory, `c` a NUL-terminated name, `st` is written by
-    // the call before it is read (and not read at all here).
-    unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            st.as_mut_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        ) == 0
-    }
+/// The identity of an open folder, so each is fsync'd once per round.
+fn inode(f: &File) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Renames the temps of `publish` into place and fsyncs the directories each event
@@ -100,17 +111,19 @@ pub(super) fn publish_temps(
                 .increment(pending.len() as u64);
             rewrite(layout, &mut pending, &mut placed.failed);
         }
-        // 1. Rename into place; note the directories each event needs fsync'd.
+        // 1. Rename into place; note the folders each event needs fsync'd: its open
+        //    target folders, and by path the parents of folders made or not yet trusted.
         let mut needs: BTreeMap<usize, BTreeSet<PathBuf>> = BTreeMap::new();
+        let mut opened: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut dirs_open: HashMap<(u64, u64), File> = HashMap::new();
         let mut again: BTreeSet<usize> = BTreeSet::new();
         for (&ev, ts) in &pending {
             let dirs = needs.entry(ev).or_default();
             for t in ts {
-                match place(layout, t, dirs) {
-                    Ok(()) => {
-                        if let Some(p) = t.target.parent() {
-                            dirs.insert(p.to_owned());
-                        }
+                match place(layout, t, dirs).and_then(|d| Ok((inode(&d)?, d))) {
+                    Ok((id, d)) => {
+                        opened.entry(ev).or_default().push(id);
+                        dirs_open.entry(id).or_insert(d);
                     }
                     Err(e) if vanished(&e) => {
                         again.insert(ev);
@@ -137,7 +150,7 @@ pub(super) fn publish_temps(
                 }
             }
         }
-        // 2. Fsync every directory once, keeping it open to check what it holds.
+        // 2. Fsync every folder once: open target folders by descriptor, the others by path.
         let settled: BTreeSet<usize> = pending
             .keys()
             .copied()
@@ -149,43 +162,39 @@ pub(super) fn publish_temps(
             .flat_map(|(_, d)| d.iter())
             .collect();
         let t0 = Instant::now();
-        let synced: HashMap<&PathBuf, io::Result<File>> = wanted
+        let synced: HashMap<&PathBuf, io::Result<()>> = wanted
             .into_iter()
-            .map(|d| (d, File::open(d).and_then(|f| f.sync_all().map(|()| f))))
+            .map(|d| (d, File::open(d).and_then(|f| f.sync_all())))
+            .collect();
+        let synced_open: HashMap<(u64, u64), io::Result<()>> = dirs_open
+            .iter()
+            .map(|(id, f)| (*id, f.sync_all()))
             .collect();
         metrics::histogram!("hookbridge_fsync_seconds", "what" => "dirs")
             .record(t0.elapsed().as_secs_f64());
         // 3. Judge each event by its own directories only.
         let mut done: Vec<usize> = Vec::new();
         let mut failed_now: Vec<(usize, SpoolError)> = Vec::new();
-        for (&ev, ts) in &pending {
+        for &ev in pending.keys() {
             if settled.contains(&ev) {
                 continue;
             }
             let mut verdict: Result<(), Option<io::Error>> = Ok(());
-            for d in &needs[&ev] {
-                match synced.get(d) {
-                    Some(Ok(_)) | None => {}
-                    Some(Err(e)) if vanished(e) => verdict = Err(None),
-                    Some(Err(e)) => {
+            let results = needs[&ev].iter().filter_map(|d| synced.get(d)).chain(
+                opened
+                    .get(&ev)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| synced_open.get(id)),
+            );
+            for r in results {
+                match r {
+                    Ok(()) => {}
+                    Err(e) if vanished(e) => verdict = Err(None),
+                    Err(e) => {
                         verdict = Err(Some(io::Error::new(e.kind(), e.to_string())));
                         break;
                     }
-                }
-            }
-            if verdict.is_ok() {
-                // The file must be an entry of the very directory that was fsync'd.
-                let all_in = ts.iter().all(|t| {
-                    match (
-                        t.target.parent().and_then(|p| synced.get(&p.to_path_buf())),
-                        t.target.file_name(),
-                    ) {
-                        (Some(Ok(dir)), Some(name)) => entry_in(dir, name),
-                        _ => false,
-                    }
-                });
-                if !all_in {
-                    verdict = Err(None);
                 }
             }
             match verdict {

@@ -10,5 +10,6 @@ mod e2e_ingest;
 mod e2e_interop;
 mod e2e_limits;
 mod e2e_reload;
+mod e2e_rules;
 mod e2e_sftp;
 mod e2e_sftp_badinput;
