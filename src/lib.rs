@@ -126,7 +126,8 @@ pub async fn build_state(
     }
     let layout = Layout::new(dd);
     layout.prepare().map_err(dd_err)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db)?);
+    let sealer = secrets::SecretBox::load_or_create(config).map_err(StartError::Secrets)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db, Arc::new(sealer))?);
     let secrets = secrets::Secrets::load_or_create(config).map_err(StartError::Secrets)?;
     provision::apply_declared(&store, config)
         .await

@@ -89,6 +89,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     );
     changed!(v, old.ingress, new.ingress, "ingress.", [jwt_hs256_secret]);
     changed!(v, old.admin, new.admin, "admin.", [token]);
+    changed!(v, old.store, new.store, "store.", [secrets_key]);
     changed!(
         v,
         old.delivery,
@@ -139,9 +140,11 @@ fn every_key_is_sorted(c: &Config) {
         log,
         defender,
         limits,
+        store,
         orgs: _,
         source: _,
     } = c;
+    let StoreConfig { secrets_key: _ } = store;
     let HttpConfig {
         listen: _,
         max_body: _,

@@ -11,6 +11,7 @@ use rusqlite::types::Type;
 use rusqlite::Row;
 
 use super::*;
+use crate::secrets::SecretBox;
 
 /// A row this version cannot read, named by table and key.
 #[derive(Debug, Clone)]
@@ -202,14 +203,19 @@ pub(super) const USER_COLS: &str = "name, org, password_hash, public_keys, uploa
 pub(super) const HOOK_COLS: &str =
     "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since";
 
-pub(super) fn hook_row(r: &Row<'_>) -> rusqlite::Result<Webhook> {
-    hook_row_at(r, 0)
+pub(super) fn hook_row(r: &Row<'_>, sb: &SecretBox) -> rusqlite::Result<Webhook> {
+    hook_row_at(r, 0, sb)
 }
 
 /// A webhook whose `HOOK_COLS` start at column `o` of the row.
-pub(super) fn hook_row_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Webhook> {
+pub(super) fn hook_row_at(r: &Row<'_>, o: usize, sb: &SecretBox) -> rusqlite::Result<Webhook> {
     keyed("webhooks", r, o, |r| {
         let kind: String = r.get(o + 2)?;
+        let id: String = r.get(o)?;
+        let secret = match r.get::<_, Option<String>>(o + 6)? {
+            Some(s) if SecretBox::is_sealed(&s) => Some(sb.open(&id, &s).map_err(bad)?),
+            other => other,
+        };
         Ok(Webhook {
             id: r.get(o)?,
             org: r.get(o + 1)?,
@@ -218,7 +224,7 @@ pub(super) fn hook_row_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Webhook> {
             url: r.get(o + 3)?,
             events: json(r, o + 4, "events")?,
             path_template: r.get(o + 5)?,
-            secret: r.get(o + 6)?,
+            secret,
             enabled: r.get(o + 7)?,
             disabled_reason: r.get(o + 8)?,
             created_at: time(r, o + 9)?,

@@ -13,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::health::{AttemptRecord, HookEffect};
 use super::rows::*;
 use super::*;
+use crate::secrets::SecretBox;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -20,6 +21,34 @@ pub struct SqliteStore {
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
     quarantine: Quarantine,
+    secrets: Arc<SecretBox>,
+}
+
+/// Seals webhook secrets stored in plain text by older versions, in one transaction.
+fn seal_plain_secrets(conn: &mut Connection, sb: &SecretBox) -> Result<()> {
+    let tx = conn.transaction()?;
+    let plain: Vec<(String, String)> = {
+        let mut st = tx.prepare(
+            "SELECT id, secret FROM webhooks WHERE secret IS NOT NULL AND secret NOT LIKE 'enc:v1:%'",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for (id, secret) in &plain {
+        let sealed = sb.seal(id, secret).map_err(StoreError::Db)?;
+        tx.execute(
+            "UPDATE webhooks SET secret = ?2 WHERE id = ?1",
+            params![id, sealed],
+        )?;
+    }
+    tx.commit()?;
+    if !plain.is_empty() {
+        tracing::info!(
+            webhooks = plain.len(),
+            "encrypted webhook secrets stored in plain text by an older version"
+        );
+    }
+    Ok(())
 }
 
 /// WAL readers never block each other or the writer.
@@ -135,9 +164,11 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 }
 
 impl SqliteStore {
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens (and migrates) the database; webhook secrets are sealed with `secrets`.
+    pub fn open(path: &Path, secrets: Arc<SecretBox>) -> Result<Self> {
         let mut writer = open(path)?;
         migrate(&mut writer)?;
+        seal_plain_secrets(&mut writer, &secrets)?;
         let readers = (0..READERS)
             .map(|_| open(path).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
@@ -146,6 +177,7 @@ impl SqliteStore {
             readers: Arc::new(readers),
             next_reader: Arc::default(),
             quarantine: Quarantine::default(),
+            secrets,
         })
     }
 
@@ -340,7 +372,10 @@ impl Store for SqliteStore {
     }
 
     async fn put_webhook(&self, hook: &Webhook) -> Result<()> {
-        let h = hook.clone();
+        let mut h = hook.clone();
+        if let Some(plain) = &h.secret {
+            h.secret = Some(self.secrets.seal(&h.id, plain).map_err(StoreError::Db)?);
+        }
         self.with_writer(move |c| {
             let other: Option<String> =
                 c.query_row("SELECT org FROM webhooks WHERE id = ?1", [&h.id], |r| r.get(0)).optional()?;
@@ -377,12 +412,13 @@ impl Store for SqliteStore {
 
     async fn get_webhook(&self, org: &str, id: &str) -> Result<Option<Webhook>> {
         let (org, id) = (org.to_owned(), id.to_owned());
+        let sb = self.secrets.clone();
         self.with_reader(move |c, q| {
             q.one(
                 c.query_row(
                     &format!("SELECT {HOOK_COLS} FROM webhooks WHERE org = ?1 AND id = ?2"),
                     [&org, &id],
-                    hook_row,
+                    |r| hook_row(r, &sb),
                 )
                 .optional(),
             )
@@ -392,11 +428,12 @@ impl Store for SqliteStore {
 
     async fn list_webhooks(&self, org: &str) -> Result<Vec<Webhook>> {
         let org = org.to_owned();
+        let sb = self.secrets.clone();
         self.with_reader(move |c, q| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {HOOK_COLS} FROM webhooks WHERE org = ?1 ORDER BY created_at, id"
             ))?;
-            let rows = st.query_map([&org], hook_row)?.rows(q)?;
+            let rows = st.query_map([&org], |r| hook_row(r, &sb))?.rows(q)?;
             Ok(rows)
         })
         .await
@@ -545,6 +582,7 @@ impl Store for SqliteStore {
         limit: usize,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>> {
+        let sb = self.secrets.clone();
         self.with_reader(move |c, q| {
             let mut busy = busy;
             busy.deliveries.extend(q.keys("deliveries"));
@@ -576,7 +614,7 @@ impl Store for SqliteStore {
                         match hooks_seen.get(&id) {
                             Some(h) => Some(h.clone()),
                             None => {
-                                let h = hook_row_at(r, 8)?;
+                                let h = hook_row_at(r, 8, &sb)?;
                                 hooks_seen.insert(id, h.clone());
                                 Some(h)
                             }
