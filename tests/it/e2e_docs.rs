@@ -45,6 +45,7 @@ fn config_reference_lists_every_key() {
         ("sftp.", "[sftp]".into()),
         ("ingress.", "[ingress]".into()),
         ("admin.", "[admin]".into()),
+        ("store.", "[store]".into()),
         ("delivery.", "[delivery]".into()),
         ("log.", "[log]".into()),
         ("defender.", "[defender]".into()),
