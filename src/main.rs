@@ -2,15 +2,34 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hookbridge::config::Config;
 use tokio_util::sync::CancellationToken;
+
+/// `--version`: what was built, from build.rs (`-V` prints the first line only).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit:   ",
+    env!("HOOKBRIDGE_GIT_COMMIT"),
+    "\nfeatures: ",
+    env!("HOOKBRIDGE_FEATURES"),
+    "\nprofile:  ",
+    env!("HOOKBRIDGE_PROFILE"),
+);
 
 #[derive(Parser)]
 #[command(
     name = "hookbridge",
     version,
-    about = "Platform webhook events → durable SFTP files and signed HTTP webhooks"
+    long_version = LONG_VERSION,
+    about = "Platform webhook events → durable SFTP files and signed HTTP webhooks",
+    long_about = "Platform webhook events → durable SFTP files and signed HTTP webhooks.\n\n\
+        hookbridge writes every event the platform posts for an organization as a timestamped \
+        JSON file into the org's folder, durably, before it answers; its embedded SFTP server \
+        serves that folder to the org's ETL jobs. It also delivers each event as a signed HTTP \
+        webhook with retries, dead letters and replay. Environment overrides: \
+        HOOKBRIDGE_DATA_DIR, HOOKBRIDGE_HTTP_LISTEN, HOOKBRIDGE_SFTP_LISTEN, \
+        HOOKBRIDGE_INGRESS_JWT_SECRET, HOOKBRIDGE_ADMIN_TOKEN, HOOKBRIDGE_LOG_FORMAT, RUST_LOG."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,6 +40,7 @@ struct Cli {
 enum Command {
     /// Run the daemon (embedded defaults without --config).
     Serve {
+        /// Config file (TOML); embedded defaults without it.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Create the demo org `acme` and print how to use it.
@@ -29,6 +49,7 @@ enum Command {
     },
     /// Validate a config file and print what hookbridge would do with it.
     CheckConfig {
+        /// Config file (TOML); the embedded defaults without it.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -36,13 +57,27 @@ enum Command {
     HashPassword,
     /// Mint an ingress JWT (HS256) for an org, as the platform would.
     Token {
+        /// Config file whose data_dir holds the ingress secret (the same as `serve`'s).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// The org the token is for (its `org` claim).
         #[arg(long)]
         org: String,
         /// Lifetime, e.g. "1h".
         #[arg(long, default_value = "1h")]
         ttl: String,
+    },
+    /// Print a shell completion script, e.g. `hookbridge completions bash`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (hookbridge.1 and one per subcommand) into DIR (package build).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Output directory, made when missing.
+        dir: PathBuf,
     },
 }
 
@@ -74,7 +109,68 @@ fn main() -> anyhow::Result<()> {
             println!("{}", mint(&secrets.ingress_jwt, &org, ttl)?);
             Ok(())
         }
+        Command::Completions { shell } => {
+            // Rendered in memory first: clap_complete panics when its writer fails (a
+            // closed pipe); writing ourselves turns that into an error exit.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut completion_command(), "hookbridge", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+                .context("writing the completion script")
+        }
+        Command::GenerateMan { dir } => generate_man(&dir),
     }
+}
+
+/// The CLI as completions offer it: without the hidden subcommands, which clap_complete's
+/// zsh script would list otherwise.
+fn completion_command() -> clap::Command {
+    let full = Cli::command();
+    let visible: Vec<clap::Command> = full
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    clap::Command::new("hookbridge")
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommands(visible)
+}
+
+/// The FILES section of hookbridge(1): where the package puts things.
+const MAN_FILES: &str = r#".SH FILES
+.TP
+\fI/etc/hookbridge/hookbridge.toml\fR
+Configuration read by the systemd unit; every key is documented in
+\fI/usr/share/doc/hookbridge/examples/hookbridge.example.toml\fR.
+Check it with \fBhookbridge check\-config \-\-config /etc/hookbridge/hookbridge.toml\fR.
+.TP
+\fI/var/lib/hookbridge\fR
+State: state.db, secrets/ (ingress JWT secret, admin token, webhook signing keys),
+the SFTP host key and the org folders (orgs/). Owned by the \fBhookbridge\fR user.
+.TP
+\fIhookbridge.service\fR
+The systemd unit; \fBsystemctl reload hookbridge\fR re\-reads the configuration.
+.SH SEE ALSO
+\fBsystemctl\fR(1), \fBjournalctl\fR(1), \fI/usr/share/doc/hookbridge/README.md\fR
+"#;
+
+fn generate_man(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // One page per visible subcommand (hookbridge-serve.1, …), then the top page with FILES.
+    // The pages show the plain version: the long one is several lines.
+    let cmd = || {
+        Cli::command()
+            .disable_help_subcommand(true)
+            .long_version(None::<&'static str>)
+    };
+    clap_mangen::generate_to(cmd(), dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    let top = clap_mangen::Man::new(cmd());
+    let mut page = Vec::new();
+    top.render(&mut page)?;
+    page.extend_from_slice(MAN_FILES.as_bytes());
+    let path = dir.join(top.get_filename());
+    std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 fn mint(secret: &str, org: &str, ttl: std::time::Duration) -> anyhow::Result<String> {
