@@ -4,7 +4,7 @@ pub mod admin;
 pub(crate) mod events;
 mod ops;
 pub mod problem;
-mod usage;
+pub mod usage;
 
 use std::time::Duration;
 
