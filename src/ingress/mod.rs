@@ -40,6 +40,7 @@ pub fn router(app: App) -> Router {
                 )),
         )
         .merge(ops::router())
+        .merge(crate::console::router(app.clone()))
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -59,11 +60,11 @@ pub fn router(app: App) -> Router {
 async fn problem_everywhere(resp: Response) -> Response {
     use axum::response::IntoResponse;
     let status = resp.status();
-    let is_problem = resp
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+    let ct = resp.headers().get(axum::http::header::CONTENT_TYPE);
+    let is_problem = ct.is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    // The console's error pages are HTML on purpose.
+    let is_page = ct.is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem || is_page {
         return resp;
     }
     let kept: Vec<_> = [axum::http::header::RETRY_AFTER, axum::http::header::ALLOW]

@@ -4,6 +4,7 @@ mod harness;
 
 mod e2e_admin;
 mod e2e_badinput;
+mod e2e_console;
 mod e2e_contract;
 mod e2e_delivery;
 mod e2e_docs;
@@ -18,3 +19,4 @@ mod e2e_rules;
 mod e2e_sftp;
 mod e2e_sftp_badinput;
 mod e2e_sftp_rules;
+mod webdriver;
