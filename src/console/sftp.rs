@@ -106,11 +106,15 @@ async fn render(
         section.card aria-labelledby="usage-h" {
             h2 #usage-h { "Usage" }
             p #usage {
-                (usage.files) " files of " (limits.quota_files) " · "
-                (human_bytes(usage.bytes)) " of " (human_bytes(limits.quota_bytes))
+                (usage.files) " files"
+                @if limits.quota_files > 0 { " of " (limits.quota_files) } @else { " (no file quota)" }
+                " · " (human_bytes(usage.bytes))
+                @if limits.quota_bytes > 0 { " of " (human_bytes(limits.quota_bytes)) } @else { " (no byte quota)" }
             }
             @let pct = if limits.quota_bytes > 0 { (usage.bytes.saturating_mul(100) / limits.quota_bytes).min(100) } else { 0 };
-            meter min="0" max="100" value=(pct) aria-label="Share of the byte quota used" { (pct) "%" }
+            @if limits.quota_bytes > 0 {
+                meter min="0" max="100" value=(pct) aria-label="Share of the byte quota used" { (pct) "%" }
+            }
         }
         section.card aria-labelledby="users-h" {
             h2 #users-h { "SFTP users" }

@@ -48,9 +48,11 @@ pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f0f2f5;padding:.4rem
 .filters a{margin-right:.8rem}
 @media (max-width:640px){
  main{padding:.6rem}
+ table.stack,table.stack tbody{display:block;width:100%}
  table.stack thead{display:none}
  table.stack tr{display:block;border-bottom:2px solid var(--line);padding:.4rem 0}
- table.stack td{display:block;border:0;padding:.2rem .3rem}
+ table.stack td{display:block;border:0;padding:.2rem .3rem;overflow-wrap:anywhere}
+ .row-actions form{flex-wrap:wrap}
  table.stack td[data-label]::before{content:attr(data-label) ": ";font-weight:600;color:var(--muted)}
 }
 "#;

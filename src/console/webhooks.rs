@@ -93,6 +93,11 @@ fn state_badge(h: &Webhook) -> Markup {
 fn row(org: &str, csrf: &str, h: &Webhook, shown: Option<&(String, Notice)>) -> Markup {
     let action = format!("/console/o/{org}/webhooks/{}", h.id);
     let test_id = format!("test-{}", h.id);
+    // After a test, the dropdown keeps the test that ran.
+    let last_test = shown
+        .filter(|(id, _)| *id == h.id)
+        .and_then(|(_, n)| n.text.split_once(':'))
+        .map(|(t, _)| t);
     html! {
         tr data-hook=(h.id) {
             td data-label="Webhook" { strong { (h.id) } br; span.muted { (h.kind.as_str()) } }
@@ -112,7 +117,7 @@ fn row(org: &str, csrf: &str, h: &Webhook, shown: Option<&(String, Notice)>) -> 
                         (csrf_field(csrf))
                         label.inline for=(test_id) { "Test" }
                         select id=(test_id) name="test" {
-                            @for t in crate::delivery::TESTS { option value=(t) { (t) } }
+                            @for t in crate::delivery::TESTS { option value=(t) selected[last_test == Some(t)] { (t) } }
                         }
                         button.secondary type="submit" name="action" value="test" { "Run test" }
                     }

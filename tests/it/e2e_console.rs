@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::e2e_delivery::{reply, Receiver};
+use crate::e2e_delivery::{reply, Receiver, Reply};
 use crate::e2e_sftp::{keygen, org, sftp_batch};
 use crate::harness::{wait_for, Daemon};
 use crate::webdriver::Browser;
@@ -78,7 +78,10 @@ async fn console_in_a_real_browser() {
     b.wait_text("delivered · HTTP 200", Some(&log)).await;
 
     // 5. The receiver fails: the failed attempt shows (filtered), then a replay delivers it.
-    r.set_default(reply(500));
+    r.set_default(Reply {
+        body: "receiver is down for maintenance".into(),
+        ..reply(500)
+    });
     let resp = d
         .post_event(
             "acme",

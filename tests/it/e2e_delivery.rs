@@ -20,9 +20,9 @@ use crate::harness::*;
 
 #[derive(Clone)]
 pub(crate) struct Reply {
-    status: u16,
-    headers: Vec<(&'static str, String)>,
-    body: String,
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(&'static str, String)>,
+    pub(crate) body: String,
 }
 
 pub(crate) fn reply(status: u16) -> Reply {
