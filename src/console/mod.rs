@@ -46,8 +46,15 @@ pub fn router<S: Clone + Send + Sync + 'static>(app: App) -> Router<S> {
         app: app.clone(),
         sessions: Arc::new(Sessions::default()),
     };
+    let max_body = app.config.http.max_body;
+    // The same layers as the other admin routes: body limit and JSON (413, 415), then
+    // the token, outermost.
     let links = Router::new()
         .route("/v1/orgs/{org}/console-links", post(make_link))
+        .route_layer(axum::middleware::from_fn(move |req, next| {
+            crate::ingress::json_body(req, next, max_body)
+        }))
+        .route_layer(axum::extract::DefaultBodyLimit::max(max_body))
         .route_layer(axum::middleware::from_fn_with_state(app, require_admin));
     Router::new()
         .merge(links)
@@ -252,7 +259,7 @@ async fn logout(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> Pa
 #[serde(deny_unknown_fields)]
 struct LinkRequest {
     /// Seconds the link stays valid; at most [`auth::LINK_TTL_MAX`].
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::ingress::admin::not_null")]
     ttl_seconds: Option<u64>,
 }
 

@@ -111,7 +111,7 @@ async fn render(
                 " · " (human_bytes(usage.bytes))
                 @if limits.quota_bytes > 0 { " of " (human_bytes(limits.quota_bytes)) } @else { " (no byte quota)" }
             }
-            @let pct = if limits.quota_bytes > 0 { (usage.bytes.saturating_mul(100) / limits.quota_bytes).min(100) } else { 0 };
+            @let pct = usage.bytes.saturating_mul(100).checked_div(limits.quota_bytes).unwrap_or(0).min(100);
             @if limits.quota_bytes > 0 {
                 meter min="0" max="100" value=(pct) aria-label="Share of the byte quota used" { (pct) "%" }
             }

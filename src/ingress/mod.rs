@@ -88,7 +88,7 @@ async fn problem_everywhere(resp: Response) -> Response {
 /// Admin bodies: at most `http.max_body` bytes (413) and JSON (415), like the ingress.
 /// An empty body passes, for routes without one; the handlers refuse it where the
 /// document marks the body required.
-async fn json_body(req: Request, next: Next, max: usize) -> Response {
+pub(crate) async fn json_body(req: Request, next: Next, max: usize) -> Response {
     use axum::http::{Method, StatusCode};
     use axum::response::IntoResponse;
     if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {

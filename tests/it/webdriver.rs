@@ -196,11 +196,6 @@ impl Browser {
         .await
     }
 
-    /// The whole text of the page body.
-    pub async fn body(&self) -> String {
-        self.text("body").await
-    }
-
     /// Waits until the body text contains `needle`, reloading `reload` (if given) between
     /// looks: for states reached by background work (deliveries).
     pub async fn wait_text(&self, needle: &str, reload: Option<&str>) -> String {
