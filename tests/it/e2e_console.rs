@@ -64,6 +64,19 @@ async fn console_in_a_real_browser() {
     assert!(row.contains("HTTP 200"), "{row}");
     b.screenshot(&dir, "webhooks").await;
 
+    // Rotate shows a new secret once; disable and enable show in the state column.
+    b.click("tr[data-hook=orders] button[value=rotate]").await;
+    b.wait_text("New signing secret (shown once", None).await;
+    assert!(b
+        .text("tr[data-hook=orders] .notice code")
+        .await
+        .starts_with("whsec_"));
+    b.click("tr[data-hook=orders] button[value=disable]").await;
+    b.wait_text("Disabled.", None).await;
+    assert!(b.text("tr[data-hook=orders]").await.contains("disabled"));
+    b.click("tr[data-hook=orders] button[value=enable]").await;
+    b.wait_text("Enabled.", None).await;
+
     // 4. An event posted to the ingress shows in the delivery log as delivered.
     let log = d.url("/console/o/acme/webhooks/orders/deliveries");
     let resp = d
@@ -132,6 +145,21 @@ async fn console_in_a_real_browser() {
         b.text("#user-password-error").await.contains("password"),
         "{err}"
     );
+
+    // Custom values: set the endpoint, run the customValue test against it.
+    b.goto(&d.url("/console/o/acme/custom-values")).await;
+    b.type_into("#cv-url", "ftp://nope").await;
+    b.click("#cv-form button[value=set]").await;
+    b.wait_text("url:", None).await;
+    assert!(b.text("#cv-url-error").await.starts_with("url:"));
+    b.script("document.querySelector('#cv-url').value = '';")
+        .await;
+    b.type_into("#cv-url", &r.url("/cv")).await;
+    b.click("#cv-form button[value=set]").await;
+    b.wait_text("Endpoint saved.", None).await;
+    b.click("#cv-form button[value=test]").await;
+    b.wait_text("customValue: ", None).await;
+    b.screenshot(&dir, "custom-values").await;
 
     // A form posted without its CSRF token is refused.
     b.goto(&d.url("/console/o/acme/webhooks")).await;
@@ -305,6 +333,45 @@ async fn console_links_sessions_and_csrf() {
     assert_eq!(resp.status(), 400);
     let page = resp.text().await.unwrap();
     assert!(page.contains("id=\"add-url-error\""), "{page}");
+
+    // The operator page: the admin token lists the orgs and makes working links.
+    assert_eq!(
+        http.get(d.url("/console/operator"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let op = |body: String| {
+        http.post(d.url("/console/operator"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+    };
+    assert_eq!(op("token=wrong".into()).await.unwrap().status(), 401);
+    let admin = crate::harness::ADMIN_TOKEN;
+    let page = op(format!("token={admin}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("acme") && page.contains("other"), "{page}");
+    let page = op(format!("token={admin}&org=other"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let made = page
+        .split("<code class=\"secret\">")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .unwrap_or_else(|| panic!("no link in {page}"))
+        .replace("&amp;", "&");
+    let resp = http.get(&made).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{made}");
 
     // The same CSRF token does not work in another org's form (that is a 404 anyway).
     let resp = post("/console/o/other/webhooks", format!("{form}&csrf={csrf}"))
