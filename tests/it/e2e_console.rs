@@ -157,8 +157,12 @@ async fn console_in_a_real_browser() {
     b.type_into("#cv-url", &r.url("/cv")).await;
     b.click("#cv-form button[value=set]").await;
     b.wait_text("Endpoint saved.", None).await;
+    r.set_default(Reply {
+        body: r#"{"tier": "gold"}"#.into(),
+        ..reply(200)
+    });
     b.click("#cv-form button[value=test]").await;
-    b.wait_text("customValue: ", None).await;
+    b.wait_text("customValue: ok", None).await;
     b.screenshot(&dir, "custom-values").await;
 
     // A form posted without its CSRF token is refused.
