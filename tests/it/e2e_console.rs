@@ -56,6 +56,28 @@ async fn console_in_a_real_browser() {
     assert!(b.text(".notice code").await.starts_with("whsec_"), "{page}");
     assert!(b.text("#webhooks").await.contains("enabled"));
 
+    // A dead endpoint: the verification's cause is shown next to the URL, nothing saved.
+    let dead = format!("http://127.0.0.1:{}/hook", crate::harness::free_port());
+    b.type_into("#add-url", &dead).await;
+    b.click("#add-webhook button[type=submit]").await;
+    b.wait_text("endpoint verification failed", None).await;
+    assert!(b
+        .text("#add-url-error")
+        .await
+        .contains("endpoint verification failed"));
+    // An SFTP hook, with its event types.
+    b.script("document.querySelector('#add-url').value = '';")
+        .await;
+    b.click("input[name=kind][value=sftp]").await;
+    b.type_into("#add-id", "files").await;
+    b.click("input[name=events][value=inboundMessage]").await;
+    b.click("#add-webhook button[type=submit]").await;
+    b.wait_text("Webhook files added.", None).await;
+    assert!(b
+        .text("tr[data-hook=files]")
+        .await
+        .contains("inboundMessage"));
+
     // 3. The `payment` test from the dropdown succeeds.
     b.click("tr[data-hook=orders] select[name=test] option[value=payment]")
         .await;
@@ -115,6 +137,11 @@ async fn console_in_a_real_browser() {
     b.wait_text("1 delivery(ies) queued again.", None).await;
     let delivered = d.url("/console/o/acme/webhooks/orders/deliveries?status=delivered");
     b.wait_text("evt_fail_1", Some(&delivered)).await;
+    // And a time range: both deliveries are queued again.
+    b.script("document.querySelector('#replay-since').value = '2020-01-01T00:00:00';")
+        .await;
+    b.click("#replay-since ~ p button").await;
+    b.wait_text("2 delivery(ies) queued again.", None).await;
 
     // 6. Add an SFTP user with a key and upload right, then log in with OpenSSH `sftp`.
     let keys = tempfile::tempdir().unwrap();
@@ -174,7 +201,7 @@ async fn console_in_a_real_browser() {
     b.wait_text("did not carry this session's security token", None)
         .await;
     let (s, hooks) = d.admin("GET", "/v1/orgs/acme/webhooks", None).await;
-    assert_eq!((s, hooks["webhooks"].as_array().unwrap().len()), (200, 1));
+    assert_eq!((s, hooks["webhooks"].as_array().unwrap().len()), (200, 2));
 
     // Another org's pages are 404 for this session.
     b.goto(&d.url("/console/o/other/webhooks")).await;
