@@ -185,6 +185,11 @@ fn html(status: StatusCode, m: Markup) -> Response {
         [
             (header::CACHE_CONTROL, "no-store"),
             (header::X_FRAME_OPTIONS, "DENY"),
+            // Everything is served by hookbridge itself; no script runs at all.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            ),
         ],
         m,
     )

@@ -158,7 +158,24 @@ async fn console_in_a_real_browser() {
         command,
         format!("sftp -P {} acme-drop@127.0.0.1", d.sftp_port)
     );
-    assert!(b.text("#host-key").await.starts_with("SHA256:"));
+    // The fingerprint shown is the one the SFTP server presents.
+    let shown_fp = b.text("#host-key").await;
+    let scan = std::process::Command::new("ssh-keyscan")
+        .args(["-t", "ed25519", "-p", &d.sftp_port.to_string(), "127.0.0.1"])
+        .output()
+        .unwrap();
+    let mut fp = std::process::Command::new("ssh-keygen")
+        .args(["-l", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut fp.stdin.take().unwrap(), &scan.stdout).unwrap();
+    let fp = String::from_utf8(fp.wait_with_output().unwrap().stdout).unwrap();
+    assert!(
+        shown_fp.starts_with("SHA256:") && fp.contains(&shown_fp),
+        "page {shown_fp:?}, server {fp:?}"
+    );
     b.screenshot(&dir, "sftp").await;
     let (ok, out) = sftp_batch(&d, "acme-drop", &key, "pwd\nls /\n", keys.path()).await;
     assert!(ok, "sftp as the console's user: {out}");
@@ -172,6 +189,13 @@ async fn console_in_a_real_browser() {
         b.text("#user-password-error").await.contains("password"),
         "{err}"
     );
+
+    // Removing the user in the page ends its SFTP logins.
+    b.goto(&d.url("/console/o/acme/sftp")).await;
+    b.click("tr[data-user=acme-drop] button").await;
+    b.wait_text("SFTP user acme-drop removed.", None).await;
+    let (ok, out) = sftp_batch(&d, "acme-drop", &key, "pwd\n", keys.path()).await;
+    assert!(!ok, "removed user still logs in: {out}");
 
     // Custom values: set the endpoint, run the customValue test against it.
     b.goto(&d.url("/console/o/acme/custom-values")).await;
@@ -297,7 +321,10 @@ async fn console_links_sessions_and_csrf() {
             .header("cookie", cookie.clone())
             .send()
     };
-    assert_eq!(get("/console/o/acme/webhooks").await.unwrap().status(), 200);
+    let page = get("/console/o/acme/webhooks").await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
     assert_eq!(
         get("/console/o/other/webhooks").await.unwrap().status(),
         404
