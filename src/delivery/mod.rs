@@ -29,6 +29,7 @@ use crate::store::{new_id, DeliveryStatus, Webhook, WebhookKind};
 use crate::App;
 
 pub use client::SendError;
+pub use tests::{connection_test, TestResult, TESTS};
 
 /// Signing keys and HTTP clients, built once at start and shared by handlers and workers.
 pub struct Delivery {
@@ -221,6 +222,49 @@ async fn replay(
     body: Bytes,
 ) -> ApiResult<Response> {
     let hook = find_hook(&app, &org, &id).await?;
+    // Before the body, so that a disabled hook says so whatever was sent.
+    replayable(&hook)?;
+    let req: ReplayRequest = parse_body(&body)?;
+    let n = replay_deliveries(&app, &hook, req.delivery_id.as_deref(), req.since).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": n }))).into_response())
+}
+
+/// Queues again one delivery (`delivery_id`) or every one since `since` of `hook`: the
+/// one path of the admin API and the console. Returns how many were queued.
+pub async fn replay_deliveries(
+    app: &App,
+    hook: &Webhook,
+    delivery_id: Option<&str>,
+    since: Option<DateTime<Utc>>,
+) -> Result<u64, Problem> {
+    let (org, id) = (&hook.org, &hook.id);
+    replayable(hook)?;
+    let n = match (delivery_id, since) {
+        (Some(d), None) => {
+            let n = app.store.replay(org, id, Some(d), None).await?;
+            if n == 0 {
+                return Err(Problem::not_found(format!(
+                    "no delivery {d:?} for webhook {id:?}"
+                )));
+            }
+            n
+        }
+        (None, Some(since)) => app.store.replay(org, id, None, Some(since)).await?,
+        _ => {
+            return Err(Problem::bad_request(
+                "give either `since` (RFC 3339) or `delivery_id`",
+            ))
+        }
+    };
+    if n > 0 {
+        app.delivery_wakeup();
+    }
+    tracing::info!(org = %org, webhook = %id, deliveries = n, "replay requested");
+    Ok(n)
+}
+
+fn replayable(hook: &Webhook) -> Result<(), Problem> {
+    let id = &hook.id;
     if hook.kind != WebhookKind::Http {
         return Err(Problem::bad_request(
             "only webhooks of kind \"http\" have deliveries to replay",
@@ -232,29 +276,7 @@ async fn replay(
             hook.disabled_reason.as_deref().unwrap_or("by an admin")
         )));
     }
-    let req: ReplayRequest = parse_body(&body)?;
-    let n = match (&req.delivery_id, req.since) {
-        (Some(d), None) => {
-            let n = app.store.replay(&org, &id, Some(d), None).await?;
-            if n == 0 {
-                return Err(Problem::not_found(format!(
-                    "no delivery {d:?} for webhook {id:?}"
-                )));
-            }
-            n
-        }
-        (None, Some(since)) => app.store.replay(&org, &id, None, Some(since)).await?,
-        _ => {
-            return Err(Problem::bad_request(
-                "give either `since` (RFC 3339) or `delivery_id`",
-            ))
-        }
-    };
-    if n > 0 {
-        app.delivery_wakeup();
-    }
-    tracing::info!(org = %org, webhook = %id, deliveries = n, "replay requested");
-    Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": n }))).into_response())
+    Ok(())
 }
 
 /// How long to wait for in-flight attempts at shutdown: one request plus a margin.

@@ -32,15 +32,17 @@ struct TestRequest {
     test: String,
 }
 
+/// What a connection test found.
 #[derive(Serialize)]
-pub(super) struct TestResult {
-    ok: bool,
-    status: Option<u16>,
-    latency_ms: u64,
-    detail: String,
+pub struct TestResult {
+    pub ok: bool,
+    pub status: Option<u16>,
+    pub latency_ms: u64,
+    pub detail: String,
 }
 
-const TESTS: [&str; 5] = [
+/// The tests an admin can run, in the order the UI lists them.
+pub const TESTS: [&str; 5] = [
     "ping",
     "inboundMessage",
     "deliveryReport",
@@ -55,18 +57,22 @@ pub(super) async fn run_test(
 ) -> ApiResult<Json<TestResult>> {
     let hook = find_hook(&app, &org, &id).await?;
     let req: TestRequest = parse_body(&body)?;
-    if !TESTS.contains(&req.test.as_str()) {
+    Ok(Json(connection_test(&app, &hook, &req.test).await?))
+}
+
+/// Runs test `test` against `hook`: the one path of the admin API and the console.
+pub async fn connection_test(app: &App, hook: &Webhook, test: &str) -> ApiResult<TestResult> {
+    if !TESTS.contains(&test) {
         return Err(Problem::bad_request(format!(
-            "test {:?} is unknown; allowed: {}",
-            req.test,
+            "test {test:?} is unknown; allowed: {}",
             TESTS.join(", ")
         )));
     }
     let started = Instant::now();
-    let (ok, status, detail) = match (req.test.as_str(), hook.kind) {
-        ("customValue", _) => custom_value_test(&app, &org).await,
-        (t, WebhookKind::Http) => http_test(&app, &hook, t).await,
-        (t, WebhookKind::Sftp) => sftp_test(&app, &hook, t).await?,
+    let (ok, status, detail) = match (test, hook.kind) {
+        ("customValue", _) => custom_value_test(app, &hook.org).await,
+        (t, WebhookKind::Http) => http_test(app, hook, t).await,
+        (t, WebhookKind::Sftp) => sftp_test(app, hook, t).await?,
     };
     let result = TestResult {
         ok,
@@ -74,8 +80,8 @@ pub(super) async fn run_test(
         latency_ms: started.elapsed().as_millis() as u64,
         detail,
     };
-    tracing::info!(org = %org, webhook = %id, test = %req.test, ok, "connection test");
-    Ok(Json(result))
+    tracing::info!(org = %hook.org, webhook = %hook.id, test, ok, "connection test");
+    Ok(result)
 }
 
 /// The body of a `ping`: the envelope shape with type `"ping"`.

@@ -241,13 +241,7 @@ async fn delete_user(
     State(app): State<App>,
     Path((org, user)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    require_org(&app.store, &org).await?;
-    if !app.store.delete_sftp_user(&org, &user).await? {
-        return Err(Problem::not_found(format!(
-            "no SFTP user {user:?} in org {org:?}"
-        )));
-    }
-    tracing::info!(org = %org, user = %user, "SFTP user deleted");
+    remove_user(&app, &org, &user).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -290,14 +284,6 @@ async fn create_hook(
 ) -> ApiResult<Response> {
     require_org(&app.store, &org).await?;
     let req: CreateHook = parse_body(&body)?;
-    if let Some(id) = &req.id {
-        check_name("webhook", id)?;
-        if app.store.get_webhook(&org, id).await?.is_some() {
-            return Err(Problem::conflict(format!(
-                "webhook {id:?} exists; PATCH it instead"
-            )));
-        }
-    }
     let spec = provision::HookSpec {
         id: req.id,
         kind: req.kind,
@@ -306,18 +292,38 @@ async fn create_hook(
         path_template: req.path_template,
         enabled: req.enabled,
     };
+    let hook = create_webhook(&app, &org, spec, req.verify).await?;
+    Ok((StatusCode::CREATED, Json(hook_json(&hook, true))).into_response())
+}
+
+/// Checks, verifies (http, when asked) and stores a new webhook of `org`, which exists:
+/// the one path of the admin API and the console.
+pub async fn create_webhook(
+    app: &App,
+    org: &str,
+    spec: provision::HookSpec,
+    verify: bool,
+) -> ApiResult<Webhook> {
+    if let Some(id) = &spec.id {
+        check_name("webhook", id)?;
+        if app.store.get_webhook(org, id).await?.is_some() {
+            return Err(Problem::conflict(format!(
+                "webhook {id:?} exists; PATCH it instead"
+            )));
+        }
+    }
     let hook = provision::build_webhook(
-        &org,
+        org,
         spec,
         None,
         app.config.delivery.allow_private_destinations,
     )?;
-    if hook.kind == WebhookKind::Http && req.verify {
-        crate::delivery::verify_endpoint(&app, &hook).await?;
+    if hook.kind == WebhookKind::Http && verify {
+        crate::delivery::verify_endpoint(app, &hook).await?;
     }
     app.store.put_webhook(&hook).await?;
     tracing::info!(org = %org, webhook = %hook.id, kind = hook.kind.as_str(), "webhook created");
-    Ok((StatusCode::CREATED, Json(hook_json(&hook, true))).into_response())
+    Ok(hook)
 }
 
 async fn list_hooks(
@@ -373,12 +379,8 @@ async fn patch_hook(
     Path((org, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let mut hook = find_hook(&app, &org, &id).await?;
+    let hook = find_hook(&app, &org, &id).await?;
     let req: PatchHook = parse_body(&body)?;
-    let url_changed = req
-        .url
-        .as_ref()
-        .is_some_and(|u| Some(u) != hook.url.as_ref());
     let patch = provision::HookPatch {
         url: req.url,
         events: req.events,
@@ -386,30 +388,64 @@ async fn patch_hook(
         enabled: req.enabled,
         rotate_secret: req.rotate_secret,
     };
+    let (hook, rotated) = update_webhook(&app, hook, patch, req.verify).await?;
+    Ok(Json(hook_json(&hook, rotated)))
+}
+
+/// Applies `patch` to `hook`, verifies a changed URL (when asked) and stores it: the one
+/// path of the admin API and the console. Returns the hook and whether its secret rotated.
+pub async fn update_webhook(
+    app: &App,
+    mut hook: Webhook,
+    patch: provision::HookPatch,
+    verify: bool,
+) -> ApiResult<(Webhook, bool)> {
+    let url_changed = patch
+        .url
+        .as_ref()
+        .is_some_and(|u| Some(u) != hook.url.as_ref());
     let rotated = provision::patch_webhook(
         &mut hook,
         patch,
         app.config.delivery.allow_private_destinations,
     )?;
-    if url_changed && req.verify {
-        crate::delivery::verify_endpoint(&app, &hook).await?;
+    if url_changed && verify {
+        crate::delivery::verify_endpoint(app, &hook).await?;
     }
     app.store.put_webhook(&hook).await?;
-    tracing::info!(org = %org, webhook = %id, rotated, "webhook updated");
-    Ok(Json(hook_json(&hook, rotated)))
+    tracing::info!(org = %hook.org, webhook = %hook.id, rotated, "webhook updated");
+    Ok((hook, rotated))
+}
+
+/// Deletes webhook `id` of `org`: the one path of the admin API and the console.
+pub async fn remove_webhook(app: &App, org: &str, id: &str) -> ApiResult<()> {
+    require_org(&app.store, org).await?;
+    if !app.store.delete_webhook(org, id).await? {
+        return Err(Problem::not_found(format!(
+            "no webhook {id:?} in org {org:?}"
+        )));
+    }
+    tracing::info!(org = %org, webhook = %id, "webhook deleted");
+    Ok(())
+}
+
+/// Deletes SFTP user `user` of `org`: the one path of the admin API and the console.
+pub async fn remove_user(app: &App, org: &str, user: &str) -> ApiResult<()> {
+    require_org(&app.store, org).await?;
+    if !app.store.delete_sftp_user(org, user).await? {
+        return Err(Problem::not_found(format!(
+            "no SFTP user {user:?} in org {org:?}"
+        )));
+    }
+    tracing::info!(org = %org, user = %user, "SFTP user deleted");
+    Ok(())
 }
 
 async fn delete_hook(
     State(app): State<App>,
     Path((org, id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    require_org(&app.store, &org).await?;
-    if !app.store.delete_webhook(&org, &id).await? {
-        return Err(Problem::not_found(format!(
-            "no webhook {id:?} in org {org:?}"
-        )));
-    }
-    tracing::info!(org = %org, webhook = %id, "webhook deleted");
+    remove_webhook(&app, &org, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -426,9 +462,15 @@ async fn put_cv_endpoint(
 ) -> ApiResult<Json<serde_json::Value>> {
     require_org(&app.store, &org).await?;
     let req: PutEndpoint = parse_body(&body)?;
-    provision::check_destination(&req.url, app.config.delivery.allow_private_destinations)?;
-    app.store.put_custom_value_endpoint(&org, &req.url).await?;
+    set_cv_endpoint(&app, &org, &req.url).await?;
     Ok(Json(json!({ "org": org, "url": req.url })))
+}
+
+/// Sets the org's custom-value endpoint: the one path of the admin API and the console.
+pub async fn set_cv_endpoint(app: &App, org: &str, url: &str) -> ApiResult<()> {
+    provision::check_destination(url, app.config.delivery.allow_private_destinations)?;
+    app.store.put_custom_value_endpoint(org, url).await?;
+    Ok(())
 }
 
 async fn get_cv_endpoint(

@@ -4,7 +4,7 @@ pub mod admin;
 pub(crate) mod events;
 mod ops;
 pub mod problem;
-mod usage;
+pub mod usage;
 
 use std::time::Duration;
 
@@ -40,6 +40,7 @@ pub fn router(app: App) -> Router {
                 )),
         )
         .merge(ops::router())
+        .merge(crate::console::router(app.clone()))
         .fallback(|| async { Problem::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -59,11 +60,11 @@ pub fn router(app: App) -> Router {
 async fn problem_everywhere(resp: Response) -> Response {
     use axum::response::IntoResponse;
     let status = resp.status();
-    let is_problem = resp
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+    let ct = resp.headers().get(axum::http::header::CONTENT_TYPE);
+    let is_problem = ct.is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    // The console's error pages are HTML on purpose.
+    let is_page = ct.is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem || is_page {
         return resp;
     }
     let kept: Vec<_> = [axum::http::header::RETRY_AFTER, axum::http::header::ALLOW]
@@ -87,7 +88,7 @@ async fn problem_everywhere(resp: Response) -> Response {
 /// Admin bodies: at most `http.max_body` bytes (413) and JSON (415), like the ingress.
 /// An empty body passes, for routes without one; the handlers refuse it where the
 /// document marks the body required.
-async fn json_body(req: Request, next: Next, max: usize) -> Response {
+pub(crate) async fn json_body(req: Request, next: Next, max: usize) -> Response {
     use axum::http::{Method, StatusCode};
     use axum::response::IntoResponse;
     if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {

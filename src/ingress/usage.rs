@@ -12,14 +12,20 @@ pub fn router() -> Router<App> {
     Router::new().route("/v1/orgs/{org}/usage", get(usage))
 }
 
-async fn usage(
-    State(app): State<App>,
-    Path(org): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
-    let o = super::admin::require_org(&app.store, &org).await?;
+/// The org, its effective limits and a fresh count of its folder: the one path of the
+/// admin API and the console.
+pub async fn org_usage(
+    app: &App,
+    org: &str,
+) -> ApiResult<(
+    crate::store::Org,
+    crate::config::EffectiveLimits,
+    crate::limits::OrgUsage,
+)> {
+    let o = super::admin::require_org(&app.store, org).await?;
     let limits = app.current().limits.for_org(&o.limits);
     // A fresh count, so that the answer reflects deletes made over SFTP a moment ago.
-    let root = app.layout.org_dir(&org);
+    let root = app.layout.org_dir(org);
     let counted = tokio::task::spawn_blocking(move || {
         crate::retention::sweep_org(
             &root,
@@ -33,8 +39,15 @@ async fn usage(
     .await
     .map_err(|e| Problem::internal("usage count failed", e))?
     .map_err(|e| Problem::internal("usage count failed", e))?;
-    app.usage.set(&org, counted.usage);
-    let u = counted.usage;
+    app.usage.set(org, counted.usage);
+    Ok((o, limits, counted.usage))
+}
+
+async fn usage(
+    State(app): State<App>,
+    Path(org): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (o, limits, u) = org_usage(&app, &org).await?;
     Ok(Json(json!({
         "org": org,
         "files": u.files,

@@ -19,13 +19,13 @@ use sha2::Digest;
 use crate::harness::*;
 
 #[derive(Clone)]
-struct Reply {
-    status: u16,
-    headers: Vec<(&'static str, String)>,
-    body: String,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(&'static str, String)>,
+    pub(crate) body: String,
 }
 
-fn reply(status: u16) -> Reply {
+pub(crate) fn reply(status: u16) -> Reply {
     Reply {
         status,
         headers: Vec::new(),
@@ -119,7 +119,7 @@ impl Receiver {
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
-    fn set_default(&self, r: Reply) {
+    pub(crate) fn set_default(&self, r: Reply) {
         *self.st.default.lock().unwrap() = Some(r);
     }
     fn plan(&self, replies: Vec<Reply>) {
