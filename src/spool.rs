@@ -24,6 +24,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::Announcer;
 use crate::limits::Usage;
 use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError};
 
@@ -133,11 +134,20 @@ impl Spool {
         layout: Layout,
         usage: Arc<Usage>,
         max_waiting: usize,
+        announce: Announcer,
         cancel: CancellationToken,
     ) -> (Spool, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_waiting.max(1));
         let waiting = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(committer(store, layout, usage, rx, waiting.clone(), cancel));
+        let task = tokio::spawn(committer(
+            store,
+            layout,
+            usage,
+            rx,
+            waiting.clone(),
+            announce,
+            cancel,
+        ));
         (
             Spool {
                 tx,
@@ -169,6 +179,7 @@ async fn committer(
     usage: Arc<Usage>,
     mut rx: mpsc::Receiver<Request>,
     waiting: Arc<AtomicUsize>,
+    announce: Announcer,
     cancel: CancellationToken,
 ) {
     let mut done_not_marked: Vec<(String, String)> = Vec::new();
@@ -201,6 +212,7 @@ async fn committer(
             batch,
             marked,
             &mut done_not_marked,
+            &announce,
         )
         .await;
         if rx.is_empty() && !done_not_marked.is_empty() {
@@ -226,6 +238,7 @@ async fn commit_batch(
     mut batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
+    announce: &Announcer,
 ) {
     let started = Instant::now();
     let n = batch.len();
@@ -278,6 +291,15 @@ async fn commit_batch(
             return;
         }
     };
+
+    // Jobs of new events are durable now: announced to the scheduler below, once the
+    // files are in place too (a receiver may go and fetch them).
+    let fresh_jobs: Vec<(String, String)> = outcomes
+        .iter()
+        .zip(&batch)
+        .filter(|(o, _)| matches!(o, CommitOutcome::New(_)))
+        .flat_map(|(_, r)| r.event.deliveries.iter().cloned())
+        .collect();
 
     // Events whose files must now appear: new ones (their temps are written), and known
     // ones left pending earlier (`redo`: written now from the envelope first recorded).
@@ -370,6 +392,7 @@ async fn commit_batch(
     }
     metrics::histogram!("hookbridge_group_commit_batch_size").record(n as f64);
     metrics::histogram!("hookbridge_group_commit_seconds").record(started.elapsed().as_secs_f64());
+    announce.announce(fresh_jobs);
     for (r, reply) in batch.into_iter().zip(replies) {
         let _ = r.reply.send(reply);
     }
