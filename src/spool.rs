@@ -204,7 +204,7 @@ async fn committer(
         }
         waiting.fetch_sub(batch.len(), Ordering::AcqRel);
         let marked = std::mem::take(&mut done_not_marked);
-        commit_batch(
+        let fresh_jobs = commit_batch(
             &store,
             &layout,
             &usage,
@@ -212,9 +212,10 @@ async fn committer(
             batch,
             marked,
             &mut done_not_marked,
-            &announce,
         )
         .await;
+        // Durable and answered: the scheduler sends them without polling the store.
+        announce.announce(fresh_jobs);
         if rx.is_empty() && !done_not_marked.is_empty() {
             // Idle: record now that these files are written, or a crash before the next
             // post would rewrite them at start-up, after an ETL job may have taken them.
@@ -230,6 +231,8 @@ async fn committer(
     }
 }
 
+/// Commits and answers one batch; returns the (delivery id, webhook id) of the jobs of its
+/// new events, for the committer to announce.
 async fn commit_batch(
     store: &Arc<dyn Store>,
     layout: &Layout,
@@ -238,8 +241,7 @@ async fn commit_batch(
     mut batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
-    announce: &Announcer,
-) {
+) -> Vec<(String, String)> {
     let started = Instant::now();
     let n = batch.len();
     // Quota: each event's room is reserved here, in batch order, before anything is
@@ -288,12 +290,12 @@ async fn commit_batch(
                 settle(i, &r.event, false);
                 let _ = r.reply.send(Err(clone_err(&e)));
             }
-            return;
+            return Vec::new();
         }
     };
 
-    // Jobs of new events are durable now: announced to the scheduler below, once the
-    // files are in place too (a receiver may go and fetch them).
+    // Jobs of new events are durable now: the committer announces them to the scheduler
+    // once the files are in place too (a receiver may go and fetch them).
     let fresh_jobs: Vec<(String, String)> = outcomes
         .iter()
         .zip(&batch)
@@ -392,10 +394,10 @@ async fn commit_batch(
     }
     metrics::histogram!("hookbridge_group_commit_batch_size").record(n as f64);
     metrics::histogram!("hookbridge_group_commit_seconds").record(started.elapsed().as_secs_f64());
-    announce.announce(fresh_jobs);
     for (r, reply) in batch.into_iter().zip(replies) {
         let _ = r.reply.send(reply);
     }
+    fresh_jobs
 }
 
 /// Swaps the fresh temps of events left pending earlier for temps of the envelope first
