@@ -47,7 +47,8 @@ pub struct App {
     pub usage: Arc<limits::Usage>,
     /// Per-org ingest token buckets.
     pub rate: Arc<limits::RateLimiter>,
-    /// Wakes the delivery workers when new jobs were committed.
+    /// Makes the delivery scheduler poll the outbox (replays). New jobs need no wake-up:
+    /// the spool hands them over directly.
     pub delivery_wake: Arc<tokio::sync::Notify>,
     /// Webhook signing keys and the outgoing HTTP clients.
     pub delivery: Arc<delivery::Delivery>,
@@ -185,11 +186,13 @@ pub async fn run_with_hook(
 
     let spool_cancel = CancellationToken::new();
     let usage = Arc::new(limits::Usage::default());
+    let (announcer, announced) = delivery::handoff();
     let (spool, spool_task) = Spool::start(
         store.clone(),
         layout.clone(),
         usage.clone(),
         config.http.max_pending_events,
+        announcer,
         spool_cancel.clone(),
     );
     let app = App {
@@ -264,7 +267,7 @@ pub async fn run_with_hook(
     {
         let app = app.clone();
         let cancel = cancel.clone();
-        tasks.spawn(async move { ("delivery", delivery::run(app, cancel).await) });
+        tasks.spawn(async move { ("delivery", delivery::run(app, announced, cancel).await) });
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     telemetry::spawn_watchdog(&mut tasks, cancel.clone());

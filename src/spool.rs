@@ -24,6 +24,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::Announcer;
 use crate::limits::Usage;
 use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError};
 
@@ -133,11 +134,20 @@ impl Spool {
         layout: Layout,
         usage: Arc<Usage>,
         max_waiting: usize,
+        announce: Announcer,
         cancel: CancellationToken,
     ) -> (Spool, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_waiting.max(1));
         let waiting = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(committer(store, layout, usage, rx, waiting.clone(), cancel));
+        let task = tokio::spawn(committer(
+            store,
+            layout,
+            usage,
+            rx,
+            waiting.clone(),
+            announce,
+            cancel,
+        ));
         (
             Spool {
                 tx,
@@ -169,6 +179,7 @@ async fn committer(
     usage: Arc<Usage>,
     mut rx: mpsc::Receiver<Request>,
     waiting: Arc<AtomicUsize>,
+    announce: Announcer,
     cancel: CancellationToken,
 ) {
     let mut done_not_marked: Vec<(String, String)> = Vec::new();
@@ -193,7 +204,7 @@ async fn committer(
         }
         waiting.fetch_sub(batch.len(), Ordering::AcqRel);
         let marked = std::mem::take(&mut done_not_marked);
-        commit_batch(
+        let fresh_jobs = commit_batch(
             &store,
             &layout,
             &usage,
@@ -203,6 +214,8 @@ async fn committer(
             &mut done_not_marked,
         )
         .await;
+        // Durable and answered: the scheduler sends them without polling the store.
+        announce.announce(fresh_jobs);
         if rx.is_empty() && !done_not_marked.is_empty() {
             // Idle: record now that these files are written, or a crash before the next
             // post would rewrite them at start-up, after an ETL job may have taken them.
@@ -218,6 +231,8 @@ async fn committer(
     }
 }
 
+/// Commits and answers one batch; returns the (delivery id, webhook id) of the jobs of its
+/// new events, for the committer to announce.
 async fn commit_batch(
     store: &Arc<dyn Store>,
     layout: &Layout,
@@ -226,7 +241,7 @@ async fn commit_batch(
     mut batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
-) {
+) -> Vec<(String, String)> {
     let started = Instant::now();
     let n = batch.len();
     // Quota: each event's room is reserved here, in batch order, before anything is
@@ -275,9 +290,18 @@ async fn commit_batch(
                 settle(i, &r.event, false);
                 let _ = r.reply.send(Err(clone_err(&e)));
             }
-            return;
+            return Vec::new();
         }
     };
+
+    // Jobs of new events are durable now: the committer announces them to the scheduler
+    // once the files are in place too (a receiver may go and fetch them).
+    let fresh_jobs: Vec<(String, String)> = outcomes
+        .iter()
+        .zip(&batch)
+        .filter(|(o, _)| matches!(o, CommitOutcome::New(_)))
+        .flat_map(|(_, r)| r.event.deliveries.iter().cloned())
+        .collect();
 
     // Events whose files must now appear: new ones (their temps are written), and known
     // ones left pending earlier (`redo`: written now from the envelope first recorded).
@@ -373,6 +397,7 @@ async fn commit_batch(
     for (r, reply) in batch.into_iter().zip(replies) {
         let _ = r.reply.send(reply);
     }
+    fresh_jobs
 }
 
 /// Swaps the fresh temps of events left pending earlier for temps of the envelope first

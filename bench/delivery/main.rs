@@ -7,8 +7,11 @@
 //!    fsync'd delivery outcomes) with one subscribed http webhook while the receiver
 //!    holds its answers (so the outbox fills up); then the receiver opens and
 //!    deliveries/s is N / (last delivery − opening);
-//! 3. latency: events paced at half the measured delivery rate; p50/p99 of
-//!    "POST sent" → "receiver got it".
+//! 3. sustained: 64 posters with the receiver answering, so ingest and delivery run
+//!    together; the rate at which events are both accepted and delivered;
+//! 4. latency: events paced (open loop) at half that sustained rate, then 1,000 ev/s posted from 16 connections; for each, p50/p99/max
+//!    of "POST sent" → "202 received" (bound by the group commit's fsync, printed next to
+//!    the disk's own fsync time) and "202 received" → "receiver got it" (our scheduling).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -196,7 +199,7 @@ level = "warn"
                 let b = json!({"id": id, "type": "payment",
                     "data": {"paymentId": "pay_1", "amount": 1999, "currency": "EUR", "customerId": "cus_1"}});
                 let r = client.post(&url).bearer_auth(&token).json(&b).send().await;
-                matches!(r, Ok(r) if r.status().as_u16() == 202)
+                matches!(r, Ok(r) if r.status().as_u16() == 202).then(Instant::now)
             }
         }
     };
@@ -223,7 +226,10 @@ level = "warn"
                 if i >= n_events {
                     break;
                 }
-                assert!(post(format!("tp_{i}")).await, "ingest refused an event");
+                assert!(
+                    post(format!("tp_{i}")).await.is_some(),
+                    "ingest refused an event"
+                );
             }
         }));
     }
@@ -259,18 +265,23 @@ level = "warn"
                 hb_cpu * 1e6 / n_events as f64,
                 bench_cpu * 1e6 / n_events as f64
             );
-            // Latency is end to end, so the offered load must also fit through ingest.
+            // Sustained: ingest and delivery at once (64 posters, receiver open), which is
+            // what the latency load must fit through; the two rates above are each alone.
+            let sustained = sustained_phase(&st, post.clone()).await;
             let lat_rate = match std::env::var("BENCH_LAT_RATE")
                 .ok()
                 .and_then(|v| v.parse().ok())
             {
                 Some(r) => r,
-                None => (rate / 2.0).min(ingest_rate / 2.0),
+                None => sustained / 2.0,
             };
-            if lat_rate < rate / 2.0 && std::env::var("BENCH_LAT_RATE").is_err() {
-                println!("(latency load capped at half the ingest rate, {lat_rate:.0} ev/s, since ingest is the slower stage)");
-            }
-            latency_phase(&st, lat_rate, post.clone()).await;
+            println!(
+                "disk fsync (4 KiB append + fdatasync, data dir)  {}",
+                fsync_probe(dir.path(), 200)
+            );
+            latency_phase(&st, "half", lat_rate, None, post.clone()).await;
+            let rate16 = arg("BENCH_RATE16", 1000) as f64;
+            latency_phase(&st, "c16", rate16, Some(16), post.clone()).await;
             break;
         }
         if Instant::now() > deadline {
@@ -283,49 +294,185 @@ level = "warn"
     let _ = child.wait();
 }
 
-async fn latency_phase<F, Fut>(st: &Arc<Recv>, rate: f64, post: F)
+/// Closed loop: `CONC` posters for `BENCH_LAT_SECS` while the receiver answers at once;
+/// returns the rate at which events were both accepted and delivered.
+async fn sustained_phase<F, Fut>(st: &Arc<Recv>, post: F) -> f64
 where
-    F: Fn(String) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
+    F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<Instant>> + Send,
 {
-    let secs = arg("BENCH_LAT_SECS", 5) as f64;
-    let n = (rate * secs) as usize;
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let secs = arg("BENCH_LAT_SECS", 5);
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let next = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..n {
-        // Open-loop pacing: event i is due at i / rate, whatever the earlier ones do.
-        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
-        let id = format!("lat_{i}");
-        sent.lock().unwrap().insert(id.clone(), Instant::now());
-        let post = post.clone();
-        tasks.push(tokio::spawn(async move { post(id).await }));
+    for _ in 0..CONC {
+        let (next, post) = (next.clone(), post.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < stop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                assert!(
+                    post(format!("sus_{i}")).await.is_some(),
+                    "ingest refused an event"
+                );
+            }
+        }));
     }
     for t in tasks {
-        assert!(t.await.unwrap());
+        t.await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut lat: Vec<Duration> = loop {
-        let l: Vec<Duration> = {
-            let arr = st.arrivals.lock().unwrap();
-            let sent = sent.lock().unwrap();
-            sent.iter()
-                .filter_map(|(id, s)| arr.get(id).map(|a| a.saturating_duration_since(*s)))
-                .collect()
-        };
-        if l.len() == n || Instant::now() > deadline {
-            break l;
+    let n = next.load(Ordering::Relaxed) as usize;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let last = loop {
+        let got: Vec<Instant> = st
+            .arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with("sus_"))
+            .map(|(_, v)| *v)
+            .collect();
+        if got.len() >= n || Instant::now() > deadline {
+            break got.into_iter().max().unwrap_or_else(Instant::now);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    lat.sort();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    let rate = n as f64 / (last - t0).as_secs_f64();
     println!(
-        "latency at {rate:.0} ev/s for {secs:.0}s ({} of {n} delivered): ingest-to-delivery p50 {:?}, p99 {:?}, max {:?}",
-        lat.len(),
-        pct(0.50),
-        pct(0.99),
-        lat[lat.len() - 1]
+        "sustained, ingest and delivery together ({CONC} posters, {secs}s): {n} events accepted and delivered at {rate:.0} ev/s"
     );
+    rate
+}
+
+/// Posts `rate` ev/s for `BENCH_LAT_SECS` (open loop: event i is due at i / rate), from
+/// `conns` connections (None: a new task, so a connection, whenever all are busy), and
+/// prints p50/p99/max of POST → 202 and of 202 → receiver got it.
+async fn latency_phase<F, Fut>(
+    st: &Arc<Recv>,
+    label: &str,
+    rate: f64,
+    conns: Option<usize>,
+    post: F,
+) where
+    F: Fn(String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<Instant>> + Send,
+{
+    let secs = arg("BENCH_LAT_SECS", 5) as f64;
+    let n = (rate * secs) as usize;
+    // (sent, 202 received) per event id
+    let times: Arc<Mutex<HashMap<String, (Instant, Instant)>>> = Arc::default();
+    let t0 = Instant::now() + Duration::from_millis(20);
+    let due = move |i: usize| t0 + Duration::from_secs_f64(i as f64 / rate);
+    let one = {
+        let times = times.clone();
+        let post = post.clone();
+        let label = label.to_owned();
+        move |i: usize| {
+            let (times, post, id) = (times.clone(), post.clone(), format!("{label}_{i}"));
+            async move {
+                let sent = Instant::now();
+                let acked = post(id.clone()).await.expect("ingest refused an event");
+                times.lock().unwrap().insert(id, (sent, acked));
+            }
+        }
+    };
+    match conns {
+        None => {
+            let mut tasks = Vec::new();
+            for i in 0..n {
+                tokio::time::sleep_until(due(i).into()).await;
+                tasks.push(tokio::spawn(one(i)));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+        Some(c) => {
+            // `c` posters share one schedule; a poster late for its slot posts at once.
+            let next = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            for _ in 0..c {
+                let (next, one) = (next.clone(), one.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if i >= n {
+                            break;
+                        }
+                        tokio::time::sleep_until(due(i).into()).await;
+                        one(i).await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    }
+    let offered = n as f64 / (Instant::now() - t0).as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut to_202, mut to_recv) = loop {
+        let got: (Vec<Duration>, Vec<Duration>) = {
+            let arr = st.arrivals.lock().unwrap();
+            let times = times.lock().unwrap();
+            times
+                .iter()
+                .filter_map(|(id, (s, a))| {
+                    arr.get(id).map(|r| {
+                        (
+                            a.saturating_duration_since(*s),
+                            r.saturating_duration_since(*a),
+                        )
+                    })
+                })
+                .unzip()
+        };
+        if got.0.len() == n || Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let conns = conns.map_or("a connection per event in flight".into(), |c| {
+        format!("{c} connections")
+    });
+    println!(
+        "latency, {label}: {rate:.0} ev/s for {secs:.0}s from {conns} (achieved {offered:.0} ev/s; {} of {n} delivered)",
+        to_202.len()
+    );
+    println!("  POST -> 202      {}", summary(&mut to_202));
+    println!("  202 -> delivered {}", summary(&mut to_recv));
+}
+
+fn summary(v: &mut [Duration]) -> String {
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    v.sort();
+    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "p50 {:7.2} ms  p99 {:7.2} ms  max {:7.2} ms",
+        ms(pct(0.50)),
+        ms(pct(0.99)),
+        ms(v[v.len() - 1])
+    )
+}
+
+/// The disk's fsync time where hookbridge keeps its state: 4 KiB appended and fdatasync'd,
+/// `n` times.
+fn fsync_probe(dir: &std::path::Path, n: usize) -> String {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let block = [7u8; 4096];
+    let mut v: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f.write_all(&block).unwrap();
+            f.sync_data().unwrap();
+            t.elapsed()
+        })
+        .collect();
+    let _ = std::fs::remove_file(&path);
+    summary(&mut v)
 }

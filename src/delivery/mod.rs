@@ -1,9 +1,11 @@
 //! HTTP delivery of events to the org's webhooks, the Custom Value Request, and the
 //! connection tests. The surface is small: [`run`] (the worker supervisor),
-//! [`verify_endpoint`], [`Delivery`] (keys and clients kept in the `App`), and the routers.
+//! [`verify_endpoint`], [`Delivery`] (keys and clients kept in the `App`), the hand-off of
+//! committed jobs from the spool ([`handoff`]), and the routers.
 
 mod client;
 mod custom_values;
+mod handoff;
 mod retry;
 pub mod signing;
 mod tests;
@@ -29,6 +31,7 @@ use crate::store::{new_id, DeliveryStatus, Webhook, WebhookKind};
 use crate::App;
 
 pub use client::SendError;
+pub use handoff::{handoff, Announcements, Announcer};
 pub use tests::{connection_test, TestResult, TESTS};
 
 /// Signing keys and HTTP clients, built once at start and shared by handlers and workers.
@@ -52,9 +55,14 @@ impl Delivery {
     }
 }
 
-/// Runs the delivery workers until `cancel`; in-flight attempts finish first.
-pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
-    worker::run(app, cancel).await
+/// Runs the delivery workers until `cancel`; in-flight attempts finish first. Jobs the
+/// spool announces on the other end of `announced` are sent without waiting for a poll.
+pub async fn run(
+    app: App,
+    announced: Announcements,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    worker::run(app, announced, cancel).await
 }
 
 /// POSTs `body` to `url`, signed with the JWT and (given a secret) Standard Webhooks.

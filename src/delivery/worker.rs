@@ -1,26 +1,31 @@
-//! The scheduler: takes due jobs from the durable outbox and runs attempts concurrently.
+//! The scheduler: runs attempts of jobs from the durable outbox concurrently.
 //!
+//! * Jobs come two ways. A job just committed is announced by the spool's committer
+//!   (`handoff`) and claimed at once (`Store::claim_announced`, one read per announced
+//!   batch); it never waits for a poll. The outbox is polled (`Store::due_jobs`) only for
+//!   what announcements do not cover: the backlog at start, retries when they fall due,
+//!   replays, and jobs left in the store while their webhook's queue was deep.
 //! * At most `delivery.workers` attempts run at once, and at most
-//!   `delivery.per_endpoint_concurrency` per webhook. Due jobs are taken in batches into
-//!   per-webhook queues; a webhook with a deep queue is left out of the next query, so one
-//!   slow endpoint never fills the batch and holds back the others.
-//! * Outcomes are recorded by one recorder task in group commits (one fsync per batch,
-//!   not per attempt). A job stays "in flight" in memory until its outcome is durable, so
-//!   it is never picked twice; if the process dies first, the job is still due in the
-//!   store and is simply tried again at the next start (receivers dedupe on `webhook-id`).
-//! * The scheduler sleeps until new jobs are committed (`App::delivery_wake`), an attempt
-//!   finishes, an outcome is recorded, or the next job falls due.
+//!   `delivery.per_endpoint_concurrency` per webhook. A webhook with a deep queue gets no
+//!   more jobs in memory (they wait in the store), so one slow endpoint never holds back
+//!   the others nor fills the memory.
+//! * An attempt frees its endpoint slot when the HTTP exchange ends. Outcomes are recorded
+//!   by one recorder task in group commits (one fsync per batch, not per attempt). A job
+//!   stays "in flight" in memory until its outcome is durable, so it is never claimed
+//!   twice; if the process dies first, the job is still due in the store and is tried
+//!   again at the next start with the same `webhook-id` (receivers dedupe on it).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::client::SendError;
+use super::handoff::Announcements;
 use super::retry;
 use crate::store::health::{self, AttemptRecord};
 use crate::store::{
@@ -28,7 +33,7 @@ use crate::store::{
 };
 use crate::App;
 
-/// Most jobs taken from the store in one query.
+/// Most jobs taken from the store in one poll.
 const FETCH_MAX: usize = 256;
 /// Most outcomes written in one transaction.
 const RECORD_BATCH: usize = 512;
@@ -38,33 +43,79 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 type Recorded = (DeliveryJob, Attempt, AttemptOutcome);
 type InFlight = Arc<Mutex<HashSet<String>>>;
 
-fn lock(set: &InFlight) -> std::sync::MutexGuard<'_, HashSet<String>> {
-    // A panic while holding this lock leaves a plain set behind: still usable.
-    set.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock leaves plain data behind: still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
+/// What the recorder tells the scheduler after a group commit: the earliest moment a job
+/// it just recorded is due again (a retry, or a job whose outcome could not be written).
+type DueAgain = Arc<Mutex<Option<DateTime<Utc>>>>;
+
+/// Jobs claimed and waiting for a permit, per webhook.
+#[derive(Default)]
+struct Queues {
+    by_hook: HashMap<String, VecDeque<DeliveryJob>>,
+    len: usize,
+}
+
+impl Queues {
+    fn push(&mut self, in_flight: &InFlight, jobs: Vec<DeliveryJob>) {
+        let mut set = lock(in_flight);
+        for job in jobs {
+            set.insert(job.id.clone());
+            self.by_hook
+                .entry(job.webhook_id.clone())
+                .or_default()
+                .push_back(job);
+            self.len += 1;
+        }
+    }
+
+    /// Webhooks with at least `deep` jobs waiting: left out of claims and polls.
+    fn deep(&self, deep: usize) -> Vec<String> {
+        self.by_hook
+            .iter()
+            .filter(|(_, q)| q.len() >= deep)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+pub async fn run(
+    app: App,
+    mut announced: Announcements,
+    cancel: CancellationToken,
+) -> Result<(), String> {
     let cfg = app.config.delivery.clone();
     let per_endpoint = cfg.per_endpoint_concurrency;
     let global = Arc::new(Semaphore::new(cfg.workers));
     let mut endpoints: HashMap<String, Arc<Semaphore>> = HashMap::new();
     let in_flight: InFlight = Arc::default();
     let recorded = Arc::new(Notify::new());
+    let due_again: DueAgain = Arc::default();
     let (rec_tx, rec_rx) = mpsc::channel::<Recorded>(cfg.workers * 4);
     let recorder = tokio::spawn(recorder(
         app.store.clone(),
         rec_rx,
         in_flight.clone(),
+        due_again.clone(),
         recorded.clone(),
     ));
     let mut attempts: JoinSet<()> = JoinSet::new();
-    // Jobs taken from the store and waiting for a permit, per webhook. Taking a batch
-    // ahead keeps the store query off the path of every single attempt.
-    let mut queued: HashMap<String, VecDeque<DeliveryJob>> = HashMap::new();
-    let mut queued_n = 0usize;
-    // A webhook with this many jobs waiting is left out of the next query, so one slow
-    // endpoint's backlog never crowds the others out of a batch.
+    let mut queued = Queues::default();
+    // A webhook with this many jobs waiting gets no more until it drains.
     let deep = per_endpoint * 4;
+    // Announced (delivery id, webhook id) not claimed yet.
+    let mut fresh: Vec<(String, String)> = Vec::new();
+    // Poll the outbox when there is room: at start, when woken (replay), when the next
+    // job falls due, and again right away while a poll comes back full.
+    let mut poll = true;
+    // Due jobs were left in the store while their webhook's queue was deep: poll again
+    // whenever an attempt ends.
+    let mut deep_left = false;
+    // When the store's next job outside the in-flight set is due (None: ask the store).
+    let mut next_due: Option<DateTime<Utc>> = None;
     tracing::info!(
         workers = cfg.workers,
         per_endpoint,
@@ -74,34 +125,62 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
     while !cancel.is_cancelled() {
         while attempts.try_join_next().is_some() {}
         // Forget idle endpoints so the map does not grow with every webhook ever seen.
-        endpoints.retain(|k, s| s.available_permits() < per_endpoint || queued.contains_key(k));
-        let busy = |queued: &HashMap<String, VecDeque<DeliveryJob>>| Busy {
-            deliveries: lock(&in_flight).iter().cloned().collect(),
-            webhooks: queued
-                .iter()
-                .filter(|(_, q)| q.len() >= deep)
-                .map(|(k, _)| k.clone())
-                .collect(),
-        };
-        let mut fetched = 0;
+        endpoints
+            .retain(|k, s| s.available_permits() < per_endpoint || queued.by_hook.contains_key(k));
         let mut store_failed = false;
-        if queued_n < FETCH_MAX / 2 {
-            match app
-                .store
-                .due_jobs(Utc::now(), FETCH_MAX - queued_n, busy(&queued))
-                .await
-            {
+
+        // 1. The direct path: claim what the committer just announced.
+        while let Ok(ids) = announced.0.try_recv() {
+            fresh.extend(ids);
+        }
+        if !fresh.is_empty() {
+            let deep_hooks = queued.deep(deep);
+            let ids: Vec<String> = {
+                let set = lock(&in_flight);
+                fresh
+                    .drain(..)
+                    .filter(|(id, hook)| {
+                        let keep = !deep_hooks.contains(hook);
+                        deep_left |= !keep;
+                        keep && !set.contains(id)
+                    })
+                    .map(|(id, _)| id)
+                    .collect()
+            };
+            let busy = Busy {
+                deliveries: Vec::new(),
+                webhooks: deep_hooks,
+            };
+            match app.store.claim_announced(ids, Utc::now(), busy).await {
                 Ok(jobs) => {
-                    fetched = jobs.len();
-                    let mut set = lock(&in_flight);
-                    for job in jobs {
-                        set.insert(job.id.clone());
-                        queued
-                            .entry(job.webhook_id.clone())
-                            .or_default()
-                            .push_back(job);
-                        queued_n += 1;
-                    }
+                    metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "handoff")
+                        .increment(jobs.len() as u64);
+                    queued.push(&in_flight, jobs);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim new deliveries; they stay due in the store");
+                    poll = true;
+                    store_failed = true;
+                }
+            }
+        }
+
+        // 2. The outbox, for what the announcements do not cover.
+        if poll && queued.len < FETCH_MAX / 2 && !store_failed {
+            let limit = FETCH_MAX - queued.len;
+            let deep_hooks = queued.deep(deep);
+            let busy = Busy {
+                deliveries: lock(&in_flight).iter().cloned().collect(),
+                webhooks: deep_hooks.clone(),
+            };
+            match app.store.due_jobs(Utc::now(), limit, busy).await {
+                Ok(jobs) => {
+                    poll = jobs.len() >= limit;
+                    deep_left = !deep_hooks.is_empty();
+                    next_due = None;
+                    metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "poll")
+                        .increment(jobs.len() as u64);
+                    queued.push(&in_flight, jobs);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read due deliveries; retrying shortly");
@@ -109,8 +188,9 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
                 }
             }
         }
-        let mut started = 0;
-        for (hook, q) in queued.iter_mut() {
+
+        // 3. Start what the permits allow.
+        for (hook, q) in queued.by_hook.iter_mut() {
             let sem = endpoints
                 .entry(hook.clone())
                 .or_insert_with(|| Arc::new(Semaphore::new(per_endpoint)))
@@ -124,38 +204,55 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
                 };
                 let Some(job) = q.pop_front() else { break };
                 attempts.spawn(attempt(app.clone(), job, [g, ep], rec_tx.clone()));
-                queued_n -= 1;
-                started += 1;
+                queued.len -= 1;
             }
         }
-        queued.retain(|_, q| !q.is_empty());
-        if started > 0 || (fetched > 0 && queued_n < FETCH_MAX / 2) {
-            // More may be due or startable right away.
+        queued.by_hook.retain(|_, q| !q.is_empty());
+        if poll && queued.len < FETCH_MAX / 2 && !store_failed {
             continue;
         }
+
+        // 4. Sleep until there is something to do.
         let wait = if store_failed {
             Duration::from_secs(1)
-        } else if queued_n >= FETCH_MAX / 2 {
+        } else if poll {
+            // Waiting for room: an attempt ending wakes us.
             IDLE_POLL
         } else {
-            match app.store.next_due_at(busy(&queued)).await {
-                Ok(Some(t)) => (t - Utc::now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO)
-                    .clamp(Duration::from_millis(5), IDLE_POLL),
-                Ok(None) => IDLE_POLL,
-                Err(_) => Duration::from_secs(1),
+            if next_due.is_none() {
+                let busy = Busy {
+                    deliveries: lock(&in_flight).iter().cloned().collect(),
+                    webhooks: queued.deep(deep),
+                };
+                match app.store.next_due_at(busy).await {
+                    Ok(t) => next_due = t.or(Some(Utc::now() + IDLE_POLL)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read when deliveries are due; retrying shortly");
+                        next_due = Some(Utc::now() + chrono::Duration::seconds(1));
+                    }
+                }
             }
+            // At least a few ms: a job the store counts as due but cannot hand out (its
+            // event row gone) must not turn this into a busy loop.
+            next_due
+                .and_then(|t| (t - Utc::now()).to_std().ok())
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(5), IDLE_POLL)
         };
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = app.delivery_wake.notified() => {}
-            _ = recorded.notified() => {}
-            Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
-            _ = tokio::time::sleep(wait) => {}
+            Some(ids) = announced.0.recv() => fresh.extend(ids),
+            _ = app.delivery_wake.notified() => poll = true,
+            _ = recorded.notified() => {
+                if let Some(t) = lock(&due_again).take() {
+                    next_due = Some(next_due.map_or(t, |n| n.min(t)));
+                }
+            }
+            Some(_) = attempts.join_next(), if !attempts.is_empty() => poll |= deep_left,
+            _ = tokio::time::sleep(wait) => poll = true,
         }
     }
-    // Jobs still waiting for a permit stay due in the store.
+    // Jobs still waiting for a permit, or announced and not claimed, stay due in the store.
     drop(queued);
 
     // Stop taking jobs; let the attempts under way finish (each bounded by the request
@@ -297,6 +394,7 @@ async fn recorder(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Recorded>,
     in_flight: InFlight,
+    due_again: DueAgain,
     recorded: Arc<Notify>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -308,6 +406,13 @@ async fn recorder(
             }
         }
         let ids: Vec<String> = batch.iter().map(|(j, _, _)| j.id.clone()).collect();
+        let mut again = batch
+            .iter()
+            .filter_map(|(_, _, o)| match o {
+                AttemptOutcome::Retry { at } => Some(*at),
+                _ => None,
+            })
+            .min();
         let records: Vec<AttemptRecord> = batch
             .into_iter()
             .map(|(job, a, outcome)| AttemptRecord::new(job, a, outcome))
@@ -325,6 +430,7 @@ async fn recorder(
                     // The jobs stay due in the store: they will be delivered again, and
                     // receivers dedupe on webhook-id. Better than losing track of them.
                     tracing::error!(error = %e, jobs = ids.len(), "giving up recording delivery outcomes; these jobs will be attempted again");
+                    again = Some(Utc::now());
                     break;
                 }
             }
@@ -334,6 +440,10 @@ async fn recorder(
             for id in &ids {
                 set.remove(id);
             }
+        }
+        if let Some(t) = again {
+            let mut due = lock(&due_again);
+            *due = Some(due.map_or(t, |d| d.min(t)));
         }
         recorded.notify_one();
     }

@@ -236,19 +236,11 @@ async fn ingest(
         // Checked and reserved by the committer, atomically with the commit.
         quota: Some(crate::limits::Quota::from(&limits)),
     };
-    let had_deliveries = !new.deliveries.is_empty();
     match app.spool.submit(new).await? {
-        Committed::New(r) => {
-            if had_deliveries {
-                app.delivery_wakeup();
-            }
-            Ok((StatusCode::ACCEPTED, Json(r)))
-        }
+        // Their delivery jobs were handed to the scheduler by the spool.
+        Committed::New(r) => Ok((StatusCode::ACCEPTED, Json(r))),
         Committed::Known(r) => Ok((StatusCode::OK, Json(r))),
         Committed::Deferred(r, why) => {
-            if had_deliveries {
-                app.delivery_wakeup();
-            }
             metrics::counter!("hookbridge_ingest_over_quota_total").increment(1);
             tracing::warn!(org = %org, event_id = %r.id, reason = %why,
                 "org over quota: event recorded, its files wait until it is posted again with room");

@@ -405,6 +405,19 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>>;
+    /// Claims jobs just committed and announced by the spool (the direct hand-off): those
+    /// of `ids` still due and outside `busy`, with payload and webhook, in one round trip.
+    /// SQLite: one process owns the file, so the claim is the caller's in-flight set and
+    /// this is a read. A shared store (PostgreSQL) takes the lease here instead (`UPDATE …
+    /// SET lease_until … WHERE id = ANY($1) AND lease expired RETURNING …`), the same claim
+    /// `due_jobs` takes with `SKIP LOCKED`, so a job announced in one process and polled
+    /// by another is still sent once.
+    async fn claim_announced(
+        &self,
+        ids: Vec<String>,
+        now: DateTime<Utc>,
+        busy: Busy,
+    ) -> Result<Vec<DeliveryJob>>;
     /// When the next job outside `busy` is due (may be in the past).
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>>;
     /// Records attempts and their outcomes in one durable transaction (group commit).

@@ -222,6 +222,90 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Due jobs outside `busy`, oldest first; with `only` (a JSON array of ids), just those.
+    async fn jobs(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        busy: Busy,
+        only: Option<String>,
+    ) -> Result<Vec<DeliveryJob>> {
+        let sb = self.secrets.clone();
+        self.with_reader(move |c, q| {
+            let mut busy = busy;
+            busy.deliveries.extend(q.keys("deliveries"));
+            let (ids, hooks) = busy.to_json();
+            let hook_cols = HOOK_COLS
+                .split(", ")
+                .map(|c| format!("w.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut st = c.prepare_cached(&format!(
+                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
+                 FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
+                 LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
+                 WHERE {only} d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
+                   AND d.id NOT IN (SELECT value FROM json_each(?3))
+                   AND d.webhook_id NOT IN (SELECT value FROM json_each(?4))
+                 {order} LIMIT ?2",
+                // Announced ids: looked up by primary key, in the order given.
+                // (Polls bind ?5 to '' too: one parameter list for both.)
+                only = if only.is_some() { "d.id IN (SELECT value FROM json_each(?5)) AND" } else { "?5 = '' AND" },
+                order = if only.is_some() { "" } else { "ORDER BY d.next_attempt_at" },
+            ))?;
+            // Jobs of one webhook share its row: parse it once per query.
+            let mut hooks_seen: std::collections::HashMap<(String, String), Webhook> =
+                Default::default();
+            let rows = st
+                .query_map(params![micros(now), limit as i64, ids, hooks, only.unwrap_or_default()], |r| {
+                    // A job whose own row or webhook row is corrupt is skipped, and kept
+                    // out of later queries under its own id.
+                    keyed("deliveries", r, 0, |r| {
+                    let webhook = if r.get::<_, bool>(7)? {
+                        let id: (String, String) = (r.get(9)?, r.get(8)?);
+                        match hooks_seen.get(&id) {
+                            Some(h) => Some(h.clone()),
+                            None => {
+                                let h = hook_row_at(r, 8, &sb)?;
+                                hooks_seen.insert(id, h.clone());
+                                Some(h)
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                    Ok(DeliveryJob {
+                        id: r.get(0)?,
+                        org: r.get(1)?,
+                        webhook_id: r.get(2)?,
+                        event_id: r.get(3)?,
+                        payload: r.get(4)?,
+                        attempts: r.get(5)?,
+                        created_at: time(r, 6)?,
+                        webhook,
+                    })
+                    })
+                    .map_err(|e| match as_corrupt(&e) {
+                        Some(c) if c.table != "deliveries" => {
+                            q.report(c);
+                            let key = r.get::<_, String>(0).unwrap_or_default();
+                            rusqlite::Error::FromSqlConversionFailure(
+                                0,
+                                rusqlite::types::Type::Null,
+                                Box::new(Corrupt { table: "deliveries", key, why: c.to_string() }),
+                            )
+                        }
+                        _ => e,
+                    })
+                })?
+                .rows(q)?;
+            Ok(rows)
+        })
+        .await
+    }
+}
+
 fn mark_done(tx: &rusqlite::Transaction<'_>, done: &[(String, String)]) -> Result<()> {
     let mut st =
         tx.prepare_cached("UPDATE events SET files_pending = 0 WHERE org = ?1 AND id = ?2")?;
@@ -582,74 +666,23 @@ impl Store for SqliteStore {
         limit: usize,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>> {
-        let sb = self.secrets.clone();
-        self.with_reader(move |c, q| {
-            let mut busy = busy;
-            busy.deliveries.extend(q.keys("deliveries"));
-            let (ids, hooks) = busy.to_json();
-            let hook_cols = HOOK_COLS
-                .split(", ")
-                .map(|c| format!("w.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut st = c.prepare_cached(&format!(
-                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
-                 FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
-                 LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
-                 WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
-                   AND d.id NOT IN (SELECT value FROM json_each(?3))
-                   AND d.webhook_id NOT IN (SELECT value FROM json_each(?4))
-                 ORDER BY d.next_attempt_at LIMIT ?2"
-            ))?;
-            // Jobs of one webhook share its row: parse it once per query.
-            let mut hooks_seen: std::collections::HashMap<(String, String), Webhook> =
-                Default::default();
-            let rows = st
-                .query_map(params![micros(now), limit as i64, ids, hooks], |r| {
-                    // A job whose own row or webhook row is corrupt is skipped, and kept
-                    // out of later queries under its own id.
-                    keyed("deliveries", r, 0, |r| {
-                    let webhook = if r.get::<_, bool>(7)? {
-                        let id: (String, String) = (r.get(9)?, r.get(8)?);
-                        match hooks_seen.get(&id) {
-                            Some(h) => Some(h.clone()),
-                            None => {
-                                let h = hook_row_at(r, 8, &sb)?;
-                                hooks_seen.insert(id, h.clone());
-                                Some(h)
-                            }
-                        }
-                    } else {
-                        None
-                    };
-                    Ok(DeliveryJob {
-                        id: r.get(0)?,
-                        org: r.get(1)?,
-                        webhook_id: r.get(2)?,
-                        event_id: r.get(3)?,
-                        payload: r.get(4)?,
-                        attempts: r.get(5)?,
-                        created_at: time(r, 6)?,
-                        webhook,
-                    })
-                    })
-                    .map_err(|e| match as_corrupt(&e) {
-                        Some(c) if c.table != "deliveries" => {
-                            q.report(c);
-                            let key = r.get::<_, String>(0).unwrap_or_default();
-                            rusqlite::Error::FromSqlConversionFailure(
-                                0,
-                                rusqlite::types::Type::Null,
-                                Box::new(Corrupt { table: "deliveries", key, why: c.to_string() }),
-                            )
-                        }
-                        _ => e,
-                    })
-                })?
-                .rows(q)?;
-            Ok(rows)
-        })
-        .await
+        self.jobs(now, limit, busy, None).await
+    }
+
+    async fn claim_announced(
+        &self,
+        ids: Vec<String>,
+        now: DateTime<Utc>,
+        busy: Busy,
+    ) -> Result<Vec<DeliveryJob>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = ids.len();
+        // The claim itself is the caller's in-flight set (one process owns this file):
+        // here only the jobs still due, with their payload and webhook, in one read.
+        let only = serde_json::to_string(&ids).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.jobs(now, n, busy, Some(only)).await
     }
 
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>> {

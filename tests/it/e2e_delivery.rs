@@ -25,6 +25,15 @@ pub(crate) struct Reply {
     pub(crate) body: String,
 }
 
+/// An answer with a `Retry-After` of `secs` seconds.
+pub(crate) fn reply_retry_after(status: u16, secs: u32) -> Reply {
+    Reply {
+        status,
+        headers: vec![("retry-after", secs.to_string())],
+        body: String::new(),
+    }
+}
+
 pub(crate) fn reply(status: u16) -> Reply {
     Reply {
         status,
@@ -40,6 +49,8 @@ pub(crate) struct Seen {
     headers: HeaderMap,
     body: Bytes,
     at: Instant,
+    /// Wall-clock arrival, to compare with times the API reports.
+    pub(crate) wall: chrono::DateTime<chrono::Utc>,
 }
 
 impl Seen {
@@ -85,6 +96,7 @@ async fn receive(State(st): State<Arc<RecvState>>, req: Request) -> Response {
         headers: parts.headers,
         body,
         at: Instant::now(),
+        wall: chrono::Utc::now(),
     });
     if st.hang.load(std::sync::atomic::Ordering::SeqCst) {
         std::future::pending::<()>().await;
@@ -119,10 +131,14 @@ impl Receiver {
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+    /// Holds every request (unanswered) while `on`.
+    pub(crate) fn hold(&self, on: bool) {
+        self.st.hang.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
     pub(crate) fn set_default(&self, r: Reply) {
         *self.st.default.lock().unwrap() = Some(r);
     }
-    fn plan(&self, replies: Vec<Reply>) {
+    pub(crate) fn plan(&self, replies: Vec<Reply>) {
         self.st.plan.lock().unwrap().extend(replies);
     }
     fn seen(&self) -> Vec<Seen> {
@@ -139,7 +155,7 @@ fn dead_url() -> String {
     format!("http://127.0.0.1:{}/hook", free_port())
 }
 
-async fn org(d: &Daemon, name: &str) {
+pub(crate) async fn org(d: &Daemon, name: &str) {
     let (s, b) = d
         .admin("PUT", &format!("/v1/orgs/{name}"), Some(json!({})))
         .await;
@@ -164,14 +180,14 @@ pub(crate) async fn http_hook(
     b
 }
 
-async fn post(d: &Daemon, org: &str, id: &str, kind: &str) {
+pub(crate) async fn post(d: &Daemon, org: &str, id: &str, kind: &str) {
     let r = d
         .post_event(org, &json!({"id": id, "type": kind, "data": {"n": id}}))
         .await;
     assert_eq!(r.status(), 202, "post {id}");
 }
 
-async fn deliveries(d: &Daemon, org: &str, hook: &str, status: &str) -> Vec<Value> {
+pub(crate) async fn deliveries(d: &Daemon, org: &str, hook: &str, status: &str) -> Vec<Value> {
     let q = if status.is_empty() {
         String::new()
     } else {
