@@ -18,6 +18,7 @@ pub mod secrets;
 pub mod sftp;
 pub mod spool;
 pub mod ssrf;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 

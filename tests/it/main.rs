@@ -1,6 +1,7 @@
 //! One integration binary: every test starts the real daemon and uses real clients.
 
 mod harness;
+mod seaweed;
 
 mod e2e_admin;
 mod e2e_badinput;
@@ -12,3 +13,5 @@ mod e2e_limits;
 mod e2e_reload;
 mod e2e_sftp;
 mod e2e_sftp_badinput;
+mod e2e_storage;
+mod e2e_storage_jail;

@@ -1,0 +1,353 @@
+//! The org folders, behind one seam.
+//!
+//! Everything hookbridge does to an org's files (the spool publishing event files, SFTP
+//! operations, retention, usage, the admin API, connection tests) goes through
+//! [`Storage`], modelled on SFTPGo's `vfs.Fs`: one interface, two backends, and
+//! [`Capabilities`] for what a backend cannot do the POSIX way.
+//!
+//! - [`local`]: the org folders on a local file system. Every path is resolved beneath the
+//!   org's directory fd with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a symlink
+//!   planted anywhere (or swapped in between two calls) is never followed.
+//! - [`s3`]: any S3-compatible store, keys `<prefix>/<org>/<path>`.
+//!
+//! Paths are [`StoragePath`]s, cleaned and checked before a backend sees them.
+
+mod config;
+pub mod local;
+mod path;
+pub mod s3;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+
+pub use config::{StorageConfig, StorageKind};
+pub use path::{OrgName, StoragePath};
+
+/// Why a storage operation failed. Each maps onto the SFTP status OpenSSH's sftp-server
+/// would give for the matching errno ([`StorageError::sftp_status`]).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error("file exists")]
+    AlreadyExists,
+    #[error("not a directory")]
+    NotADirectory,
+    #[error("is a directory")]
+    IsADirectory,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("invalid path: {0}")]
+    InvalidPath(&'static str),
+    #[error("path leaves the org folder")]
+    Escape,
+    #[error("symbolic links are not served")]
+    Symlink,
+    #[error("not supported by this storage: {0}")]
+    Unsupported(&'static str),
+    /// A write past the configured upload limit (EFBIG).
+    #[error("file too large")]
+    TooLarge,
+    #[error("no space left on the storage")]
+    NoSpace,
+    /// The backend cannot be reached or answered 5xx: worth retrying later (503).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage I/O error: {0}")]
+    Io(std::io::Error),
+    #[error("storage error: {0}")]
+    Backend(String),
+}
+
+/// SFTP status codes (draft-ietf-secsh-filexfer-02), without tying storage to a protocol crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SftpStatus {
+    NoSuchFile,
+    PermissionDenied,
+    Failure,
+    OpUnsupported,
+}
+
+impl StorageError {
+    /// As OpenSSH's `errno_to_portable`: ENOENT → NO_SUCH_FILE, EPERM/EACCES → PERMISSION_DENIED,
+    /// everything else (EEXIST, ENOTEMPTY, ENOSPC, EIO, …) → FAILURE with a message.
+    pub fn sftp_status(&self) -> SftpStatus {
+        match self {
+            StorageError::NotFound => SftpStatus::NoSuchFile,
+            StorageError::PermissionDenied | StorageError::Escape | StorageError::Symlink => {
+                SftpStatus::PermissionDenied
+            }
+            StorageError::Unsupported(_) => SftpStatus::OpUnsupported,
+            StorageError::Io(e) => match e.kind() {
+                std::io::ErrorKind::NotFound => SftpStatus::NoSuchFile,
+                std::io::ErrorKind::PermissionDenied => SftpStatus::PermissionDenied,
+                _ => SftpStatus::Failure,
+            },
+            _ => SftpStatus::Failure,
+        }
+    }
+
+    /// Whether the caller should answer 503 / retry rather than report a hard failure.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Unavailable(_) | StorageError::NoSpace)
+    }
+
+    /// Maps an errno; ELOOP and EXDEV are what `RESOLVE_NO_SYMLINKS` / `RESOLVE_BENEATH`
+    /// answer when a path meets a symlink or tries to leave the root.
+    pub fn from_io(e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => StorageError::NotFound,
+            Some(libc::EACCES) | Some(libc::EPERM) => StorageError::PermissionDenied,
+            Some(libc::EEXIST) => StorageError::AlreadyExists,
+            Some(libc::ENOTDIR) => StorageError::NotADirectory,
+            Some(libc::EISDIR) => StorageError::IsADirectory,
+            Some(libc::ENOTEMPTY) => StorageError::NotEmpty,
+            Some(libc::ELOOP) => StorageError::Symlink,
+            Some(libc::EXDEV) => StorageError::Escape,
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => StorageError::NoSpace,
+            Some(libc::EFBIG) => StorageError::TooLarge,
+            Some(libc::ENAMETOOLONG) => StorageError::InvalidPath("name too long"),
+            _ => StorageError::Io(e),
+        }
+    }
+}
+
+impl From<rustix::io::Errno> for StorageError {
+    fn from(e: rustix::io::Errno) -> Self {
+        StorageError::from_io(e.into())
+    }
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// What a backend can do the POSIX way; callers and the README describe the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Rename is one atomic step (S3: copy then delete, so a reader may briefly see both).
+    pub atomic_rename: bool,
+    /// Directories exist on their own (S3: emulated with a `dir/` marker object; a folder
+    /// whose last object is gone disappears).
+    pub real_dirs: bool,
+    /// Uploads may write at any offset and resume an existing file (S3: sequential only).
+    pub random_write: bool,
+    /// Modification times can be set (SFTP SETSTAT).
+    pub set_times: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+}
+
+/// What `stat` and listings report. S3 has no owners or modes: they are synthesised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// Permission bits only (no file type).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u64,
+}
+
+impl Meta {
+    pub fn is_dir(&self) -> bool {
+        self.kind == EntryKind::Dir
+    }
+
+    pub fn is_file(&self) -> bool {
+        self.kind == EntryKind::File
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub meta: Meta,
+}
+
+/// A file found by [`Storage::walk`] (retention, usage recount, crash repair).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    pub path: StoragePath,
+    pub size: u64,
+    pub mtime: SystemTime,
+}
+
+/// One event file to write create-only. The same (org, path, body) written twice is one
+/// file: the second write finds it and counts as done.
+#[derive(Debug, Clone)]
+pub struct EventFile {
+    pub org: OrgName,
+    pub path: StoragePath,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameMode {
+    /// SFTP RENAME: fails with `AlreadyExists` when the target exists.
+    NoReplace,
+    /// `posix-rename@openssh.com`: replaces a file at the target.
+    Replace,
+}
+
+/// How an upload starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UploadOptions {
+    /// The target must not exist now nor when the upload is published (O_EXCL).
+    pub exclusive: bool,
+    /// Start from the current content (open without TRUNC); refused where `random_write` is false.
+    pub keep_existing: bool,
+    /// No write may end past this many bytes.
+    pub max_bytes: u64,
+}
+
+/// One page of a directory listing at a time: a 100k-entry folder is never held whole.
+#[async_trait]
+pub trait Lister: Send {
+    /// The next entries, or `None` at the end. Pages are not sorted across calls.
+    async fn next_page(&mut self) -> StorageResult<Option<Vec<Entry>>>;
+}
+
+/// An open file for reading. Reads may come in any order and at once (SFTP pipelines
+/// them); each is served from the storage by range, never by fetching the whole object.
+#[async_trait]
+pub trait ReadHandle: Send + Sync {
+    /// The file as it was when opened.
+    fn meta(&self) -> &Meta;
+
+    /// Reads up to `len` bytes at `offset` into a buffer that starts with `headroom`
+    /// unused bytes (room for a protocol header, so the data is not copied again).
+    /// Returns the buffer; fewer than `headroom + len` bytes means end of file.
+    async fn read_at(&self, offset: u64, len: usize, headroom: usize) -> StorageResult<BytesMut>;
+}
+
+/// An upload in progress: invisible to readers until [`UploadHandle::commit`] publishes
+/// it; dropped or aborted, it leaves nothing behind.
+#[async_trait]
+pub trait UploadHandle: Send + Sync {
+    async fn write_at(&self, offset: u64, data: Bytes) -> StorageResult<()>;
+
+    /// Size so far (the highest offset written).
+    fn size(&self) -> u64;
+
+    /// Makes the upload durable and visible under its name.
+    async fn commit(self: Box<Self>) -> StorageResult<()>;
+
+    /// Throws the upload away.
+    async fn abort(self: Box<Self>);
+}
+
+/// The org folders. Paths are relative to the org's root; no operation reaches outside it.
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    fn capabilities(&self) -> Capabilities;
+
+    /// `local /var/lib/hookbridge/orgs`, `s3 bucket/prefix at endpoint`: for logs.
+    fn describe(&self) -> String;
+
+    /// Reaches the storage and proves it writable (write, read back, delete a probe):
+    /// used by `check-config` and at start, with a message that says what is wrong.
+    async fn check(&self) -> StorageResult<()>;
+
+    /// Makes the org's root folder (a no-op where folders are implicit).
+    async fn create_org(&self, org: &OrgName) -> StorageResult<()>;
+
+    /// Removes an org's folder and everything in it.
+    async fn remove_org(&self, org: &OrgName) -> StorageResult<()>;
+
+    /// Writes event files durably and create-only, as one batch: the backend shares the
+    /// cost of making them durable (one directory fsync per folder per batch on `local`).
+    /// One result per file, in order; a file already there with this name counts as written.
+    /// An org's folders being moved or removed meanwhile never fails another org's files.
+    async fn write_events(&self, files: &[EventFile]) -> Vec<StorageResult<()>>;
+
+    async fn stat(&self, org: &OrgName, path: &StoragePath) -> StorageResult<Meta>;
+
+    async fn list(&self, org: &OrgName, dir: &StoragePath) -> StorageResult<Box<dyn Lister>>;
+
+    async fn open_read(
+        &self,
+        org: &OrgName,
+        path: &StoragePath,
+    ) -> StorageResult<Box<dyn ReadHandle>>;
+
+    /// Removes a file (not a directory).
+    async fn delete(&self, org: &OrgName, path: &StoragePath) -> StorageResult<()>;
+
+    async fn rename(
+        &self,
+        org: &OrgName,
+        from: &StoragePath,
+        to: &StoragePath,
+        mode: RenameMode,
+    ) -> StorageResult<()>;
+
+    async fn mkdir(&self, org: &OrgName, path: &StoragePath) -> StorageResult<()>;
+
+    /// Removes an empty directory.
+    async fn rmdir(&self, org: &OrgName, path: &StoragePath) -> StorageResult<()>;
+
+    async fn create_upload(
+        &self,
+        org: &OrgName,
+        path: &StoragePath,
+        opts: UploadOptions,
+    ) -> StorageResult<Box<dyn UploadHandle>>;
+
+    /// Sets a file's modification time (`Unsupported` without `set_times`).
+    async fn set_mtime(
+        &self,
+        org: &OrgName,
+        path: &StoragePath,
+        mtime: SystemTime,
+    ) -> StorageResult<()>;
+
+    /// Every file of the org, in no particular order (retention, usage recount).
+    async fn walk(&self, org: &OrgName) -> StorageResult<Vec<FileInfo>>;
+}
+
+/// Reads a whole small file (connection tests, tests). Not for org data of unknown size.
+pub async fn read_small(
+    s: &dyn Storage,
+    org: &OrgName,
+    path: &StoragePath,
+    max: usize,
+) -> StorageResult<Bytes> {
+    let h = s.open_read(org, path).await?;
+    let size = usize::try_from(h.meta().size).unwrap_or(usize::MAX);
+    if size > max {
+        return Err(StorageError::Backend(format!(
+            "file of {size} bytes is over the {max} bytes expected"
+        )));
+    }
+    let buf = h.read_at(0, size, 0).await?;
+    Ok(buf.freeze())
+}
+
+/// Opens the storage the config asks for.
+pub async fn open(
+    cfg: &StorageConfig,
+    data_dir: &std::path::Path,
+) -> StorageResult<Arc<dyn Storage>> {
+    match cfg.kind {
+        StorageKind::Local => Ok(Arc::new(local::LocalStorage::open(
+            &data_dir.join("orgs"),
+            &data_dir.join("tmp"),
+        )?)),
+        StorageKind::S3 => Ok(Arc::new(s3::S3Storage::new(cfg)?)),
+    }
+}
+
+/// Synthesised modes for backends without them (S3), as `ls -l` shows them.
+pub(crate) const FILE_PERM: u32 = 0o644;
+pub(crate) const DIR_PERM: u32 = 0o755;
