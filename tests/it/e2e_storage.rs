@@ -514,3 +514,49 @@ async fn walk_and_remove_org(b: &Backend) {
     // Removing twice is fine.
     s.remove_org(&b.org).await.unwrap();
 }
+
+/// `check-config` with `[storage] kind = "s3"` reaches the bucket, and says which key is
+/// wrong when it cannot.
+#[tokio::test]
+async fn check_config_reaches_the_bucket_or_says_what_is_wrong() {
+    let Some(server) = seaweed::server().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |storage: String, key: &str| {
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!("data_dir = {:?}\n{storage}", dir.path().join("data")),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"))
+            .args(["check-config", "--config"])
+            .arg(&cfg)
+            .env("AWS_ACCESS_KEY_ID", key)
+            .env("AWS_SECRET_ACCESS_KEY", seaweed::SECRET_KEY)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let good = server.toml("cc");
+    let (ok, text) = run(good.clone(), seaweed::ACCESS_KEY);
+    assert!(ok && text.contains("reached"), "{text}");
+    let (ok, text) = run(
+        good.replace(seaweed::BUCKET, "no-such-bucket-here"),
+        seaweed::ACCESS_KEY,
+    );
+    assert!(!ok && text.contains("storage.bucket"), "{text}");
+    let (ok, text) = run(good.clone(), "wrong-key");
+    assert!(!ok && text.contains("AWS_ACCESS_KEY_ID"), "{text}");
+    let closed = format!("http://127.0.0.1:{}", crate::harness::free_port());
+    let (ok, text) = run(good.replace(&server.endpoint, &closed), seaweed::ACCESS_KEY);
+    assert!(!ok && text.contains("storage.endpoint"), "{text}");
+    let (ok, text) = run(good.replace("allow_http = true", "allow_http = false"), "k");
+    assert!(!ok && text.contains("storage.allow_http"), "{text}");
+}

@@ -177,6 +177,8 @@ pub fn weed_args(dir: &Path, s3: u16) -> Vec<String> {
         "-s3.port.iceberg=0".into(),
         "-s3.port.lance=0".into(),
         "-master.telemetry=false".into(),
+        // As on AWS: a PUT into a missing bucket fails (check-config must say so).
+        "-s3.autoCreateBucket=false".into(),
     ]
 }
 

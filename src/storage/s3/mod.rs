@@ -366,12 +366,34 @@ impl Storage for S3Storage {
         )));
         let key = Path::from_iter(parts);
         let body = Bytes::from_static(b"hookbridge probe");
-        self.put_create(&key, body.clone()).await?;
-        let back = self.store.get(&key).await.map_err(map_err)?;
-        let back = back.bytes().await.map_err(map_err)?;
+        // Say what an operator should look at, not just what S3 answered.
+        let explain = |e: StorageError| match e {
+            StorageError::NotFound => StorageError::Backend(format!(
+                "bucket {:?} does not exist at {} (storage.bucket)",
+                self.bucket, self.endpoint
+            )),
+            StorageError::Unavailable(m) => StorageError::Unavailable(format!(
+                "cannot reach the S3 endpoint {} (storage.endpoint): {m}",
+                self.endpoint
+            )),
+            StorageError::Backend(m) => StorageError::Backend(format!(
+                "{m} (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and storage.region)"
+            )),
+            other => other,
+        };
+        self.put_create(&key, body.clone()).await.map_err(explain)?;
+        let back = async {
+            let r = self.store.get(&key).await.map_err(map_err)?;
+            r.bytes().await.map_err(map_err)
+        }
+        .await
+        .map_err(explain);
         let _ = self.store.delete(&key).await;
-        if back != body {
-            return Err(StorageError::Backend("probe read back differs".into()));
+        if back? != body {
+            return Err(StorageError::Backend(format!(
+                "a probe object read back from bucket {:?} differs from what was written",
+                self.bucket
+            )));
         }
         Ok(())
     }
