@@ -211,6 +211,16 @@ pub struct UploadOptions {
     pub max_bytes: u64,
 }
 
+/// Event files staged by [`Storage::stage_events`]. Dropped without `publish`, nothing
+/// of them remains.
+#[async_trait]
+pub trait StagedEvents: Send {
+    /// Makes the files marked in `keep` (one flag per staged file) durable and visible,
+    /// create-only, and discards the rest. One result per staged file, in order (`Ok` for
+    /// a file not kept).
+    async fn publish(self: Box<Self>, keep: Vec<bool>) -> Vec<StorageResult<()>>;
+}
+
 /// One page of a directory listing at a time: a 100k-entry folder is never held whole.
 #[async_trait]
 pub trait Lister: Send {
@@ -265,11 +275,19 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Removes an org's folder and everything in it.
     async fn remove_org(&self, org: &OrgName) -> StorageResult<()>;
 
+    /// The first half of writing a batch of event files: whatever can be made durable
+    /// without readers seeing it (local: fdatasync'd temps), so that it overlaps the store
+    /// commit. Nothing becomes visible before [`StagedEvents::publish`].
+    async fn stage_events(&self, files: Vec<EventFile>) -> Box<dyn StagedEvents>;
+
     /// Writes event files durably and create-only, as one batch: the backend shares the
     /// cost of making them durable (one directory fsync per folder per batch on `local`).
     /// One result per file, in order; a file already there with this name counts as written.
     /// An org's folders being moved or removed meanwhile never fails another org's files.
-    async fn write_events(&self, files: &[EventFile]) -> Vec<StorageResult<()>>;
+    async fn write_events(&self, files: &[EventFile]) -> Vec<StorageResult<()>> {
+        let keep = vec![true; files.len()];
+        self.stage_events(files.to_vec()).await.publish(keep).await
+    }
 
     async fn stat(&self, org: &OrgName, path: &StoragePath) -> StorageResult<Meta>;
 

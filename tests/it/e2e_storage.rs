@@ -90,6 +90,7 @@ conformance!(
     uploads_appear_on_commit_only,
     no_path_leaves_the_org,
     walk_and_remove_org,
+    staged_events_appear_on_publish_only,
 );
 
 fn p(s: &str) -> StoragePath {
@@ -559,4 +560,26 @@ async fn check_config_reaches_the_bucket_or_says_what_is_wrong() {
     assert!(!ok && text.contains("storage.endpoint"), "{text}");
     let (ok, text) = run(good.replace("allow_http = true", "allow_http = false"), "k");
     assert!(!ok && text.contains("storage.allow_http"), "{text}");
+}
+
+async fn staged_events_appear_on_publish_only(b: &Backend) {
+    let s = &*b.storage;
+    let files = vec![
+        ev(&b.org, "/s/kept.json", "k"),
+        ev(&b.org, "/s/dropped.json", "d"),
+    ];
+    let staged = s.stage_events(files.clone()).await;
+    assert!(matches!(
+        s.stat(&b.org, &p("/s/kept.json")).await,
+        Err(StorageError::NotFound)
+    ));
+    let res = staged.publish(vec![true, false]).await;
+    assert!(res.iter().all(Result::is_ok), "{res:?}");
+    assert_eq!(names(b, &b.org, "/s").await, ["kept.json"]);
+    // Staged, then dropped (the store commit failed): nothing appears, no temp is left.
+    drop(s.stage_events(vec![ev(&b.org, "/s/never.json", "n")]).await);
+    assert_eq!(names(b, &b.org, "/s").await, ["kept.json"]);
+    if let Kind::Local(data) = &b.kind {
+        assert_eq!(std::fs::read_dir(data.join("tmp")).unwrap().count(), 0);
+    }
 }

@@ -14,13 +14,15 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use async_trait::async_trait;
 
 use rustix::fs::{self as rfs, OFlags};
 
 use super::{fs, Inner};
-use crate::storage::{EventFile, OrgName, StorageError, StoragePath, StorageResult};
+use crate::storage::{EventFile, OrgName, StagedEvents, StorageError, StoragePath, StorageResult};
 
 /// Threads writing and fdatasyncing temps at once.
 const SYNC_THREADS: usize = 4;
@@ -72,14 +74,78 @@ impl ToSync {
     }
 }
 
-pub(super) fn write_batch(inner: &Inner, files: &[EventFile]) -> Vec<StorageResult<()>> {
-    let temps = write_temps(inner, files);
-    let mut results: Vec<StorageResult<()>> = Vec::with_capacity(files.len());
+/// Temps written and fdatasync'd, not yet visible: the first half of a batch, which runs
+/// while the store commits. Dropped unpublished, the temps go.
+pub(crate) struct LocalStaged {
+    inner: Arc<Inner>,
+    files: Vec<EventFile>,
+    temps: Vec<Option<StorageResult<String>>>,
+}
+
+impl Drop for LocalStaged {
+    fn drop(&mut self) {
+        for t in self.temps.iter().flatten().flatten() {
+            let _ = fs::unlink_at(self.inner.tmp.as_fd(), t, false);
+        }
+    }
+}
+
+pub(super) fn stage(inner: Arc<Inner>, files: Vec<EventFile>) -> LocalStaged {
+    let temps = write_temps(&inner, &files).into_iter().map(Some).collect();
+    LocalStaged {
+        inner,
+        files,
+        temps,
+    }
+}
+
+/// A stage whose writer failed as a whole: every file fails with `why`.
+pub(super) fn failed(inner: Arc<Inner>, files: Vec<EventFile>, why: &str) -> LocalStaged {
+    let temps = files
+        .iter()
+        .map(|_| Some(Err(StorageError::Backend(why.to_owned()))))
+        .collect();
+    LocalStaged {
+        inner,
+        files,
+        temps,
+    }
+}
+
+#[async_trait]
+impl StagedEvents for LocalStaged {
+    async fn publish(mut self: Box<Self>, keep: Vec<bool>) -> Vec<StorageResult<()>> {
+        let n = self.files.len();
+        match tokio::task::spawn_blocking(move || publish(&mut self, &keep)).await {
+            Ok(r) => r,
+            Err(e) => (0..n)
+                .map(|_| Err(StorageError::Backend(format!("storage task failed: {e}"))))
+                .collect(),
+        }
+    }
+}
+
+/// Places the staged files marked in `keep` (the others' temps are removed), then fsyncs
+/// every folder touched once.
+fn publish(st: &mut LocalStaged, keep: &[bool]) -> Vec<StorageResult<()>> {
+    let inner = st.inner.clone();
+    let mut results: Vec<StorageResult<()>> = Vec::with_capacity(st.files.len());
     let mut sync = ToSync::default();
     let mut chains: HashSet<(String, String)> = HashSet::new();
-    for (i, (f, tmp)) in files.iter().zip(temps).enumerate() {
+    for (i, f) in st.files.iter().enumerate() {
+        let Some(tmp) = st.temps[i].take() else {
+            results.push(Err(StorageError::Backend("published twice".into())));
+            continue;
+        };
+        if !keep.get(i).copied().unwrap_or(false) {
+            if let Ok(t) = &tmp {
+                let _ = fs::unlink_at(inner.tmp.as_fd(), t, false);
+            }
+            results.push(Ok(()));
+            continue;
+        }
         let res = tmp.and_then(|tmp| {
-            let r = place(inner, f, &tmp, i, &mut sync);
+            let r = place(&inner, f, &tmp, i, &mut sync);
             // Placed or not, the temp is not needed any more (a no-op after a rename).
             let _ = fs::unlink_at(inner.tmp.as_fd(), &tmp, false);
             r
@@ -96,8 +162,7 @@ pub(super) fn write_batch(inner: &Inner, files: &[EventFile]) -> Vec<StorageResu
     }
     // Folders seen for the first time: fsync their chain up to `orgs/`, once.
     for (org, rel) in &chains {
-        let res = sync_chain(inner, org, rel, &mut sync);
-        if let Err(e) = res {
+        if let Err(e) = sync_chain(&inner, org, rel, &mut sync) {
             tracing::warn!(org = %org, folder = %rel, error = %e, "cannot fsync the folders above an event file");
         }
     }

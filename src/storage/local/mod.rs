@@ -19,7 +19,7 @@ use rustix::fs::{self as rfs, FileType, OFlags};
 
 use super::{
     Capabilities, Entry, EventFile, FileInfo, Lister, Meta, OrgName, ReadHandle, RenameMode,
-    Storage, StorageError, StoragePath, StorageResult, UploadHandle, UploadOptions,
+    StagedEvents, Storage, StorageError, StoragePath, StorageResult, UploadHandle, UploadOptions,
 };
 
 /// Entries per listing page.
@@ -239,14 +239,16 @@ impl Storage for LocalStorage {
         .await
     }
 
-    async fn write_events(&self, files: &[EventFile]) -> Vec<StorageResult<()>> {
-        let (inner, files_owned) = (self.inner.clone(), files.to_vec());
-        let n = files.len();
-        match tokio::task::spawn_blocking(move || events::write_batch(&inner, &files_owned)).await {
-            Ok(r) => r,
-            Err(e) => (0..n)
-                .map(|_| Err(StorageError::Backend(format!("storage task failed: {e}"))))
-                .collect(),
+    async fn stage_events(&self, files: Vec<EventFile>) -> Box<dyn StagedEvents> {
+        let inner = self.inner.clone();
+        let (inner2, kept) = (inner.clone(), files.clone());
+        match tokio::task::spawn_blocking(move || events::stage(inner, files)).await {
+            Ok(staged) => Box::new(staged),
+            Err(e) => Box::new(events::failed(
+                inner2,
+                kept,
+                &format!("storage task failed: {e}"),
+            )),
         }
     }
 

@@ -33,8 +33,8 @@ use object_store::{
 
 use super::{
     Capabilities, Entry, EntryKind, EventFile, FileInfo, Lister, Meta, OrgName, ReadHandle,
-    RenameMode, Storage, StorageConfig, StorageError, StoragePath, StorageResult, UploadHandle,
-    UploadOptions, DIR_PERM, FILE_PERM,
+    RenameMode, StagedEvents, Storage, StorageConfig, StorageError, StoragePath, StorageResult,
+    UploadHandle, UploadOptions, DIR_PERM, FILE_PERM,
 };
 
 /// The object that keeps an empty folder in existence; never listed, never served.
@@ -302,6 +302,43 @@ impl S3Storage {
     }
 }
 
+struct S3Staged {
+    s3: S3Storage,
+    files: Vec<EventFile>,
+}
+
+#[async_trait]
+impl StagedEvents for S3Staged {
+    async fn publish(self: Box<Self>, keep: Vec<bool>) -> Vec<StorageResult<()>> {
+        let s3 = &self.s3;
+        let jobs: Vec<Option<(StorageResult<Path>, Bytes)>> = self
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                keep.get(i)
+                    .copied()
+                    .unwrap_or(false)
+                    .then(|| (s3.key(&f.org, &f.path), f.body.clone()))
+            })
+            .collect();
+        let puts = jobs.into_iter().map(|job| {
+            let s3 = s3.clone();
+            async move {
+                let Some((key, body)) = job else {
+                    return Ok(());
+                };
+                match s3.put_create(&key?, body).await {
+                    // 412: the object is there already (written before a crash): done.
+                    Err(StorageError::AlreadyExists) => Ok(()),
+                    other => other,
+                }
+            }
+        });
+        stream::iter(puts).buffered(PUT_CONCURRENCY).collect().await
+    }
+}
+
 struct S3Lister {
     s3: S3Storage,
     prefix: String,
@@ -422,22 +459,13 @@ impl Storage for S3Storage {
         }
     }
 
-    async fn write_events(&self, files: &[EventFile]) -> Vec<StorageResult<()>> {
-        let jobs: Vec<(StorageResult<Path>, Bytes)> = files
-            .iter()
-            .map(|f| (self.key(&f.org, &f.path), f.body.clone()))
-            .collect();
-        let puts = jobs.into_iter().map(|(key, body)| {
-            let s3 = self.clone();
-            async move {
-                match s3.put_create(&key?, body).await {
-                    // 412: the object is there already (written before a crash): done.
-                    Err(StorageError::AlreadyExists) => Ok(()),
-                    other => other,
-                }
-            }
-        });
-        stream::iter(puts).buffered(PUT_CONCURRENCY).collect().await
+    async fn stage_events(&self, files: Vec<EventFile>) -> Box<dyn StagedEvents> {
+        // Nothing to stage: an object is visible once PUT, so PUTs wait for the publish
+        // (after the store commit), or a refused event could leave a file behind.
+        Box::new(S3Staged {
+            s3: self.clone(),
+            files,
+        })
     }
 
     async fn stat(&self, org: &OrgName, path: &StoragePath) -> StorageResult<Meta> {
