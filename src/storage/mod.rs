@@ -27,8 +27,8 @@ use bytes::{Bytes, BytesMut};
 pub use config::{StorageConfig, StorageKind};
 pub use path::{OrgName, StoragePath};
 
-/// Why a storage operation failed. Each maps onto the SFTP status OpenSSH's sftp-server
-/// would give for the matching errno ([`StorageError::sftp_status`]).
+/// Why a storage operation failed. Each has the errno a system call would have given
+/// ([`StorageError::errno`]), and so the SFTP status OpenSSH's sftp-server would send.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("no such file or directory")]
@@ -71,24 +71,41 @@ pub enum SftpStatus {
     NoSuchFile,
     PermissionDenied,
     Failure,
+    BadMessage,
     OpUnsupported,
 }
 
 impl StorageError {
-    /// As OpenSSH's `errno_to_portable`: ENOENT → NO_SUCH_FILE, EPERM/EACCES → PERMISSION_DENIED,
-    /// everything else (EEXIST, ENOTEMPTY, ENOSPC, EIO, …) → FAILURE with a message.
-    pub fn sftp_status(&self) -> SftpStatus {
+    /// The errno a system call would have failed with, so that a protocol layer can answer
+    /// exactly as OpenSSH's sftp-server does for that errno.
+    pub fn errno(&self) -> i32 {
         match self {
-            StorageError::NotFound => SftpStatus::NoSuchFile,
-            StorageError::PermissionDenied | StorageError::Escape | StorageError::Symlink => {
-                SftpStatus::PermissionDenied
-            }
-            StorageError::Unsupported(_) => SftpStatus::OpUnsupported,
-            StorageError::Io(e) => match e.kind() {
-                std::io::ErrorKind::NotFound => SftpStatus::NoSuchFile,
-                std::io::ErrorKind::PermissionDenied => SftpStatus::PermissionDenied,
-                _ => SftpStatus::Failure,
-            },
+            StorageError::NotFound => libc::ENOENT,
+            StorageError::PermissionDenied => libc::EACCES,
+            StorageError::AlreadyExists => libc::EEXIST,
+            StorageError::NotADirectory => libc::ENOTDIR,
+            StorageError::IsADirectory => libc::EISDIR,
+            StorageError::NotEmpty => libc::ENOTEMPTY,
+            StorageError::InvalidPath(_) => libc::EINVAL,
+            // In a chroot `/../x` is `/x`, and a planted link meets O_NOFOLLOW (ELOOP):
+            // either way the path names nothing the user may see.
+            StorageError::Escape => libc::ENOENT,
+            StorageError::Symlink => libc::ELOOP,
+            StorageError::Unsupported(_) => libc::ENOSYS,
+            StorageError::TooLarge => libc::EFBIG,
+            StorageError::NoSpace => libc::ENOSPC,
+            StorageError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            StorageError::Unavailable(_) | StorageError::Backend(_) => libc::EIO,
+        }
+    }
+
+    /// As OpenSSH's `errno_to_portable` for [`StorageError::errno`].
+    pub fn sftp_status(&self) -> SftpStatus {
+        match self.errno() {
+            libc::ENOENT | libc::ENOTDIR | libc::EBADF | libc::ELOOP => SftpStatus::NoSuchFile,
+            libc::EPERM | libc::EACCES | libc::EFAULT => SftpStatus::PermissionDenied,
+            libc::ENAMETOOLONG | libc::EINVAL => SftpStatus::BadMessage,
+            libc::ENOSYS => SftpStatus::OpUnsupported,
             _ => SftpStatus::Failure,
         }
     }
