@@ -79,6 +79,12 @@ pub struct HttpConfig {
     pub request_timeout: Dur,
     /// Events waiting for a group commit before new posts get 503. Default 10000.
     pub max_pending_events: usize,
+    /// A second address serving only `GET /metrics`, without auth (keep it on loopback or
+    /// a private network). Unset: `/metrics` is served on `listen` and needs a token.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token for `/metrics` on `listen`, besides the admin token (env
+    /// `HOOKBRIDGE_METRICS_TOKEN`), so a scraper need not hold the admin token.
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +100,10 @@ pub struct SftpConfig {
     pub max_sessions: usize,
     /// Concurrent SSH connections from one source IP. Default 100.
     pub max_sessions_per_ip: usize,
+    /// Connections from one source IP that have not authenticated yet (like OpenSSH's
+    /// PerSourceMaxStartups), so one source cannot take every `defender.max_unauthenticated`
+    /// slot. Default 10.
+    pub max_startups_per_source: usize,
     /// A connection must authenticate within this time. Default 30s.
     pub login_grace_time: Dur,
     /// Delay before a failed authentication is answered. Default 1s.
@@ -106,6 +116,12 @@ pub struct SftpConfig {
     pub allow_ssh_rsa_sha1: bool,
     /// Largest file a user with the `upload` permission may upload, bytes. Default 1 GiB.
     pub max_upload_bytes: u64,
+    /// Open files and listings per SFTP channel. Default 64.
+    pub max_handles_per_session: usize,
+    /// Session channels per SSH connection (OpenSSH's MaxSessions). Default 10.
+    pub max_channels_per_connection: usize,
+    /// Open files and listings of one user across all its connections. Default 256.
+    pub max_handles_per_user: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +129,9 @@ pub struct SftpConfig {
 pub struct IngressConfig {
     /// HS256 secret the platform signs event JWTs with (env `HOOKBRIDGE_INGRESS_JWT_SECRET`).
     pub jwt_hs256_secret: Option<String>,
+    /// Tokens whose `exp` is further ahead than this are refused (401), so a leaked
+    /// token cannot be valid for ever. Default 24h.
+    pub max_token_lifetime: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +206,8 @@ pub struct DefenderConfig {
     pub score_login_failure: u32,
     /// Points of a broken handshake or protocol error. Default 2.
     pub score_protocol_error: u32,
+    /// Points of a connection still unauthenticated at `sftp.login_grace_time`. Default 2.
+    pub score_login_timeout: u32,
     /// Scores older than this are forgotten. Default 10m.
     pub observation_window: Dur,
     /// How long a ban lasts. Default 15m.
@@ -204,6 +225,7 @@ impl Default for DefenderConfig {
             threshold: 10,
             score_login_failure: 1,
             score_protocol_error: 2,
+            score_login_timeout: 2,
             observation_window: Dur(Duration::from_secs(600)),
             ban_time: Dur(crate::defender::default_ban_time()),
             allow_list: Vec::new(),
@@ -357,6 +379,8 @@ impl Default for HttpConfig {
             max_body: 1 << 20,
             request_timeout: Dur(Duration::from_secs(30)),
             max_pending_events: 10_000,
+            metrics_listen: None,
+            metrics_token: None,
         }
     }
 }
@@ -369,12 +393,16 @@ impl Default for SftpConfig {
             host_key: None,
             max_sessions: 1000,
             max_sessions_per_ip: 100,
+            max_startups_per_source: 10,
             login_grace_time: Dur(Duration::from_secs(30)),
             auth_rejection_time: Dur(Duration::from_secs(1)),
             max_auth_attempts: 6,
             idle_timeout: Dur(Duration::from_secs(3600)),
             allow_ssh_rsa_sha1: false,
             max_upload_bytes: 1 << 30,
+            max_handles_per_session: 64,
+            max_channels_per_connection: 10,
+            max_handles_per_user: 256,
         }
     }
 }
@@ -383,6 +411,7 @@ impl Default for IngressConfig {
     fn default() -> Self {
         Self {
             jwt_hs256_secret: None,
+            max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -461,6 +490,9 @@ impl Config {
         if let Some(v) = get("HOOKBRIDGE_ADMIN_TOKEN") {
             self.admin.token = Some(v);
         }
+        if let Some(v) = get("HOOKBRIDGE_METRICS_TOKEN") {
+            self.http.metrics_token = Some(v);
+        }
         if let Some(v) = get("HOOKBRIDGE_HTTP_LISTEN") {
             self.http.listen = v
                 .parse()
@@ -503,6 +535,24 @@ impl Config {
                 ),
             ));
         }
+        if self.ingress.max_token_lifetime.0 < Duration::from_secs(60) {
+            return Err(invalid(
+                "ingress.max_token_lifetime",
+                "must be at least 60s",
+            ));
+        }
+        if let Some(t) = &self.http.metrics_token {
+            if t.len() < 16 {
+                return Err(invalid("http.metrics_token", "must be at least 16 bytes"));
+            }
+        }
+        if self.http.metrics_listen.is_some() && self.http.metrics_listen == Some(self.http.listen)
+        {
+            return Err(invalid(
+                "http.metrics_listen",
+                "must differ from http.listen",
+            ));
+        }
         if self.http.max_pending_events == 0 {
             return Err(invalid("http.max_pending_events", "must be at least 1"));
         }
@@ -519,8 +569,29 @@ impl Config {
                 return Err(invalid("admin.token", "must be at least 16 bytes"));
             }
         }
+        if self.sftp.max_startups_per_source == 0 {
+            return Err(invalid(
+                "sftp.max_startups_per_source",
+                "must be at least 1",
+            ));
+        }
         if self.sftp.max_sessions == 0 || self.sftp.max_sessions_per_ip == 0 {
             return Err(invalid("sftp.max_sessions", "limits must be at least 1"));
+        }
+        for (key, v) in [
+            (
+                "sftp.max_handles_per_session",
+                self.sftp.max_handles_per_session,
+            ),
+            (
+                "sftp.max_channels_per_connection",
+                self.sftp.max_channels_per_connection,
+            ),
+            ("sftp.max_handles_per_user", self.sftp.max_handles_per_user),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "limits must be at least 1"));
+            }
         }
         if !(1..=20).contains(&self.sftp.max_auth_attempts) {
             return Err(invalid(

@@ -1,6 +1,8 @@
 //! Per-source-IP abuse score (after SFTPGo's defender and OpenSSH's PerSourcePenalties):
-//! failed logins and protocol errors add points; an IP reaching the threshold within the
-//! observation window is banned for a while. Allow-listed networks are never banned.
+//! failed logins, protocol errors and connections left unauthenticated until the login grace
+//! time add points; an IP reaching the threshold within the observation window is banned for a
+//! while. A clean close before authentication (a health check, a banner read, a key scan)
+//! scores nothing. Allow-listed networks are never banned.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,6 +15,8 @@ use crate::config::DefenderConfig;
 pub enum Offence {
     LoginFailure,
     ProtocolError,
+    /// Held an unauthenticated slot until the login grace time ran out.
+    LoginTimeout,
 }
 
 /// An `ip` or `ip/prefix` of the allow-list.
@@ -127,6 +131,7 @@ impl Defender {
         let points = match offence {
             Offence::LoginFailure => self.cfg.score_login_failure,
             Offence::ProtocolError => self.cfg.score_protocol_error,
+            Offence::LoginTimeout => self.cfg.score_login_timeout,
         };
         let now = Instant::now();
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());

@@ -110,25 +110,35 @@ mod micros {
 }
 
 /// What the platform may send; everything optional so that each problem gets its own message.
+/// A member that is present stays `Some` even when it is `null`, so that `null` is refused
+/// as "not a string" instead of passing for absent.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Incoming<'a> {
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     id: Option<&'a RawValue>,
-    #[serde(rename = "type", default, borrow)]
+    #[serde(rename = "type", default, borrow, deserialize_with = "present")]
     kind: Option<&'a RawValue>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     org: Option<&'a RawValue>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     timestamp: Option<&'a RawValue>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+}
+
+fn present<'de: 'a, 'a, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'a RawValue>, D::Error> {
+    <&'a RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {
     #[error("body is not valid JSON: {0}")]
     Json(String),
+    #[error("duplicate key {0}: each key may appear once per object")]
+    DuplicateKey(String),
     #[error("field `{field}`: {message}")]
     Field {
         field: &'static str,
@@ -166,6 +176,107 @@ pub fn validate_event_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// File names hold the UTC time as `YYYYMMDDTHHMMSS.ffffffZ`: fixed width and in time
+/// order only for years 0000–9999 and without leap seconds (chrono keeps `23:59:60` as
+/// second 59 with 1e9+ nanoseconds, which would print as `…235960…` or worse).
+pub fn check_file_stamp_range(t: DateTime<Utc>) -> Result<(), String> {
+    use chrono::{Datelike, Timelike};
+    if !(0..=9999).contains(&t.year()) {
+        return Err(format!(
+            "is in year {} in UTC; timestamps must fall in years 0000 to 9999",
+            t.year()
+        ));
+    }
+    if t.nanosecond() >= 1_000_000_000 {
+        return Err("is a leap second (:60); send :59.999999 or the next second".into());
+    }
+    Ok(())
+}
+
+/// The first key that appears twice in one object, as `"key" at path`.
+fn find_duplicate_key(text: &str) -> Result<(), String> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(text);
+    match (NoDupes { path: "$" }).deserialize(&mut de) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let m = e.to_string();
+            match m.strip_prefix(DUP_PREFIX) {
+                // Drop serde_json's " at line L column C" suffix: the path says where.
+                Some(rest) => Err(rest
+                    .rsplit_once(" at line ")
+                    .map_or(rest, |(msg, _)| msg)
+                    .to_owned()),
+                // Not ours: the JSON error is reported by the real parse.
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+const DUP_PREFIX: &str = "\u{0}dup:";
+
+/// Walks a JSON document without building it, failing on the first repeated key.
+struct NoDupes<'p> {
+    path: &'p str,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NoDupes<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDupes<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0usize;
+        loop {
+            let path = format!("{}[{i}]", self.path);
+            if seq.next_element_seed(NoDupes { path: &path })?.is_none() {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let path = format!("{}.{key}", self.path);
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "{DUP_PREFIX}{key:?} in {}",
+                    self.path
+                )));
+            }
+            map.next_value_seed(NoDupes { path: &path })?;
+        }
+        Ok(())
+    }
+}
+
 pub fn new_event_id() -> String {
     format!("evt_{}", ulid::Ulid::new())
 }
@@ -181,6 +292,9 @@ impl Envelope {
             .map_err(|_| EnvelopeError::Json("body is not UTF-8".into()))?;
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| EnvelopeError::Json(e.to_string()))?;
+        // serde_json keeps the last of duplicate keys; readers downstream disagree on which
+        // wins, so a body with any is refused, at any depth.
+        find_duplicate_key(text).map_err(EnvelopeError::DuplicateKey)?;
         if !value.is_object() {
             return Err(EnvelopeError::Json(
                 "the envelope must be a JSON object".into(),
@@ -214,7 +328,6 @@ impl Envelope {
 
         let id = match inc.id {
             None => new_event_id(),
-            Some(raw) if raw.get() == "null" => new_event_id(),
             Some(raw) => {
                 let id = string_field(raw, "id")?;
                 validate_event_id(&id).map_err(|m| field("id", m))?;
@@ -234,12 +347,13 @@ impl Envelope {
 
         let timestamp = match inc.timestamp {
             None => now,
-            Some(raw) if raw.get() == "null" => now,
             Some(raw) => {
                 let s = string_field(raw, "timestamp")?;
-                DateTime::parse_from_rfc3339(&s)
+                let t = DateTime::parse_from_rfc3339(&s)
                     .map_err(|e| field("timestamp", format!("{s:?} is not an RFC 3339 time: {e}")))?
-                    .with_timezone(&Utc)
+                    .with_timezone(&Utc);
+                check_file_stamp_range(t).map_err(|m| field("timestamp", format!("{s:?} {m}")))?;
+                t
             }
         };
 
@@ -319,6 +433,14 @@ mod tests {
                 "timestamp",
             ),
             (br#"{"type":"payment","data":{},"extra":1}"#, "extra"),
+            (br#"{"type":"payment","data":{},"org":null}"#, "org"),
+            (br#"{"type":"payment","data":{},"id":null}"#, "id"),
+            (
+                br#"{"type":"payment","data":{},"timestamp":null}"#,
+                "timestamp",
+            ),
+            (br#"{"type":null,"data":{}}"#, "type"),
+            (br#"{"type":"payment","data":null}"#, "data"),
         ];
         for (body, needle) in cases {
             let e = Envelope::from_request(body, "acme", now())
@@ -330,6 +452,68 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth_and_named() {
+        for (body, key) in [
+            (
+                r#"{"type":"payment","data":{"a":1,"a":2}}"#,
+                r#""a" in $.data"#,
+            ),
+            (
+                r#"{"type":"payment","data":{"x":{"b":[{"c":1,"c":1}]}}}"#,
+                r#""c" in $.data.x.b[0]"#,
+            ),
+            (
+                r#"{"type":"payment","type":"payment","data":{}}"#,
+                r#""type" in $"#,
+            ),
+            (
+                r#"{"type":"payment","data":{"\u0061":1,"a":2}}"#,
+                r#""a" in $.data"#,
+            ),
+        ] {
+            let e = Envelope::from_request(body.as_bytes(), "acme", now()).unwrap_err();
+            assert!(matches!(e, EnvelopeError::DuplicateKey(_)), "{body} -> {e}");
+            assert!(e.to_string().contains(key), "{body} -> {e}");
+        }
+        // The same key in sibling objects is fine.
+        Envelope::from_request(
+            br#"{"type":"payment","data":{"a":{"k":1},"b":{"k":1},"c":[{"k":1},{"k":2}]}}"#,
+            "acme",
+            now(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn timestamps_outside_the_fixed_width_stamp_are_refused() {
+        for ts in [
+            "9999-12-31T23:59:59-01:00",
+            "0000-01-01T00:00:00+01:00",
+            "2026-06-30T23:59:60Z",
+            "2026-06-30T23:59:60.5Z",
+        ] {
+            let body = format!(r#"{{"type":"payment","data":{{}},"timestamp":"{ts}"}}"#);
+            let e = Envelope::from_request(body.as_bytes(), "acme", now()).unwrap_err();
+            assert!(e.to_string().contains("timestamp"), "{ts} -> {e}");
+        }
+        // The edges that fit keep the fixed width and the time order.
+        let stamp = |ts: &str| {
+            let body = format!(r#"{{"type":"payment","data":{{}},"timestamp":"{ts}"}}"#);
+            Envelope::from_request(body.as_bytes(), "acme", now())
+                .unwrap()
+                .file_stamp()
+        };
+        let first = stamp("0000-01-01T00:00:00Z");
+        let mid = stamp("0999-12-31T23:59:59.999999Z");
+        let last = stamp("9999-12-31T23:59:59.999999Z");
+        assert_eq!(first, "00000101T000000.000000Z");
+        for s in [&first, &mid, &last] {
+            assert_eq!(s.len(), first.len(), "{s}");
+        }
+        assert!(first < mid && mid < last);
     }
 
     proptest! {

@@ -71,6 +71,8 @@ impl App {
 pub struct Listeners {
     pub http: TcpListener,
     pub sftp: Option<TcpListener>,
+    /// `http.metrics_listen`: only `/metrics`, without auth.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -81,7 +83,15 @@ impl Listeners {
         } else {
             None
         };
-        Ok(Self { http, sftp })
+        let metrics = match config.http.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            http,
+            sftp,
+            metrics,
+        })
     }
 }
 
@@ -213,6 +223,19 @@ pub async fn run_with_hook(
         let app = app.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move { ("reload", reload::run(app, cancel).await) });
+    }
+    if let Some(listener) = listeners.metrics {
+        tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening (no auth: keep this address private)");
+        let router = ingress::metrics_router(app.clone());
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            (
+                "metrics",
+                ingress::serve_router(router, listener, cancel)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        });
     }
     if let Some(listener) = listeners.sftp {
         let app = app.clone();

@@ -115,11 +115,12 @@ mod tests {
     #[test]
     fn bucket_allows_burst_then_refuses_with_a_wait() {
         let rl = RateLimiter::default();
+        // 0.01/s refills one token in 100 s: a loaded machine cannot refill between checks.
         for _ in 0..5 {
-            rl.check("a", 1.0, 5).unwrap();
+            rl.check("a", 0.01, 5).unwrap();
         }
-        assert_eq!(rl.check("a", 1.0, 5), Err(1));
-        rl.check("b", 1.0, 5).unwrap();
+        assert_eq!(rl.check("a", 0.01, 5), Err(100));
+        rl.check("b", 0.01, 5).unwrap();
         rl.check("a", 0.0, 5).unwrap();
     }
 

@@ -23,6 +23,8 @@ use crate::App;
 
 /// A bot asks for a handful of fields; more is a mistake, not a use case.
 const MAX_FIELDS: usize = 50;
+/// The `maxLength` of `fields` in the OpenAPI document.
+const MAX_FIELDS_LEN: usize = 4096;
 
 pub(super) fn router() -> Router<App> {
     Router::new().route("/v1/orgs/{org}/custom-values", get(custom_values))
@@ -66,6 +68,11 @@ fn parse_query(raw: Option<String>) -> ApiResult<CvQuery> {
             "customer_id" => q.customer_id = v.into_owned(),
             "channel_id" => q.channel_id = v.into_owned(),
             "fields" => {
+                if v.chars().count() > MAX_FIELDS_LEN {
+                    return Err(Problem::bad_request(format!(
+                        "`fields` is longer than {MAX_FIELDS_LEN} characters"
+                    )));
+                }
                 for f in v.split(',').map(str::trim).filter(|f| !f.is_empty()) {
                     if !q.fields.iter().any(|x| x == f) {
                         q.fields.push(f.to_owned());
@@ -102,7 +109,7 @@ async fn custom_values(
     crate::ingress::events::check_ingress_token(&app, &headers, &org)?;
     crate::ingress::admin::require_org(&app.store, &org).await?;
     let q = parse_query(raw)?;
-    let values = fetch(&app, &org, &q).await.inspect_err(|e| {
+    let (_status, values) = fetch(&app, &org, &q).await.inspect_err(|e| {
         if !matches!(e, CvError::NoEndpoint(_)) {
             tracing::info!(error = %e, "custom value request failed");
         }
@@ -110,12 +117,13 @@ async fn custom_values(
     Ok(Json(json!({ "values": values })))
 }
 
-/// Asks the org's endpoint; the answer holds exactly the requested fields.
+/// Asks the org's endpoint; the answer holds the endpoint's (2xx) status and exactly the
+/// requested fields.
 pub(super) async fn fetch(
     app: &App,
     org: &str,
     q: &CvQuery,
-) -> Result<Map<String, Value>, CvError> {
+) -> Result<(u16, Map<String, Value>), CvError> {
     let started = Instant::now();
     let res = fetch_inner(app, org, q).await;
     let outcome = match &res {
@@ -129,7 +137,11 @@ pub(super) async fn fetch(
     res
 }
 
-async fn fetch_inner(app: &App, org: &str, q: &CvQuery) -> Result<Map<String, Value>, CvError> {
+async fn fetch_inner(
+    app: &App,
+    org: &str,
+    q: &CvQuery,
+) -> Result<(u16, Map<String, Value>), CvError> {
     let cfg = &app.config.delivery;
     let endpoint = app
         .store
@@ -158,17 +170,17 @@ async fn fetch_inner(app: &App, org: &str, q: &CvQuery) -> Result<Map<String, Va
         .get(url)
         .header(header::ACCEPT, "application/json");
     let ex = client::exchange(signed.apply(req), cfg.custom_value_timeout.0).await;
-    match (&ex.error, ex.status) {
+    let status = match (&ex.error, ex.status) {
         (Some(SendError::Timeout(t)), _) => return Err(CvError::Timeout(*t)),
         (Some(e), _) => return Err(CvError::Upstream(e.to_string())),
-        (None, Some(s)) if (200..300).contains(&s) => {}
+        (None, Some(s)) if (200..300).contains(&s) => s,
         (None, s) => {
             return Err(CvError::Upstream(format!(
                 "it answered HTTP {}",
                 s.unwrap_or_default()
             )))
         }
-    }
+    };
     let answer: Value = serde_json::from_slice(&ex.body).map_err(|_| {
         CvError::Upstream(format!(
             "its answer is not JSON (or longer than {} bytes)",
@@ -180,10 +192,12 @@ async fn fetch_inner(app: &App, org: &str, q: &CvQuery) -> Result<Map<String, Va
             "its answer is not a JSON object keyed by field name".into(),
         ));
     };
-    Ok(q.fields
+    let values = q
+        .fields
         .iter()
         .map(|f| (f.clone(), obj.remove(f).unwrap_or(Value::Null)))
-        .collect())
+        .collect();
+    Ok((status, values))
 }
 
 #[cfg(test)]
@@ -201,5 +215,7 @@ mod tests {
         assert_eq!(q.fields, ["a", "b"]);
         assert!(parse_query(Some("customer_id=1".into())).is_err());
         assert!(parse_query(Some("fields=a&x=1".into())).is_err());
+        assert!(parse_query(Some(format!("fields={}", "a".repeat(4097)))).is_err());
+        assert!(parse_query(Some(format!("fields={}", "a".repeat(4096)))).is_ok());
     }
 }

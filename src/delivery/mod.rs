@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::ingress::admin::{find_hook, parse_body};
+use crate::ingress::admin::{find_hook, not_null, parse_body};
 use crate::ingress::problem::{ApiResult, Problem};
 use crate::store::{new_id, DeliveryStatus, Webhook, WebhookKind};
 use crate::App;
@@ -209,9 +209,9 @@ async fn list_deliveries(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReplayRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     since: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     delivery_id: Option<String>,
 }
 

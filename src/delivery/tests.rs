@@ -196,11 +196,11 @@ async fn custom_value_test(app: &App, org: &str) -> (bool, Option<u16>, String) 
         fields: vec!["balance".into(), "name".into()],
     };
     match custom_values::fetch(app, org, &q).await {
-        Ok(values) => (
+        Ok((status, values)) => (
             true,
-            Some(200),
+            Some(status),
             format!(
-                "the custom-value endpoint answered {}",
+                "the custom-value endpoint answered HTTP {status} with {}",
                 Value::Object(values)
             ),
         ),

@@ -61,15 +61,52 @@ pub async fn require_admin(State(app): State<App>, req: Request, next: Next) -> 
     }
 }
 
-/// Parses a JSON body into `T`, with a 400 that says what is wrong; an empty body is `{}`.
+/// Parses a JSON body into `T`, with a 400 that says what is wrong. Every admin body is
+/// required (the OpenAPI document says so): an empty one is refused, not taken as `{}`.
+/// Content type and size were checked by [`crate::ingress::json_body`].
 pub fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    let text: &[u8] = if body.iter().all(|b| b.is_ascii_whitespace()) {
-        b"{}"
-    } else {
-        body
-    };
-    serde_json::from_slice(text)
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Problem::bad_request(
+            "a JSON object body is required (send {} for none of the optional fields)",
+        ));
+    }
+    // serde would fill a struct from an array too (`["pw"]` as `{"password":"pw"}`).
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(Problem::bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_slice(body)
         .map_err(|e| Problem::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// For optional object fields: like [`not_null`], and only a JSON object (serde would
+/// otherwise fill a struct from an array).
+pub fn object_only<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(ObjectVisitor(std::marker::PhantomData))
+        .map(Some)
+}
+
+/// For optional body fields: absent is `None`, `null` is refused (the document types them
+/// as strings, booleans… never null), so that `null` cannot pass for "absent".
+pub fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 fn check_name(what: &str, name: &str) -> ApiResult<()> {
@@ -90,10 +127,10 @@ async fn list_orgs(State(app): State<App>) -> ApiResult<Json<serde_json::Value>>
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PutOrg {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     name: Option<String>,
     /// Overrides of `[limits]`; absent keeps the current ones.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object_only")]
     limits: Option<crate::config::OrgLimits>,
 }
 
@@ -105,7 +142,9 @@ async fn put_org(
     check_name("org", &org)?;
     let req: PutOrg = parse_body(&body)?;
     let display = req.name.unwrap_or_else(|| org.clone());
-    if display.is_empty() || display.len() > 200 || display.chars().any(char::is_control) {
+    // Characters, not bytes, as JSON Schema's maxLength counts them.
+    let chars = display.chars().count();
+    if chars == 0 || chars > 200 || display.chars().any(char::is_control) {
         return Err(Problem::bad_request(
             "`name` must be 1 to 200 printable characters",
         ));
@@ -177,13 +216,13 @@ async fn list_users(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PutUser {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     password: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     password_hash: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     public_keys: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     upload: Option<bool>,
 }
 
@@ -195,6 +234,15 @@ async fn put_user(
     check_name("user", &user)?;
     require_org(&app.store, &org).await?;
     let req: PutUser = parse_body(&body)?;
+    // The document's `anyOf`: every PUT names a credential; ones it leaves out are kept.
+    if req.password.is_none()
+        && req.password_hash.is_none()
+        && req.public_keys.as_ref().is_none_or(|k| k.is_empty())
+    {
+        return Err(Problem::bad_request(
+            "an SFTP user needs a `password`, a `password_hash` or at least one of `public_keys`",
+        ));
+    }
     let existing = app
         .store
         .get_sftp_user(&user)
@@ -220,7 +268,8 @@ async fn put_user(
             ))
         }
         (Some(p), None) => {
-            if p.len() < 8 || p.len() > 1024 {
+            let chars = p.chars().count();
+            if !(8..=1024).contains(&chars) {
                 return Err(Problem::bad_request(
                     "`password` must be 8 to 1024 characters",
                 ));
@@ -295,18 +344,18 @@ async fn delete_user(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateHook {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     id: Option<String>,
     kind: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     url: Option<String>,
     #[serde(default)]
     events: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     path_template: Option<String>,
     #[serde(default = "yes")]
     verify: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     enabled: Option<bool>,
 }
 
@@ -447,13 +496,13 @@ async fn get_hook(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PatchHook {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     url: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     events: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     path_template: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     enabled: Option<bool>,
     /// `true` issues a new Standard Webhooks secret (returned once in the answer).
     #[serde(default)]

@@ -23,11 +23,41 @@ pub fn router() -> Router<App> {
 
 #[derive(Debug, Deserialize)]
 struct IngressClaims {
-    #[serde(default)]
-    org: Option<String>,
+    /// Absent means "any org"; present it must be the org of the URL. `null` is neither
+    /// and is refused, so that it cannot pass for absent.
+    #[serde(default, deserialize_with = "present")]
+    org: Option<serde_json::Value>,
+    exp: i64,
 }
 
-/// Checks the platform's HS256 token: signature, `exp` (required), and the `org` claim.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
+/// Seconds of clock skew allowed between the platform and hookbridge.
+const LEEWAY_SECS: u64 = 30;
+
+/// Refuses a `crit` header (RFC 7515 §4.1.11): it lists extensions the recipient must
+/// understand, and hookbridge understands none. jsonwebtoken ignores the member.
+fn check_crit(token: &str) -> Result<(), String> {
+    use base64::Engine;
+    let head = token.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .map_err(|_| "invalid token: the header is not base64url".to_string())?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes)
+        .map_err(|_| "invalid token: the header is not a JSON object".to_string())?;
+    match header.get("crit") {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "token header has `crit` {c}: hookbridge understands no JWS extension"
+        )),
+    }
+}
+
+/// Checks the platform's HS256 token: signature, `exp` (required, at most
+/// `ingress.max_token_lifetime` ahead), `nbf` (if present), no `crit` header, and the
+/// `org` claim.
 pub(crate) fn check_ingress_token(app: &App, headers: &HeaderMap, org: &str) -> ApiResult<()> {
     let token = super::bearer(headers).ok_or_else(|| {
         Problem::unauthorized("missing bearer token: send Authorization: Bearer <JWT HS256>")
@@ -35,7 +65,8 @@ pub(crate) fn check_ingress_token(app: &App, headers: &HeaderMap, org: &str) -> 
     let mut v = Validation::new(Algorithm::HS256);
     v.set_required_spec_claims(&["exp"]);
     v.validate_aud = false;
-    v.leeway = 30;
+    v.validate_nbf = true;
+    v.leeway = LEEWAY_SECS;
     let data = decode::<IngressClaims>(
         token,
         &DecodingKey::from_secret(app.secrets.ingress_jwt.as_bytes()),
@@ -50,23 +81,37 @@ pub(crate) fn check_ingress_token(app: &App, headers: &HeaderMap, org: &str) -> 
             }
             K::MissingRequiredClaim(c) => format!("token lacks the required `{c}` claim"),
             K::InvalidAlgorithm => "token must be signed with HS256".to_string(),
-            K::ImmatureSignature => "token not valid yet (nbf)".to_string(),
+            K::ImmatureSignature => "token not valid yet (nbf is in the future)".to_string(),
             _ => format!("invalid token: {e}"),
         };
         Problem::unauthorized(why)
     })?;
-    if let Some(claim) = data.claims.org {
-        if claim != org {
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                format!("token is for org {claim:?}, not {org:?}"),
-            ));
-        }
+    // Only after the signature verified: a forged header learns nothing.
+    check_crit(token).map_err(Problem::unauthorized)?;
+    let max = app.config.ingress.max_token_lifetime.0;
+    let now = chrono::Utc::now().timestamp();
+    let ahead = data.claims.exp.saturating_sub(now);
+    if ahead > (max.as_secs() + LEEWAY_SECS) as i64 {
+        return Err(Problem::unauthorized(format!(
+            "token `exp` is {ahead}s ahead; tokens may be valid for at most {}s \
+             (ingress.max_token_lifetime)",
+            max.as_secs()
+        )));
     }
-    Ok(())
+    match data.claims.org {
+        None => Ok(()),
+        Some(serde_json::Value::String(claim)) if claim == org => Ok(()),
+        Some(serde_json::Value::String(claim)) => Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            format!("token is for org {claim:?}, not {org:?}"),
+        )),
+        Some(other) => Err(Problem::unauthorized(format!(
+            "token `org` claim is {other}: it must be an org name, or absent for every org"
+        ))),
+    }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
+pub(crate) fn is_json(headers: &HeaderMap) -> bool {
     let Some(ct) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -21,6 +21,7 @@ use problem::Problem;
 
 pub fn router(app: App) -> Router {
     let timeout = app.config.http.request_timeout.0;
+    let max_body = app.config.http.max_body;
     Router::new()
         .merge(events::router())
         .merge(crate::delivery::public_router())
@@ -28,6 +29,11 @@ pub fn router(app: App) -> Router {
             admin::router()
                 .merge(crate::delivery::admin_router())
                 .merge(usage::router())
+                .route_layer(axum::middleware::from_fn(move |req, next| {
+                    json_body(req, next, max_body)
+                }))
+                .route_layer(axum::extract::DefaultBodyLimit::max(max_body))
+                // Last, so outermost: a caller without the token learns nothing else.
                 .route_layer(axum::middleware::from_fn_with_state(
                     app.clone(),
                     admin::require_admin,
@@ -60,7 +66,10 @@ async fn problem_everywhere(resp: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || is_problem {
         return resp;
     }
-    let retry_after = resp.headers().get(axum::http::header::RETRY_AFTER).cloned();
+    let kept: Vec<_> = [axum::http::header::RETRY_AFTER, axum::http::header::ALLOW]
+        .into_iter()
+        .filter_map(|h| resp.headers().get(&h).cloned().map(|v| (h, v)))
+        .collect();
     let body = axum::body::to_bytes(resp.into_body(), 4096)
         .await
         .unwrap_or_default();
@@ -71,10 +80,36 @@ async fn problem_everywhere(resp: Response) -> Response {
         text
     };
     let mut out = Problem::new(status, detail).into_response();
-    if let Some(v) = retry_after {
-        out.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
-    }
+    out.headers_mut().extend(kept);
     out
+}
+
+/// Admin bodies: at most `http.max_body` bytes (413) and JSON (415), like the ingress.
+/// An empty body passes, for routes without one; the handlers refuse it where the
+/// document marks the body required.
+async fn json_body(req: Request, next: Next, max: usize) -> Response {
+    use axum::http::{Method, StatusCode};
+    use axum::response::IntoResponse;
+    if !matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, max).await else {
+        return Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than the limit of {max} bytes (http.max_body)"),
+        )
+        .into_response();
+    };
+    if !bytes.iter().all(|b| b.is_ascii_whitespace()) && !events::is_json(&parts.headers) {
+        return Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+        )
+        .into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 async fn request_timeout(req: Request, next: Next, limit: Duration) -> Response {
@@ -99,8 +134,23 @@ pub async fn serve(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_router(router(app), listener, cancel).await
+}
+
+/// The router of `http.metrics_listen`: `/metrics` only, without auth.
+pub fn metrics_router(app: App) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(ops::metrics))
+        .fallback(|| async { Problem::not_found("this address serves only /metrics") })
+        .with_state(app)
+}
+
+pub async fn serve_router(
+    router: Router,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let router = router(app);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

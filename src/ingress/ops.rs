@@ -1,19 +1,20 @@
 //! Health, readiness and metrics for operators and load balancers.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::problem::Problem;
 use crate::App;
 
 pub fn router() -> Router<App> {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_with_token))
         .route("/openapi.json", get(openapi))
 }
 
@@ -42,7 +43,29 @@ async fn readyz(State(app): State<App>) -> impl IntoResponse {
     )
 }
 
-async fn metrics(State(app): State<App>) -> impl IntoResponse {
+/// `/metrics` on the API address: it names every org and counts their files, auth
+/// failures and bans, so it needs the admin token or `http.metrics_token`.
+async fn metrics_with_token(State(app): State<App>, headers: HeaderMap) -> Response {
+    let ok = super::bearer(&headers).is_some_and(|t| {
+        crate::auth::constant_time_eq(t, &app.secrets.admin_token)
+            | app
+                .config
+                .http
+                .metrics_token
+                .as_deref()
+                .is_some_and(|m| crate::auth::constant_time_eq(t, m))
+    });
+    if !ok {
+        return Problem::unauthorized(
+            "/metrics needs Authorization: Bearer <admin token or http.metrics_token>, \
+             or scrape http.metrics_listen instead",
+        )
+        .into_response();
+    }
+    metrics(State(app)).await.into_response()
+}
+
+pub(super) async fn metrics(State(app): State<App>) -> impl IntoResponse {
     if let Ok((depth, oldest)) = app.store.queue_stats().await {
         metrics::gauge!("hookbridge_delivery_queue_depth").set(depth as f64);
         let age = oldest

@@ -5,11 +5,11 @@
 //! replies wait for window space, both sides wait forever (russh-sftp's own
 //! one-request-at-a-time server does exactly that on large downloads). So:
 //! - a reader loop only ever waits on the channel: it frames packets and hands them on;
-//! - READ and WRITE run concurrently (bounded by a semaphore), replies may be out of
-//!   order (clients match ids);
+//! - READ and WRITE run concurrently (bounded by a semaphore); their replies still go
+//!   out in request order (`replies`), as PuTTY's pscp needs;
 //! - every other request runs in order in one control task, so path operations and
 //!   READDIR keep their sequence;
-//! - one writer task sends every reply.
+//! - one writer task sends every reply, in request order.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,13 +17,18 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use russh::server::Msg;
-use russh::{Channel, ChannelMsg, ChannelWriteHalf};
+use russh::{Channel, ChannelMsg};
 use russh_sftp::protocol::{self, Packet, StatusCode};
 use tokio::sync::{mpsc, watch, OwnedRwLockReadGuard, RwLock, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::HandleSlot;
 use super::ops::{self, OpError, OpResult, SessionCtx, Upload};
+use super::replies::{writer, Reply};
+
+mod control;
+use control::{control, release_all, Control};
 
 /// Largest READ/WRITE payload we advertise (limits@openssh.com) and serve.
 pub const MAX_RW_LEN: u32 = 255 * 1024;
@@ -31,7 +36,6 @@ pub const MAX_RW_LEN: u32 = 255 * 1024;
 pub const MAX_PACKET_LEN: u32 = 256 * 1024;
 /// A declared length above this closes the channel: never allocate what a client claims.
 const MAX_ACCEPTED_LEN: usize = MAX_PACKET_LEN as usize + 1024;
-pub const MAX_OPEN_HANDLES: usize = 256;
 /// READ/WRITE served at once per channel; more queue up without blocking the reader.
 const CONCURRENT_IO: usize = 16;
 /// Requests (and bytes of WRITE data) waiting per channel before we call it abuse.
@@ -64,64 +68,106 @@ enum Handle {
     Dir(Mutex<Vec<protocol::File>>),
 }
 
+struct Entry {
+    handle: Arc<Handle>,
+    /// Counts the handle against its user and the process until it is closed.
+    _slot: HandleSlot,
+}
+
 struct State {
     ctx: Arc<SessionCtx>,
-    handles: Mutex<HashMap<String, Arc<Handle>>>,
+    handles: Mutex<HashMap<String, Entry>>,
+    /// A refused handle is logged once per channel: a client looping on it floods nothing.
+    refusal_logged: std::sync::atomic::AtomicBool,
     next_handle: AtomicU64,
     io: Semaphore,
     queued_write_bytes: AtomicU64,
     queued_control_bytes: AtomicU64,
-    replies: mpsc::Sender<Bytes>,
+    replies: mpsc::Sender<Reply>,
     /// Open handles of the whole connection: shutdown waits for transfers to end.
     busy: Arc<watch::Sender<usize>>,
 }
 
 impl State {
-    async fn send(&self, p: Packet) {
-        match Bytes::try_from(p) {
-            Ok(b) => {
-                let _ = self.replies.send(b).await;
+    /// Sends the reply to request number `seq` (see `replies`).
+    async fn send(&self, seq: u64, p: Packet) {
+        let bytes = match Bytes::try_from(p) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an SFTP reply");
+                None
             }
-            Err(e) => tracing::error!(error = %e, "cannot encode an SFTP reply"),
-        }
+        };
+        self.send_bytes(seq, bytes).await;
     }
 
-    async fn reply<T: Into<Packet>>(&self, id: u32, r: OpResult<T>) {
+    async fn send_bytes(&self, seq: u64, bytes: Option<Bytes>) {
+        let _ = self.replies.send(Reply { seq, bytes }).await;
+    }
+
+    async fn reply<T: Into<Packet>>(&self, seq: u64, id: u32, r: OpResult<T>) {
         let p = match r {
             Ok(p) => p.into(),
             Err(e) => status_of(id, &e),
         };
-        self.send(p).await;
+        self.send(seq, p).await;
     }
 
-    fn insert(&self, h: Handle) -> OpResult<String> {
+    /// Room for one more handle, taken before the file is opened so that a refused
+    /// handle never costs a descriptor. Refused as OpenSSH does when its handle table is
+    /// full: SSH_FX_FAILURE.
+    fn reserve(&self) -> OpResult<HandleSlot> {
+        let open = self
+            .handles
+            .lock()
+            .map_err(|_| OpError::Failure("internal error"))?
+            .len();
+        let refused = if open >= self.ctx.max_handles {
+            "too many open handles on this channel (sftp.max_handles_per_session)"
+        } else {
+            match self.ctx.budget.acquire(&self.ctx.user) {
+                Ok(slot) => return Ok(slot),
+                Err(r) => r.message(),
+            }
+        };
+        if !self.refusal_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(user = %self.ctx.user, org = %self.ctx.org, ip = %self.ctx.ip, open, "SFTP handle refused: {refused}");
+        }
+        metrics::counter!("hookbridge_sftp_handles_refused_total").increment(1);
+        Err(OpError::Failure(refused))
+    }
+
+    fn insert(&self, h: Handle, slot: HandleSlot) -> OpResult<String> {
         let mut map = self
             .handles
             .lock()
             .map_err(|_| OpError::Failure("internal error"))?;
-        if map.len() >= MAX_OPEN_HANDLES {
-            return Err(OpError::Failure("too many open handles"));
-        }
         let name = self.next_handle.fetch_add(1, Ordering::Relaxed).to_string();
-        map.insert(name.clone(), Arc::new(h));
+        map.insert(
+            name.clone(),
+            Entry {
+                handle: Arc::new(h),
+                _slot: slot,
+            },
+        );
         self.busy.send_modify(|n| *n += 1);
         Ok(name)
     }
 
     fn get(&self, handle: &str) -> Option<Arc<Handle>> {
-        self.handles.lock().ok()?.get(handle).cloned()
+        Some(self.handles.lock().ok()?.get(handle)?.handle.clone())
     }
 
     fn take(&self, handle: &str) -> Option<Arc<Handle>> {
-        let h = self.handles.lock().ok()?.remove(handle)?;
+        let e = self.handles.lock().ok()?.remove(handle)?;
         self.busy.send_modify(|n| *n = n.saturating_sub(1));
-        Some(h)
+        Some(e.handle)
     }
 
     /// A file handle for READ/WRITE, with its gate held so CLOSE waits for the operation.
     fn file_for_io(&self, handle: &str) -> Option<(Arc<FileHandle>, OwnedRwLockReadGuard<()>)> {
         let map = self.handles.lock().ok()?;
-        match map.get(handle).map(|h| &**h) {
+        match map.get(handle).map(|e| &*e.handle) {
             Some(Handle::File(f)) => {
                 let guard = f.gate.clone().try_read_owned().ok()?;
                 Some((f.clone(), guard))
@@ -140,6 +186,7 @@ fn status_of(id: u32, e: &OpError) -> Packet {
     Packet::status(id, code, &msg, "en-US")
 }
 
+/// OpenSSH's answer to READ, WRITE, FSTAT, FSETSTAT or READDIR on an unknown handle.
 fn bad_handle() -> OpError {
     OpError::Failure("invalid handle")
 }
@@ -169,7 +216,7 @@ fn count_op(op: &'static str) {
 /// Serves SFTP on `channel` until the client sends EOF or the channel closes.
 pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender<usize>>) {
     let (mut rx, tx) = channel.split();
-    let (reply_tx, reply_rx) = mpsc::channel::<Bytes>(64);
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(64);
     // Cancelled once the channel is closed or its connection gone: replies then have
     // nowhere to go, and a writer waiting for window space would wait forever.
     let gone = CancellationToken::new();
@@ -177,6 +224,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
     let state = Arc::new(State {
         ctx: Arc::new(ctx),
         handles: Mutex::new(HashMap::new()),
+        refusal_logged: Default::default(),
         next_handle: AtomicU64::new(1),
         io: Semaphore::new(CONCURRENT_IO),
         queued_write_bytes: AtomicU64::new(0),
@@ -184,7 +232,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
         replies: reply_tx,
         busy,
     });
-    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<(Packet, u64)>();
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<Control>();
     // Path operations are many small syscalls in a row (`get -r` of 10k files): they run
     // inline on a thread of their own rather than paying a blocking-pool hop each.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -204,6 +252,8 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
     let mut io_tasks = JoinSet::new();
     let mut buf = BytesMut::new();
     let mut initialized = false;
+    // Request numbers, in arrival order: replies go out in this order.
+    let mut seq: u64 = 0;
 
     // Stays true only if the channel was closed or its connection ended (no more messages).
     let mut closed = true;
@@ -239,7 +289,9 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
                 break 'read;
             }
             initialized = true;
-            if !dispatch(&state, pkt, &ctl_tx, &mut io_tasks).await {
+            let this = seq;
+            seq += 1;
+            if !dispatch(&state, this, pkt, &ctl_tx, &mut io_tasks).await {
                 closed = false;
                 break 'read;
             }
@@ -285,32 +337,12 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
     }
 }
 
-async fn writer(
-    tx: ChannelWriteHalf<Msg>,
-    mut replies: mpsc::Receiver<Bytes>,
-    gone: CancellationToken,
-) -> ChannelWriteHalf<Msg> {
-    while let Some(b) = replies.recv().await {
-        // russh waits for window space without noticing that the connection died
-        // (a client killed mid-download): stop on `gone` as well as on an error.
-        let sent = tokio::select! {
-            r = tx.data_bytes(b) => r.is_ok(),
-            _ = gone.cancelled() => false,
-        };
-        if !sent {
-            // Nobody will read them: keep draining so no sender ever blocks.
-            while replies.recv().await.is_some() {}
-            break;
-        }
-    }
-    tx
-}
-
 /// Returns false when the channel must be closed.
 async fn dispatch(
     state: &Arc<State>,
+    seq: u64,
     pkt: Bytes,
-    ctl: &mpsc::UnboundedSender<(Packet, u64)>,
+    ctl: &mpsc::UnboundedSender<Control>,
     io_tasks: &mut JoinSet<()>,
 ) -> bool {
     let ty = pkt[0];
@@ -334,7 +366,7 @@ async fn dispatch(
             };
             count_op("unsupported");
             state
-                .send(Packet::status(id, code, &code.to_string(), "en-US"))
+                .send(seq, Packet::status(id, code, &code.to_string(), "en-US"))
                 .await;
             return true;
         }
@@ -343,15 +375,15 @@ async fn dispatch(
         (FXP_READ, Packet::Read(r)) => {
             count_op("read");
             let Some((h, gate)) = state.file_for_io(&r.handle) else {
-                state.send(status_of(r.id, &bad_handle())).await;
+                state.send(seq, status_of(r.id, &bad_handle())).await;
                 return true;
             };
-            io_tasks.spawn(read(state.clone(), h, gate, r));
+            io_tasks.spawn(read(state.clone(), seq, h, gate, r));
         }
         (FXP_WRITE, Packet::Write(w)) => {
             count_op("write");
             let Some((h, gate)) = state.file_for_io(&w.handle) else {
-                state.send(status_of(w.id, &bad_handle())).await;
+                state.send(seq, status_of(w.id, &bad_handle())).await;
                 return true;
             };
             let n = w.data.len() as u64;
@@ -360,7 +392,7 @@ async fn dispatch(
                 tracing::warn!(user = %state.ctx.user, "too much queued SFTP write data; closing the channel");
                 return false;
             }
-            io_tasks.spawn(write(state.clone(), h, gate, w));
+            io_tasks.spawn(write(state.clone(), seq, h, gate, w));
         }
         (_, p) => {
             let n = pkt.len() as u64;
@@ -370,7 +402,11 @@ async fn dispatch(
                 tracing::warn!(user = %state.ctx.user, "too many queued SFTP requests; closing the channel");
                 return false;
             }
-            let _ = ctl.send((p, n));
+            let _ = ctl.send(Control {
+                packet: p,
+                len: n,
+                seq,
+            });
         }
     }
     true
@@ -378,11 +414,13 @@ async fn dispatch(
 
 async fn read(
     state: Arc<State>,
+    seq: u64,
     h: Arc<FileHandle>,
     _gate: OwnedRwLockReadGuard<()>,
     r: protocol::Read,
 ) {
     let Ok(_permit) = state.io.acquire().await else {
+        state.send_bytes(seq, None).await;
         return;
     };
     let len = r.len.min(MAX_RW_LEN) as usize;
@@ -402,27 +440,32 @@ async fn read(
                 Ok(Err(e)) => status_of(id, &OpError::Io(e)),
                 _ => status_of(id, &OpError::Failure("internal error")),
             };
-            match Bytes::try_from(p) {
-                Ok(b) => b,
-                Err(_) => return,
-            }
+            return state.send(seq, p).await;
         }
     };
-    let _ = state.replies.send(reply).await;
+    state.send_bytes(seq, Some(reply)).await;
 }
 
 async fn write(
     state: Arc<State>,
+    seq: u64,
     h: Arc<FileHandle>,
     _gate: OwnedRwLockReadGuard<()>,
     w: protocol::Write,
 ) {
     let n = w.data.len() as u64;
     let Ok(permit) = state.io.acquire().await else {
+        state.send_bytes(seq, None).await;
         return;
     };
     let res = if h.upload.is_none() {
-        Err(OpError::Denied)
+        // OpenSSH: a reader is refused writes (read-only mode); anyone else's write(2)
+        // on a handle opened for reading fails with EBADF (NO_SUCH_FILE).
+        if state.ctx.upload {
+            Err(ops::errno(libc::EBADF))
+        } else {
+            Err(OpError::Denied)
+        }
     } else if w.offset.saturating_add(n) > state.ctx.max_upload {
         Err(OpError::Failure(
             "upload larger than this server allows (sftp.max_upload_bytes)",
@@ -444,314 +487,5 @@ async fn write(
     } else {
         h.write_failed.store(true, Ordering::Relaxed);
     }
-    state.reply(w.id, res.map(|_| ok(w.id))).await;
-}
-
-/// Serves non-I/O requests in the order they arrived.
-async fn control(state: Arc<State>, mut rx: mpsc::UnboundedReceiver<(Packet, u64)>) {
-    while let Some((p, n)) = rx.recv().await {
-        state.queued_control_bytes.fetch_sub(n, Ordering::Relaxed);
-        let id = p.get_request_id();
-        let reply = serve_control(&state, p).await;
-        let packet = reply.unwrap_or_else(|e| status_of(id, &e));
-        state.send(packet).await;
-    }
-}
-
-async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
-    let ctx = state.ctx.clone();
-    Ok(match p {
-        Packet::Init(_) => {
-            count_op("init");
-            Packet::Version(version())
-        }
-        Packet::RealPath(r) => {
-            count_op("realpath");
-            let f = inline(move || ops::realpath(&ctx, &r.path)).await?;
-            Packet::Name(protocol::Name {
-                id: r.id,
-                files: vec![f],
-            })
-        }
-        Packet::Stat(s) => {
-            count_op("stat");
-            let a = inline(move || ops::stat(&ctx, &s.path)).await?;
-            Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
-        }
-        Packet::Lstat(s) => {
-            count_op("lstat");
-            let a = inline(move || ops::stat(&ctx, &s.path)).await?;
-            Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
-        }
-        Packet::Fstat(s) => {
-            count_op("fstat");
-            let f = file_handle(state, &s.handle)?;
-            let file = f.file.clone();
-            let a = inline(move || Ok(ops::attrs(&file.metadata()?))).await?;
-            Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
-        }
-        Packet::SetStat(s) => {
-            count_op("setstat");
-            inline(move || ops::setstat(&ctx, &s.path, &s.attrs)).await?;
-            ok(s.id)
-        }
-        Packet::FSetStat(s) => {
-            count_op("fsetstat");
-            let f = file_handle(state, &s.handle)?;
-            inline(move || {
-                let m = f.file.metadata()?;
-                if let (Some(size), Some(_)) = (s.attrs.size, &f.upload) {
-                    if size > ctx.max_upload {
-                        return Err(OpError::Failure(
-                            "upload larger than this server allows (sftp.max_upload_bytes)",
-                        ));
-                    }
-                    f.file.set_len(size)?;
-                }
-                ops::set_times(&f.file, &m, &s.attrs)
-            })
-            .await?;
-            ok(s.id)
-        }
-        Packet::Open(o) => {
-            count_op("open");
-            let opened = inline(move || ops::open(&ctx, &o.filename, o.pflags)).await?;
-            let fh = FileHandle {
-                file: Arc::new(opened.file),
-                virt: opened.virt,
-                upload: opened.upload,
-                bytes_read: AtomicU64::new(0),
-                bytes_written: AtomicU64::new(0),
-                write_failed: Default::default(),
-                gate: Arc::new(RwLock::new(())),
-            };
-            match state.insert(Handle::File(Arc::new(fh))) {
-                Ok(handle) => Packet::Handle(protocol::Handle { id: o.id, handle }),
-                Err(e) => return Err(e),
-            }
-        }
-        Packet::OpenDir(o) => {
-            count_op("opendir");
-            let entries = inline(move || ops::list_dir(&ctx, &o.path)).await?;
-            let handle = state.insert(Handle::Dir(Mutex::new(entries)))?;
-            Packet::Handle(protocol::Handle { id: o.id, handle })
-        }
-        Packet::ReadDir(r) => {
-            count_op("readdir");
-            let h = state.get(&r.handle).ok_or_else(bad_handle)?;
-            let Handle::Dir(entries) = &*h else {
-                return Err(bad_handle());
-            };
-            let mut entries = entries
-                .lock()
-                .map_err(|_| OpError::Failure("internal error"))?;
-            if entries.is_empty() {
-                return Ok(Packet::status(
-                    r.id,
-                    StatusCode::Eof,
-                    "End of directory",
-                    "en-US",
-                ));
-            }
-            let rest = entries.len().saturating_sub(READDIR_BATCH);
-            let files = entries.split_off(rest);
-            Packet::Name(protocol::Name { id: r.id, files })
-        }
-        Packet::Close(c) => {
-            count_op("close");
-            let h = state.take(&c.handle).ok_or_else(bad_handle)?;
-            close(state, h).await?;
-            ok(c.id)
-        }
-        Packet::Remove(r) => {
-            count_op("remove");
-            let virt = inline(move || ops::remove(&ctx, &r.filename)).await?;
-            audit(&state.ctx, "delete", &virt, 0);
-            ok(r.id)
-        }
-        Packet::MkDir(m) => {
-            count_op("mkdir");
-            inline(move || ops::mkdir(&ctx, &m.path)).await?;
-            ok(m.id)
-        }
-        Packet::RmDir(m) => {
-            count_op("rmdir");
-            let virt = inline(move || ops::rmdir(&ctx, &m.path)).await?;
-            audit(&state.ctx, "delete", &virt, 0);
-            ok(m.id)
-        }
-        Packet::Rename(r) => {
-            count_op("rename");
-            inline(move || ops::rename(&ctx, &r.oldpath, &r.newpath, false)).await?;
-            ok(r.id)
-        }
-        Packet::Extended(e) => extended(state, e).await?,
-        other => {
-            count_op("unsupported");
-            let id = other.get_request_id();
-            Packet::status(
-                id,
-                StatusCode::OpUnsupported,
-                "Operation unsupported",
-                "en-US",
-            )
-        }
-    })
-}
-
-fn file_handle(state: &State, handle: &str) -> OpResult<Arc<FileHandle>> {
-    match state.get(handle).as_deref() {
-        Some(Handle::File(f)) => Ok(f.clone()),
-        _ => Err(bad_handle()),
-    }
-}
-
-fn version() -> protocol::Version {
-    let mut v = protocol::Version::new();
-    for (name, ver) in [
-        ("posix-rename@openssh.com", "1"),
-        ("statvfs@openssh.com", "2"),
-        ("fsync@openssh.com", "1"),
-        ("limits@openssh.com", "1"),
-    ] {
-        v.extensions.insert(name.to_owned(), ver.to_owned());
-    }
-    v
-}
-
-#[derive(serde::Deserialize)]
-struct TwoPaths {
-    oldpath: String,
-    newpath: String,
-}
-
-async fn extended(state: &Arc<State>, e: protocol::Extended) -> OpResult<Packet> {
-    let ctx = state.ctx.clone();
-    let id = e.id;
-    let mut data = Bytes::from(e.data);
-    let reply_data = |v: Bytes| {
-        Packet::ExtendedReply(protocol::ExtendedReply {
-            id,
-            data: v.to_vec(),
-        })
-    };
-    Ok(match e.request.as_str() {
-        "posix-rename@openssh.com" => {
-            count_op("posix-rename");
-            let p: TwoPaths =
-                russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
-            inline(move || ops::rename(&ctx, &p.oldpath, &p.newpath, true)).await?;
-            ok(id)
-        }
-        "statvfs@openssh.com" => {
-            count_op("statvfs");
-            let p: russh_sftp::extensions::StatvfsExtension =
-                russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
-            let s = inline(move || ops::statvfs(&ctx, &p.path)).await?;
-            reply_data(russh_sftp::ser::to_bytes(&s).map_err(|_| OpError::Failure("encode"))?)
-        }
-        "fsync@openssh.com" => {
-            count_op("fsync");
-            let p: russh_sftp::extensions::FsyncExtension =
-                russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
-            let f = file_handle(state, &p.handle)?;
-            inline(move || Ok(f.file.sync_all()?)).await?;
-            ok(id)
-        }
-        "limits@openssh.com" => {
-            count_op("limits");
-            let l = russh_sftp::extensions::LimitsExtension {
-                max_packet_len: MAX_PACKET_LEN as u64,
-                max_read_len: MAX_RW_LEN as u64,
-                max_write_len: MAX_RW_LEN as u64,
-                max_open_handles: MAX_OPEN_HANDLES as u64,
-            };
-            reply_data(russh_sftp::ser::to_bytes(&l).map_err(|_| OpError::Failure("encode"))?)
-        }
-        _ => {
-            count_op("unsupported");
-            return Err(OpError::Unsupported);
-        }
-    })
-}
-
-/// Waits for the handle's in-flight I/O, then finishes it (upload rename, audit).
-async fn close(state: &Arc<State>, h: Arc<Handle>) -> OpResult<()> {
-    let Handle::File(f) = &*h else { return Ok(()) };
-    let _exclusive = f.gate.clone().write_owned().await;
-    let f = f.clone();
-    let ctx = &state.ctx;
-    match &f.upload {
-        Some(_) => {
-            let f2 = f.clone();
-            let failed = f.write_failed.load(Ordering::Relaxed);
-            let res = inline(move || match &f2.upload {
-                Some(up) if failed => {
-                    ops::discard_upload(up);
-                    Err(OpError::Failure(
-                        "a write of this upload failed; nothing was kept",
-                    ))
-                }
-                Some(up) => ops::finish_upload(&f2.file, up),
-                None => Ok(()),
-            })
-            .await;
-            if res.is_ok() {
-                audit(
-                    ctx,
-                    "upload",
-                    &f.virt,
-                    f.bytes_written.load(Ordering::Relaxed),
-                );
-            }
-            res
-        }
-        None => {
-            audit(
-                ctx,
-                "download",
-                &f.virt,
-                f.bytes_read.load(Ordering::Relaxed),
-            );
-            Ok(())
-        }
-    }
-}
-
-/// Handles the client left open: downloads are still audited, uploads are discarded.
-async fn release_all(state: &Arc<State>) {
-    let handles: Vec<String> = match state.handles.lock() {
-        Ok(map) => map.keys().cloned().collect(),
-        Err(_) => return,
-    };
-    for name in handles {
-        let Some(h) = state.take(&name) else { continue };
-        if let Handle::File(f) = &*h {
-            match &f.upload {
-                Some(up) => {
-                    tracing::info!(user = %state.ctx.user, path = %f.virt, "upload abandoned; discarded");
-                    ops::discard_upload(up);
-                }
-                None => audit(
-                    &state.ctx,
-                    "download",
-                    &f.virt,
-                    f.bytes_read.load(Ordering::Relaxed),
-                ),
-            }
-        }
-    }
-}
-
-fn audit(ctx: &SessionCtx, event: &str, path: &str, bytes: u64) {
-    tracing::info!(
-        target: "audit",
-        event,
-        user = %ctx.user,
-        org = %ctx.org,
-        path,
-        bytes,
-        ip = %ctx.ip,
-        "sftp {event}"
-    );
+    state.reply(seq, w.id, res.map(|_| ok(w.id))).await;
 }

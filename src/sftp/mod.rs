@@ -5,11 +5,15 @@
 //! - `ops`: the operations on the file system;
 //! - `jail`: the one resolver from client paths to host paths.
 
+mod budget;
 mod handler;
 mod hostkey;
 pub mod jail;
 mod ops;
+mod per_ip;
+mod replies;
 mod server;
+mod status;
 
 pub use hostkey::{host_key_fingerprint, load_or_create_host_key};
 pub use server::serve;

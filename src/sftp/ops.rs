@@ -12,6 +12,7 @@ use russh_sftp::extensions::Statvfs;
 use russh_sftp::protocol::{self, FileAttributes, OpenFlags, StatusCode};
 
 use super::jail::{Jail, JailError, Resolved};
+use super::status;
 
 /// Why a request failed; maps onto an SFTP status without leaking host details.
 #[derive(Debug, thiserror::Error)]
@@ -33,37 +34,32 @@ pub enum OpError {
 }
 
 impl OpError {
+    /// The status OpenSSH's sftp-server would send for this failure (see `status`).
     pub fn status(&self) -> (StatusCode, String) {
+        let fixed = |c: StatusCode| (c, status::code_text(c).to_owned());
         match self {
-            OpError::NoSuchFile => (StatusCode::NoSuchFile, "No such file".into()),
-            OpError::Denied => (StatusCode::PermissionDenied, "Permission denied".into()),
+            OpError::NoSuchFile => fixed(StatusCode::NoSuchFile),
+            OpError::Denied => fixed(StatusCode::PermissionDenied),
             OpError::Failure(m) => (StatusCode::Failure, (*m).into()),
-            OpError::BadMessage => (StatusCode::BadMessage, "Bad message".into()),
-            OpError::Unsupported => (StatusCode::OpUnsupported, "Operation unsupported".into()),
-            OpError::Jail(JailError::Io(e)) | OpError::Io(e) => io_status(e),
-            OpError::Jail(e) => (StatusCode::PermissionDenied, e.to_string()),
+            OpError::BadMessage => fixed(StatusCode::BadMessage),
+            OpError::Unsupported => fixed(StatusCode::OpUnsupported),
+            OpError::Jail(JailError::Io(e)) | OpError::Io(e) => {
+                (status::io_status(e), status::io_message(e))
+            }
+            // A NUL in a path: OpenSSH cannot even parse it.
+            OpError::Jail(JailError::Invalid) => fixed(StatusCode::BadMessage),
+            // In OpenSSH's chroot `/../x` is `/x`, and a planted link is met with
+            // O_NOFOLLOW (ELOOP): either way the path names nothing the user may see.
+            OpError::Jail(e @ (JailError::Escape | JailError::Symlink)) => {
+                (StatusCode::NoSuchFile, e.to_string())
+            }
         }
     }
 }
 
-fn io_status(e: &io::Error) -> (StatusCode, String) {
-    match e.kind() {
-        io::ErrorKind::NotFound => (StatusCode::NoSuchFile, "No such file".into()),
-        io::ErrorKind::PermissionDenied => {
-            (StatusCode::PermissionDenied, "Permission denied".into())
-        }
-        io::ErrorKind::AlreadyExists => (StatusCode::Failure, "File exists".into()),
-        // ELOOP: O_NOFOLLOW met a symlink swapped in after the jail check.
-        _ if e.raw_os_error() == Some(libc::ELOOP) => (
-            StatusCode::PermissionDenied,
-            "symbolic links are not served".into(),
-        ),
-        _ if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-            (StatusCode::Failure, "Directory not empty".into())
-        }
-        // The message of an io::Error carries no path, so it is safe to pass on.
-        _ => (StatusCode::Failure, e.to_string()),
-    }
+/// The error a system call would have given: its status comes from `status::io_status`.
+pub fn errno(code: i32) -> OpError {
+    OpError::Io(io::Error::from_raw_os_error(code))
 }
 
 pub type OpResult<T> = Result<T, OpError>;
@@ -80,6 +76,10 @@ pub struct SessionCtx {
     /// No upload may grow past this (`sftp.max_upload_bytes`): a WRITE at a huge offset or
     /// a SETSTAT size would otherwise fill the disk every org shares.
     pub max_upload: u64,
+    /// Open handles per channel (`sftp.max_handles_per_session`).
+    pub max_handles: usize,
+    /// Open handles per user and for the process.
+    pub budget: std::sync::Arc<super::budget::HandleBudget>,
 }
 
 impl SessionCtx {
@@ -93,8 +93,6 @@ impl SessionCtx {
 pub struct Upload {
     pub tmp: PathBuf,
     pub target: PathBuf,
-    /// Opened with EXCL: the rename must not replace a file that appeared meanwhile.
-    pub exclusive: bool,
 }
 
 pub struct Opened {
@@ -188,7 +186,8 @@ pub fn stat(ctx: &SessionCtx, path: &str) -> OpResult<FileAttributes> {
 pub fn list_dir(ctx: &SessionCtx, path: &str) -> OpResult<Vec<protocol::File>> {
     let r = ctx.resolve(path)?;
     if !lstat(&r)?.is_dir() {
-        return Err(OpError::Failure("Not a directory"));
+        // OpenSSH's opendir(3) fails with ENOTDIR: NO_SUCH_FILE, which clients branch on.
+        return Err(errno(libc::ENOTDIR));
     }
     let mut out = Vec::new();
     for entry in fs::read_dir(&r.real)? {
@@ -217,7 +216,8 @@ pub fn open(ctx: &SessionCtx, path: &str, flags: OpenFlags) -> OpResult<Opened> 
     if !writing {
         let file = open_nofollow().read(true).open(&r.real)?;
         if !file.metadata()?.is_file() {
-            return Err(OpError::Failure("Not a regular file"));
+            // OpenSSH opens it, then read(2) fails with EISDIR: FAILURE.
+            return Err(errno(libc::EISDIR));
         }
         return Ok(Opened {
             file,
@@ -229,32 +229,34 @@ pub fn open(ctx: &SessionCtx, path: &str, flags: OpenFlags) -> OpResult<Opened> 
         return Err(OpError::Denied);
     }
     if r.is_root() {
-        return Err(OpError::Failure("Not a regular file"));
+        return Err(errno(libc::EISDIR));
     }
     let existing = match fs::symlink_metadata(&r.real) {
         Ok(m) if m.is_file() => true,
-        Ok(_) => return Err(OpError::Failure("Not a regular file")),
+        Ok(m) if m.is_dir() => return Err(errno(libc::EISDIR)),
+        Ok(_) => return Err(JailError::Symlink.into()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(e.into()),
     };
     if existing && flags.contains(OpenFlags::CREATE | OpenFlags::EXCLUDE) {
-        return Err(io::Error::from(io::ErrorKind::AlreadyExists).into());
+        return Err(errno(libc::EEXIST));
     }
-    if !existing && !flags.contains(OpenFlags::CREATE) {
-        return Err(OpError::NoSuchFile);
+    if existing {
+        // Uploads never replace or change a file that is already there (an event
+        // hookbridge wrote, or another upload): a forged event would look genuine.
+        return Err(OpError::Denied);
+    }
+    if !flags.contains(OpenFlags::CREATE) {
+        return Err(errno(libc::ENOENT));
     }
     match r.real.parent() {
         Some(dir) if dir.is_dir() => {}
-        _ => return Err(OpError::NoSuchFile),
+        _ => return Err(errno(libc::ENOENT)),
     }
     // Readers of the folder must never see a partial upload: write beside, rename on close.
     let tmp = ctx
         .tmp_dir
         .join(format!("sftp-upload-{}.part", ulid::Ulid::new()));
-    if existing && !flags.contains(OpenFlags::TRUNCATE) {
-        // Resumed or in-place writes start from the current content.
-        fs::copy(&r.real, &tmp)?;
-    }
     let file = open_nofollow()
         .read(true)
         .write(true)
@@ -267,7 +269,6 @@ pub fn open(ctx: &SessionCtx, path: &str, flags: OpenFlags) -> OpResult<Opened> 
         upload: Some(Upload {
             tmp,
             target: r.real,
-            exclusive: flags.contains(OpenFlags::EXCLUDE),
         }),
     })
 }
@@ -275,12 +276,8 @@ pub fn open(ctx: &SessionCtx, path: &str, flags: OpenFlags) -> OpResult<Opened> 
 /// Makes an upload durable and visible under its name.
 pub fn finish_upload(file: &File, up: &Upload) -> OpResult<()> {
     file.sync_all()?;
-    let res = if up.exclusive {
-        rename_noreplace(&up.tmp, &up.target)
-    } else {
-        fs::rename(&up.tmp, &up.target)
-    };
-    if let Err(e) = res {
+    // Never replace: a file that appeared under the name meanwhile (an event) stays.
+    if let Err(e) = rename_noreplace(&up.tmp, &up.target) {
         let _ = fs::remove_file(&up.tmp);
         return Err(e.into());
     }
@@ -322,41 +319,58 @@ pub fn remove(ctx: &SessionCtx, path: &str) -> OpResult<String> {
     let r = ctx.resolve(path)?;
     let m = lstat(&r)?;
     if m.is_dir() {
-        return Err(OpError::Failure("Is a directory"));
+        return Err(errno(libc::EISDIR));
     }
     fs::remove_file(&r.real)?;
     Ok(r.virt)
 }
 
 pub fn mkdir(ctx: &SessionCtx, path: &str) -> OpResult<()> {
+    if !ctx.upload {
+        return Err(OpError::Denied);
+    }
     let r = ctx.resolve(path)?;
     if r.is_root() {
-        return Err(io::Error::from(io::ErrorKind::AlreadyExists).into());
+        return Err(errno(libc::EEXIST));
     }
     fs::create_dir(&r.real)?;
     Ok(())
 }
 
 pub fn rmdir(ctx: &SessionCtx, path: &str) -> OpResult<String> {
-    let r = ctx.resolve(path)?;
-    if r.is_root() {
+    // Readers must not change the folders hookbridge writes into.
+    if !ctx.upload {
         return Err(OpError::Denied);
     }
+    let r = ctx.resolve(path)?;
+    if r.is_root() {
+        // rmdir("/") in OpenSSH's chroot: EBUSY.
+        return Err(errno(libc::EBUSY));
+    }
     if !lstat(&r)?.is_dir() {
-        return Err(OpError::Failure("Not a directory"));
+        return Err(errno(libc::ENOTDIR));
     }
     fs::remove_dir(&r.real)?;
     Ok(r.virt)
 }
 
-/// Plain RENAME fails when the target exists; posix-rename replaces it.
+/// Plain RENAME fails when the target exists; posix-rename replaces it, except for
+/// users who may upload (an upload renamed over an event would forge it).
+/// Readers rename files only: folders are where hookbridge writes.
 pub fn rename(ctx: &SessionCtx, from: &str, to: &str, replace: bool) -> OpResult<()> {
     let a = ctx.resolve(from)?;
     let b = ctx.resolve(to)?;
     if a.is_root() || b.is_root() {
+        // rename of or onto "/" in OpenSSH's chroot: EBUSY.
+        return Err(errno(libc::EBUSY));
+    }
+    let m = lstat(&a)?;
+    if m.is_dir() && !ctx.upload {
         return Err(OpError::Denied);
     }
-    lstat(&a)?;
+    if replace && ctx.upload && fs::symlink_metadata(&b.real).is_ok() {
+        return Err(OpError::Denied);
+    }
     if replace {
         fs::rename(&a.real, &b.real)?;
     } else {
@@ -397,15 +411,62 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     Err(err)
 }
 
-/// Times are applied; ownership and modes are ours to keep; size only on uploads.
+/// SETSTAT by path: only users who may upload may change anything, and only times and
+/// plain read/write modes (WinSCP, FileZilla, rclone and paramiko set them after an
+/// upload). Ownership and sizes are hookbridge's: a request to change them is refused,
+/// never answered OK without being applied.
 pub fn setstat(ctx: &SessionCtx, path: &str, a: &FileAttributes) -> OpResult<()> {
     let r = ctx.resolve(path)?;
     let m = lstat(&r)?;
-    if a.atime.is_some() || a.mtime.is_some() {
-        let f = open_nofollow().read(true).open(&r.real)?;
-        set_times(&f, &m, a)?;
+    check_setstat(ctx, &m, a, false)?;
+    let f = open_nofollow().read(true).open(&r.real)?;
+    set_mode(&f, &m, a)?;
+    set_times(&f, &m, a)
+}
+
+/// Applies a mode `check_setstat` allowed.
+pub fn set_mode(f: &File, m: &Metadata, a: &FileAttributes) -> OpResult<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match a.permissions {
+        Some(p) if p & 0o7777 != m.mode() & 0o7777 => {
+            f.set_permissions(fs::Permissions::from_mode(p & 0o7777))?;
+            Ok(())
+        }
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// Whether a SETSTAT/FSETSTAT of `a` on a file with metadata `m` may be applied.
+/// `own_upload`: the handle is an upload in progress, whose size the user may set.
+/// Values equal to the current ones change nothing and are accepted.
+pub fn check_setstat(
+    ctx: &SessionCtx,
+    m: &Metadata,
+    a: &FileAttributes,
+    own_upload: bool,
+) -> OpResult<()> {
+    let changes_times = a.atime.is_some_and(|t| t as i64 != m.atime())
+        || a.mtime.is_some_and(|t| t as i64 != m.mtime());
+    let changes_size = a.size.is_some_and(|s| s != m.len());
+    let changes_mode = a
+        .permissions
+        .is_some_and(|p| p & 0o7777 != m.mode() & 0o7777);
+    let changes_owner = a.uid.is_some_and(|u| u != m.uid()) || a.gid.is_some_and(|g| g != m.gid());
+    // WinSCP and FileZilla set 0644-like modes after an upload: plain read/write bits
+    // that keep the owner's (hookbridge's) read and write; no exec or special bits.
+    let mode_ok = a
+        .permissions
+        .is_none_or(|p| p & 0o7777 & !0o666 == 0 && p & 0o600 == 0o600);
+    let allowed = if !ctx.upload {
+        !(changes_times || changes_size || changes_mode || changes_owner)
+    } else {
+        !(changes_owner || changes_mode && !mode_ok || changes_size && !own_upload)
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(OpError::Denied)
+    }
 }
 
 pub fn set_times(f: &File, m: &Metadata, a: &FileAttributes) -> OpResult<()> {
@@ -469,6 +530,8 @@ mod tests {
             jail: Jail::new(&dir.path().join("org")).unwrap(),
             tmp_dir: dir.path().join("tmp"),
             max_upload: 1 << 20,
+            max_handles: 4,
+            budget: super::super::budget::HandleBudget::new(8, 16),
         };
         (dir, c)
     }

@@ -3,9 +3,9 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::{Algorithm, HashAlg};
@@ -20,26 +20,38 @@ use tokio_util::task::TaskTracker;
 
 use super::jail::Jail;
 use super::ops::SessionCtx;
+use super::per_ip::{IpSlot, PerIp};
+use crate::defender::Offence;
 use crate::store::SftpUser;
 use crate::App;
 
 /// How long shutdown lets open transfers finish before disconnecting their sessions.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Session channels per connection; SFTP clients use one.
-const MAX_CHANNELS: usize = 10;
 
 struct Shared {
     app: App,
     ssh: Arc<russh::server::Config>,
     sessions: Arc<Semaphore>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: PerIp,
     tracker: TaskTracker,
     cancel: CancellationToken,
     /// Verified when the user is unknown, so both cases cost the same time.
     dummy_hash: String,
     defender: crate::defender::Defender,
-    /// Connections that have not authenticated yet (MaxStartups).
+    /// Connections that have not authenticated yet (MaxStartups)...
     unauthenticated: Arc<Semaphore>,
+    /// ...and their share per source IP (PerSourceMaxStartups).
+    unauthenticated_per_ip: PerIp,
+    /// Password checks, one per core at a time, each in memory kept for the next.
+    verifier: crate::auth::Verifier,
+    /// Open SFTP handles per user and for the process.
+    handles: Arc<super::budget::HandleBudget>,
+}
+
+/// The place of a connection among the unauthenticated ones; given back at login.
+struct Unauth {
+    _total: OwnedSemaphorePermit,
+    _source: IpSlot,
 }
 
 pub async fn serve(
@@ -85,15 +97,25 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         ssh: Arc::new(ssh),
         sessions: Arc::new(Semaphore::new(cfg.max_sessions)),
-        per_ip: Mutex::new(HashMap::new()),
+        per_ip: PerIp::default(),
         tracker: TaskTracker::new(),
         cancel: cancel.clone(),
         dummy_hash,
         defender: crate::defender::Defender::new(&app.config.defender),
         unauthenticated: Arc::new(Semaphore::new(app.config.defender.max_unauthenticated)),
+        unauthenticated_per_ip: PerIp::default(),
+        verifier: crate::auth::Verifier::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ),
+        handles: super::budget::HandleBudget::for_process(cfg.max_handles_per_user),
         app: app.clone(),
     });
-    tracing::info!(addr = ?listener.local_addr().ok(), host_key = %fingerprint, "SFTP server listening");
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        host_key = %fingerprint,
+        handle_budget = shared.handles.total(),
+        "SFTP server listening"
+    );
 
     loop {
         tokio::select! {
@@ -118,25 +140,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Counts a connection against its source IP until dropped.
-struct IpSlot {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.shared.per_ip.lock() {
-            if let Some(n) = m.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&self.ip);
-                }
-            }
-        }
-    }
-}
-
 fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     if shared.defender.is_banned(peer.ip()) {
         // Dropping the stream closes it: a banned address gets no banner to work with.
@@ -144,26 +147,31 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         tracing::debug!(ip = %peer.ip(), "connection from a banned address closed");
         return;
     }
-    let Ok(unauth) = shared.unauthenticated.clone().try_acquire_owned() else {
+    let Some(source) = shared
+        .unauthenticated_per_ip
+        .take(peer.ip(), shared.app.config.sftp.max_startups_per_source)
+    else {
+        // Like OpenSSH's PerSourceMaxStartups: the source's share is full, others still get in.
+        metrics::counter!("hookbridge_sftp_refused_total", "reason" => "unauthenticated_per_source")
+            .increment(1);
+        tracing::warn!(ip = %peer.ip(), "too many unauthenticated SFTP connections from this address; connection refused");
+        return;
+    };
+    let Ok(total) = shared.unauthenticated.clone().try_acquire_owned() else {
         metrics::counter!("hookbridge_sftp_refused_total", "reason" => "unauthenticated")
             .increment(1);
         tracing::warn!(ip = %peer.ip(), "too many unauthenticated SFTP connections; connection refused");
         return;
     };
+    let unauth = Unauth {
+        _total: total,
+        _source: source,
+    };
     let cfg = &shared.app.config.sftp;
     let permit = shared.sessions.clone().try_acquire_owned().ok();
-    let slot = permit.as_ref().and_then(|_| {
-        let mut m = shared.per_ip.lock().ok()?;
-        let n = m.entry(peer.ip()).or_insert(0);
-        if *n >= cfg.max_sessions_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot {
-            shared: shared.clone(),
-            ip: peer.ip(),
-        })
-    });
+    let slot = permit
+        .as_ref()
+        .and_then(|_| shared.per_ip.take(peer.ip(), cfg.max_sessions_per_ip));
     match (permit, slot) {
         (Some(permit), Some(slot)) => {
             let shared2 = shared.clone();
@@ -211,7 +219,7 @@ async fn connection(
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
     _slot: IpSlot,
-    unauth: OwnedSemaphorePermit,
+    unauth: Unauth,
 ) {
     let _gauge = GaugeGuard::new();
     let _ = stream.set_nodelay(true);
@@ -233,7 +241,8 @@ async fn connection(
     let started = tokio::select! {
         r = russh::server::run_stream(shared.ssh.clone(), stream, conn) => r,
         _ = tokio::time::sleep_until(deadline) => {
-            tracing::debug!(ip = %peer.ip(), "no SSH identification within the login grace time");
+            tracing::info!(ip = %peer.ip(), "no SSH identification within the login grace time; disconnecting");
+            shared.defender.record(peer.ip(), Offence::LoginTimeout);
             return;
         }
         _ = cancel.cancelled() => return,
@@ -242,9 +251,9 @@ async fn connection(
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(ip = %peer.ip(), error = %e, "SSH handshake failed");
-            shared
-                .defender
-                .record(peer.ip(), crate::defender::Offence::ProtocolError);
+            if hostile(&e) {
+                shared.defender.record(peer.ip(), Offence::ProtocolError);
+            }
             return;
         }
     };
@@ -258,8 +267,8 @@ async fn connection(
             r = &mut running => {
                 if let Err(e) = r {
                     tracing::debug!(ip = %peer.ip(), error = %e, "SSH session ended with an error");
-                    if !authed.load(Ordering::Acquire) {
-                        shared.defender.record(peer.ip(), crate::defender::Offence::ProtocolError);
+                    if !authed.load(Ordering::Acquire) && hostile(&e) {
+                        shared.defender.record(peer.ip(), Offence::ProtocolError);
                     }
                 }
                 break;
@@ -268,6 +277,7 @@ async fn connection(
                 grace_checked = true;
                 if !authed.load(Ordering::Acquire) {
                     tracing::info!(ip = %peer.ip(), "login grace time over; disconnecting");
+                    shared.defender.record(peer.ip(), Offence::LoginTimeout);
                     let _ = handle
                         .disconnect(Disconnect::ByApplication, "login grace time over".into(), "en".into())
                         .await;
@@ -287,6 +297,28 @@ async fn connection(
     }
 }
 
+/// Whether an error that ended an unauthenticated connection is worth a penalty. A client
+/// that just closes (a load balancer's TCP check, a banner read, `ssh-keyscan`, a user who
+/// gives up) is not hostile; garbage instead of SSH and broken packets are.
+fn hostile(e: &russh::Error) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        russh::Error::Disconnect | russh::Error::HUP => false,
+        russh::Error::IO(io) => !matches!(
+            io.kind(),
+            ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+        ),
+        // Idle connections are scored at the login grace time instead.
+        russh::Error::InactivityTimeout
+        | russh::Error::KeepaliveTimeout
+        | russh::Error::ConnectionTimeout => false,
+        _ => true,
+    }
+}
+
 /// One SSH connection.
 struct Conn {
     shared: Arc<Shared>,
@@ -298,7 +330,7 @@ struct Conn {
     channels: HashMap<ChannelId, Channel<Msg>>,
     sftp: HashSet<ChannelId>,
     /// Held until authentication succeeds.
-    unauth: Option<OwnedSemaphorePermit>,
+    unauth: Option<Unauth>,
 }
 
 fn reject() -> Auth {
@@ -326,6 +358,11 @@ impl Conn {
         reject()
     }
 
+    /// Checked at each attempt: a ban imposed while this connection was open applies to it.
+    fn banned(&self) -> bool {
+        self.shared.defender.is_banned(self.peer.ip())
+    }
+
     fn key_allowed(&self, alg: &Algorithm) -> bool {
         // ssh-rsa signs with SHA-1: only for old devices, behind a switch.
         *alg != (Algorithm::Rsa { hash: None }) || self.shared.app.config.sftp.allow_ssh_rsa_sha1
@@ -336,19 +373,23 @@ impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
-        if self.shared.defender.is_banned(self.peer.ip()) {
+        if self.banned() {
             return Ok(self.failed(user, "password"));
         }
         let found = self.lookup(user).await;
         let hash = found.as_ref().and_then(|u| u.password_hash.clone());
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.shared.dummy_hash.clone());
-        let password = password.to_owned();
-        // argon2 takes tens of milliseconds of CPU: keep it off the async workers.
-        let verified =
-            tokio::task::spawn_blocking(move || crate::auth::verify_password(&password, &hash))
-                .await
-                .unwrap_or(false);
+        // Parallel attempts queue for a turn (bounded memory); by the time this one's turn
+        // comes the earlier ones may have got the source banned: then it is not hashed.
+        let verdict = self
+            .shared
+            .verifier
+            .verify(password.to_owned(), hash, || !self.banned())
+            .await;
+        let Some(verified) = verdict else {
+            return Ok(self.failed(user, "password"));
+        };
         if known && verified {
             self.user = found;
             self.method = "password";
@@ -356,7 +397,7 @@ impl russh::server::Handler for Conn {
         } else {
             self.shared
                 .defender
-                .record(self.peer.ip(), crate::defender::Offence::LoginFailure);
+                .record(self.peer.ip(), Offence::LoginFailure);
             Ok(self.failed(user, "password"))
         }
     }
@@ -368,6 +409,9 @@ impl russh::server::Handler for Conn {
     ) -> Result<Auth, Self::Error> {
         if !self.key_allowed(offer.algorithm) {
             return Ok(reject());
+        }
+        if self.banned() {
+            return Ok(self.failed(user, "publickey"));
         }
         match self.lookup(user).await {
             Some(u) if crate::auth::key_matches(&u.public_keys, offer.public_key) => {
@@ -382,7 +426,7 @@ impl russh::server::Handler for Conn {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        if !self.key_allowed(key.algorithm) {
+        if !self.key_allowed(key.algorithm) || self.banned() {
             return Ok(self.failed(user, "publickey"));
         }
         match self.lookup(user).await {
@@ -418,7 +462,11 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.channels.len() + self.sftp.len() >= MAX_CHANNELS {
+        // SFTP clients use one channel; OpenSSH's MaxSessions caps them the same way.
+        if self.channels.len() + self.sftp.len()
+            >= self.shared.app.config.sftp.max_channels_per_connection
+        {
+            tracing::info!(ip = %self.peer.ip(), "session channel refused: sftp.max_channels_per_connection reached");
             reply
                 .reject(russh::ChannelOpenFailure::ResourceShortage)
                 .await;
@@ -542,6 +590,8 @@ impl Conn {
             jail,
             tmp_dir,
             max_upload: self.shared.app.config.sftp.max_upload_bytes,
+            max_handles: self.shared.app.config.sftp.max_handles_per_session,
+            budget: self.shared.handles.clone(),
         })
     }
 }

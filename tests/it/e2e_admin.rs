@@ -300,12 +300,7 @@ fn example_config_is_valid() {
 /// `systemd-analyze verify` is clean and the sandbox exposure stays at or below 2.0.
 #[test]
 fn systemd_unit_verifies_and_is_hardened() {
-    if std::process::Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: systemd-analyze is not installed");
+    if !require("systemd-analyze") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

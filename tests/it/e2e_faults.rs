@@ -30,10 +30,11 @@ impl Drop for SmallFs {
 
 #[tokio::test]
 async fn disk_full_gives_503_writes_nothing_partial_and_recovers() {
-    let Some(fs) = SmallFs::mount("6m") else {
-        eprintln!("SKIPPED: this machine does not allow mounting a tmpfs (needs root)");
+    let fs = SmallFs::mount("6m");
+    if !require_that("permission to mount a tmpfs (needs root)", fs.is_some()) {
         return;
-    };
+    }
+    let Some(fs) = fs else { return };
     let d = Daemon::start_opts(Opts {
         data_dir: Some(fs.0.path().join("data")),
         ..Opts::default()
@@ -130,7 +131,8 @@ n = 0
 try:
     t = paramiko.Transport(('127.0.0.1', int(sys.argv[1]))); t.connect(username='etl', password='etl password')
     s = paramiko.SFTPClient.from_transport(t)
-    end = time.time() + 20
+    # Reads until the daemon is killed under it (bounded, should the kill never come).
+    end = time.time() + 300
     while time.time() < end:
         if 'payment' not in s.listdir('/'):
             time.sleep(0.05); continue
@@ -151,7 +153,7 @@ print(n, flush=True)
     let burst = Burst::start(&d, "acme", 8, "m");
     wait_for(
         "load to build up",
-        std::time::Duration::from_secs(30),
+        std::time::Duration::from_secs(120),
         || {
             let (n, delivered) = (burst.count(), rx.events().len());
             let d = &d;

@@ -1,8 +1,8 @@
 //! The interop matrix: each real SFTP client lists, downloads (byte-identical) and
 //! deletes event files the daemon wrote. OpenSSH `sftp`/`scp` and paramiko basics live in
 //! `e2e_sftp`; here are lftp, rclone, curl, asyncssh, and WinSCP/FileZilla habits.
-//! A test skips (with `SKIPPED:`) only when its client is not installed: `scripts/test`
-//! installs them all.
+//! A missing client fails the test under `CI=true` and skips it elsewhere
+//! (`harness::require`); `scripts/test` installs them all.
 
 use std::path::{Path, PathBuf};
 
@@ -14,18 +14,9 @@ use crate::harness::*;
 
 const PW: &str = "interop-pw-123";
 
-/// Whether `cmd` runs at all; prints the skip line when it does not.
-fn have(cmd: &str, test: &str) -> bool {
-    let ok = std::process::Command::new(cmd)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: {test}: `{cmd}` is not installed (scripts/test installs it)");
-    }
-    ok
+/// Whether `cmd` runs at all ([`require`]: a failure under `CI=true`, a skip elsewhere).
+fn have(cmd: &str, _test: &str) -> bool {
+    require(cmd)
 }
 
 /// A daemon with org `acme`, reader `etl` (password `PW`) and a few posted events.
@@ -211,8 +202,7 @@ async fn curl_lists_downloads_and_removes() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(" sftp"))
         .unwrap_or(false);
-    if !has_sftp {
-        eprintln!("SKIPPED: curl_lists_downloads_and_removes: no curl with sftp:// (libssh2)");
+    if !require_that("curl with sftp:// (libssh2)", has_sftp) {
         return;
     }
     let (d, files) = with_events().await;
@@ -388,5 +378,114 @@ print(json.dumps(res))
     assert_eq!(
         std::fs::read(d.org_dir("acme").join("up.json")).unwrap(),
         b"{\"up\":1}"
+    );
+}
+
+/// `SHA256:…` of the daemon's host key, for PuTTY's `-hostkey` (its `-batch` refuses
+/// unknown keys).
+fn host_key_sha256(d: &Daemon) -> String {
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(d.data_dir().join("ssh_host_ed25519_key"))
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    line.split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .unwrap_or_else(|| panic!("no fingerprint in {line:?}"))
+        .to_owned()
+}
+
+/// A PuTTY tool (`pscp`/`psftp`) with password, host key and port set.
+fn putty(d: &Daemon, tool: &str, home: &Path) -> Command {
+    let mut cmd = Command::new(tool);
+    cmd.args(["-batch", "-P"])
+        .arg(d.sftp_port.to_string())
+        .args(["-pw", PW, "-hostkey"])
+        .arg(host_key_sha256(d))
+        .env("HOME", home);
+    cmd
+}
+
+/// PuTTY's pscp takes each reply of a download as the next block of the file: replies
+/// out of request order made it stop after one file with "Lost connection".
+#[tokio::test]
+async fn pscp_downloads_a_whole_tree() {
+    if !have("pscp", "pscp_downloads_a_whole_tree") {
+        return;
+    }
+    let d = Daemon::start().await;
+    d.org_with_sftp_hook("acme").await;
+    user(&d, "acme", "etl", json!({"password": PW})).await;
+    for i in 0..48 {
+        let ty = if i % 2 == 0 {
+            "payment"
+        } else {
+            "deliveryReport"
+        };
+        post(&d, "acme", &format!("evt_{i}"), ty).await;
+    }
+    let files = files_under(&d.org_dir("acme"));
+    assert_eq!(files.len(), 48);
+    let want = snapshot(&d, &files);
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let mut cmd = putty(&d, "pscp", tmp.path());
+    // `/*`: pscp refuses `/` itself as a source (its name would be empty), OpenSSH or not.
+    cmd.args(["-r", "etl@127.0.0.1:/*"]).arg(&out_dir);
+    let out = run(cmd).await;
+    assert!(out.status.success(), "pscp: {}", text(&out));
+    // pscp -r of `/*` puts the tree under the target folder as it is.
+    assert_same(&want, &out_dir);
+    assert_eq!(files_under(&out_dir).len(), 48);
+}
+
+#[tokio::test]
+async fn psftp_batch_lists_gets_puts_renames_and_removes() {
+    if !have("psftp", "psftp_batch_lists_gets_puts_renames_and_removes") {
+        return;
+    }
+    let d = Daemon::start().await;
+    d.org_with_sftp_hook("acme").await;
+    user(&d, "acme", "etl", json!({"password": PW, "upload": true})).await;
+    post(&d, "acme", "evt_1", "payment").await;
+    let files = files_under(&d.org_dir("acme"));
+    let event = virt(&d, "acme", &files[0]);
+    let (dir, name) = event.rsplit_once('/').unwrap();
+    let content = std::fs::read(&files[0]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("mine.json"), b"{\"up\":1}").unwrap();
+    let batch = tmp.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "ls /\ncd {dir}\nls\nget {name} got.json\nput mine.json up.json\n\
+             rename up.json up2.json\nrm up2.json\nmkdir newdir\nrmdir newdir\n\
+             rm {name}\nquit\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = putty(&d, "psftp", tmp.path());
+    cmd.arg("-b")
+        .arg(&batch)
+        .arg("etl@127.0.0.1")
+        .current_dir(tmp.path());
+    let out = run(cmd).await;
+    let said = text(&out);
+    assert!(out.status.success(), "psftp: {said}");
+    assert!(said.contains(name), "ls shows the event: {said}");
+    assert_eq!(
+        std::fs::read(tmp.path().join("got.json")).unwrap_or_else(|e| panic!("{e}: {said}")),
+        content
+    );
+    let org = d.org_dir("acme");
+    let day = org.join(dir.trim_start_matches('/'));
+    assert!(!day.join("up.json").exists() && !day.join("up2.json").exists());
+    assert!(!day.join("newdir").exists());
+    assert!(!files[0].exists(), "rm of the event");
+    assert!(
+        said.contains("up.json") && said.contains("up2.json"),
+        "psftp echoes each step: {said}"
     );
 }

@@ -220,14 +220,16 @@ async fn openssh_sftp_and_scp_basics() {
         std::fs::read(&files[0]).unwrap()
     );
 
-    // rename (fails onto an existing file), posix-rename (replaces), mkdir/rmdir, delete.
+    // rename (fails onto an existing file), posix-rename (replaces), delete. A reader
+    // makes no folders: /done is the operator's.
+    std::fs::create_dir(d.org_dir("acme").join("done")).unwrap();
     let (a, b, c) = (
         virt(&d, "acme", &files[0]),
         virt(&d, "acme", &files[1]),
         virt(&d, "acme", &files[2]),
     );
     let batch = format!(
-        "mkdir /done\nmkdir /empty\nrmdir /empty\nrename -l {a} /done/a.json\n-rename -l {b} /done/a.json\n\
+        "rename -l {a} /done/a.json\n-rename -l {b} /done/a.json\n\
          rename {b} /done/a.json\nrm {c}\nls /done\n"
     );
     let (ok, out) = sftp_batch(&d, "etl", &key, &batch, tmp.path()).await;
@@ -237,7 +239,6 @@ async fn openssh_sftp_and_scp_basics() {
         std::fs::read(done.join("a.json")).unwrap(),
         std::fs::read(dl.join(b.trim_start_matches('/'))).unwrap()
     );
-    assert!(!d.org_dir("acme").join("empty").exists());
     assert!(!files[0].exists() && !files[1].exists() && !files[2].exists());
     assert!(files[3].exists());
     let log = d.log();

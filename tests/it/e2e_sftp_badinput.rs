@@ -106,7 +106,7 @@ async fn malformed_packets_get_an_error_or_a_closed_channel() {
             "truncated_then_eof": ["version", "closed", relogin],
             "unknown_type": ["version", "status:8", "alive", relogin],
             "read_bad_handle": ["version", "status:4", "alive", relogin],
-            "close_bad_handle": ["version", "status:4", "alive", relogin],
+            "close_bad_handle": ["version", "status:2", "alive", relogin],
             // A READ asking for 4 GiB gets at most what limits@openssh.com advertises.
             "huge_read_len": ["version", "handle:1", format!("data:{}", 255 * 1024), "alive", relogin],
             "garbage_after_init": ["version", "status:8", "alive", relogin],
@@ -131,6 +131,7 @@ async fn assert_healthy(d: &Daemon) {
             let m = d
                 .client
                 .get(d.url("/metrics"))
+                .bearer_auth(ADMIN_TOKEN)
                 .send()
                 .await
                 .ok()?

@@ -26,6 +26,10 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
+    // A deadline only catches a hang; on a loaded 2-core machine the states tests wait for
+    // can take many seconds, so no wait gives up sooner than this. Tests that assert timing
+    // measure it themselves.
+    let timeout = timeout.max(Duration::from_secs(30));
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
@@ -36,6 +40,31 @@ where
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Whether a prerequisite of a test is there. When it is missing the test must not pass
+/// silently: under `CI=true` (`.ci/run`) this panics, so the run fails; elsewhere it prints a
+/// `SKIPPED:` line and returns false, and the caller returns. `scripts/test` installs every
+/// client the tests need.
+pub fn require_that(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(!ci, "missing test prerequisite under CI=true: {what}");
+    eprintln!("SKIPPED: missing {what} (scripts/test installs the clients)");
+    false
+}
+
+/// [`require_that`] for a command: present when `cmd --version` runs.
+pub fn require(cmd: &str) -> bool {
+    let runs = Command::new(cmd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    require_that(&format!("`{cmd}`"), runs)
 }
 
 pub struct Daemon {
@@ -49,6 +78,8 @@ pub struct Daemon {
     pub sftp_extra: String,
     /// Lines of the `[delivery]` table.
     pub delivery_config: String,
+    /// Lines added to the generated `[http]` table (e.g. `metrics_listen = …`).
+    pub http_extra: String,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -63,6 +94,8 @@ pub struct Opts<'a> {
     pub delivery: &'a str,
     /// Data dir somewhere else than the temp dir (e.g. a small tmpfs).
     pub data_dir: Option<PathBuf>,
+    /// Lines added to the `[http]` table.
+    pub http_extra: &'a str,
 }
 
 impl Default for Opts<'_> {
@@ -72,6 +105,7 @@ impl Default for Opts<'_> {
             sftp_extra: "",
             delivery: DEFAULT_DELIVERY,
             data_dir: None,
+            http_extra: "",
         }
     }
 }
@@ -112,6 +146,7 @@ impl Daemon {
     pub async fn start_opts(o: Opts<'_>) -> Daemon {
         let (extra, sftp_extra, delivery, data_dir) =
             (o.extra, o.sftp_extra, o.delivery, o.data_dir);
+        let http_extra = o.http_extra.to_owned();
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -124,6 +159,7 @@ impl Daemon {
             data_dir_override: data_dir,
             sftp_extra: sftp_extra.to_owned(),
             delivery_config: delivery.to_owned(),
+            http_extra,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -153,6 +189,7 @@ impl Daemon {
             r#"data_dir = "{data}"
 [http]
 listen = "127.0.0.1:{http}"
+{http_extra}
 [sftp]
 listen = "127.0.0.1:{sftp}"
 auth_rejection_time = "100ms"
@@ -173,6 +210,7 @@ level = "info,hookbridge=debug"
             extra = self.extra_config,
             sftp_extra = self.sftp_extra,
             delivery = self.delivery_config,
+            http_extra = self.http_extra,
         );
         std::fs::write(self.config_path(), cfg).unwrap();
     }
@@ -245,6 +283,11 @@ level = "info,hookbridge=debug"
         }
     }
 
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     pub fn signal(&self, sig: i32) {
         let pid = self.child.as_ref().expect("daemon running").id();
         unsafe { libc::kill(pid as i32, sig) };
@@ -259,6 +302,7 @@ level = "info,hookbridge=debug"
     pub async fn metrics(&self) -> String {
         self.client
             .get(self.url("/metrics"))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()

@@ -5,13 +5,18 @@ mod seaweed;
 
 mod e2e_admin;
 mod e2e_badinput;
+mod e2e_contract;
 mod e2e_delivery;
+mod e2e_docs;
 mod e2e_faults;
+mod e2e_http_edges;
 mod e2e_ingest;
 mod e2e_interop;
 mod e2e_limits;
+mod e2e_preauth;
 mod e2e_reload;
 mod e2e_sftp;
 mod e2e_sftp_badinput;
+mod e2e_sftp_rules;
 mod e2e_storage;
 mod e2e_storage_jail;
