@@ -38,6 +38,8 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub spool: Spool,
     pub layout: Layout,
+    /// The org folders (local disk or S3): every file operation goes through it.
+    pub storage: Arc<dyn storage::Storage>,
     pub secrets: Arc<secrets::Secrets>,
     pub metrics: telemetry::Metrics,
     /// The config as last (re)loaded; `config` is the one the process started with.
@@ -108,6 +110,11 @@ pub enum StartError {
     Secrets(String),
     #[error("applying orgs from the config file: {0}")]
     Declared(String),
+    #[error("org storage ({what}): {source}")]
+    Storage {
+        what: String,
+        source: storage::StorageError,
+    },
     #[error("recovering event files: {0}")]
     Recover(#[from] spool::SpoolError),
     #[error("server failed: {0}")]
@@ -132,6 +139,21 @@ pub async fn build_state(
         .await
         .map_err(StartError::Declared)?;
     Ok((store, layout, secrets))
+}
+
+/// Opens the org storage and proves it usable (a probe written, read back, removed), so a
+/// wrong bucket or key stops the start with a message rather than failing every post.
+pub async fn open_storage(config: &Config) -> Result<Arc<dyn storage::Storage>, StartError> {
+    let err = |what: &str| {
+        let what = what.to_owned();
+        move |source| StartError::Storage { what, source }
+    };
+    let s = storage::open(&config.storage, &config.data_dir)
+        .await
+        .map_err(err("opening"))?;
+    s.check().await.map_err(err(&s.describe()))?;
+    tracing::info!(storage = %s.describe(), "org storage ready");
+    Ok(s)
 }
 
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
@@ -163,6 +185,7 @@ pub async fn run_with_hook(
     let config = Arc::new(config);
     let (store, layout, secrets) = build_state(&config).await?;
     let delivery = delivery::Delivery::new(&config).map_err(StartError::Secrets)?;
+    let storage = open_storage(&config).await?;
     let recovered = spool::recover(&store, &layout).await?;
     if recovered > 0 {
         tracing::warn!(
@@ -185,6 +208,7 @@ pub async fn run_with_hook(
         store,
         spool,
         layout,
+        storage,
         secrets: Arc::new(secrets),
         metrics,
         live: Arc::new(std::sync::RwLock::new(config.clone())),

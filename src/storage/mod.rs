@@ -169,6 +169,8 @@ pub struct Meta {
     pub kind: EntryKind,
     pub size: u64,
     pub mtime: SystemTime,
+    /// Last access where the storage keeps one (S3: the modification time).
+    pub atime: SystemTime,
     /// Permission bits only (no file type).
     pub perm: u32,
     pub uid: u32,
@@ -259,19 +261,55 @@ pub trait ReadHandle: Send + Sync {
 }
 
 /// An upload in progress: invisible to readers until [`UploadHandle::commit`] publishes
-/// it; dropped or aborted, it leaves nothing behind.
+/// it; aborted (or dropped), it leaves nothing behind. Writes may run concurrently;
+/// the caller makes sure none runs during `commit` or `abort`, each called once.
 #[async_trait]
 pub trait UploadHandle: Send + Sync {
     async fn write_at(&self, offset: u64, data: Bytes) -> StorageResult<()>;
 
-    /// Size so far (the highest offset written).
+    /// Size so far (the highest offset written, or what `set_len` set).
     fn size(&self) -> u64;
 
+    /// Truncates or extends the upload (SFTP FSETSTAT size); `Unsupported` without
+    /// `random_write` unless it changes nothing.
+    async fn set_len(&self, len: u64) -> StorageResult<()>;
+
     /// Makes the upload durable and visible under its name.
-    async fn commit(self: Box<Self>) -> StorageResult<()>;
+    async fn commit(&self) -> StorageResult<()>;
 
     /// Throws the upload away.
-    async fn abort(self: Box<Self>);
+    async fn abort(&self);
+}
+
+/// What SETSTAT may change; `None` keeps the current value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetAttrs {
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+    /// Permission bits.
+    pub perm: Option<u32>,
+}
+
+impl SetAttrs {
+    pub fn is_empty(&self) -> bool {
+        self.atime.is_none() && self.mtime.is_none() && self.perm.is_none()
+    }
+}
+
+/// Space of the file system under the org folders (SFTP `statvfs@openssh.com`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub block_size: u64,
+    pub fragment_size: u64,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+    pub inodes: u64,
+    pub inodes_free: u64,
+    pub inodes_avail: u64,
+    pub fs_id: u64,
+    pub flags: u64,
+    pub name_max: u64,
 }
 
 /// The org folders. Paths are relative to the org's root; no operation reaches outside it.
@@ -339,13 +377,16 @@ pub trait Storage: Send + Sync + fmt::Debug {
         opts: UploadOptions,
     ) -> StorageResult<Box<dyn UploadHandle>>;
 
-    /// Sets a file's modification time (`Unsupported` without `set_times`).
-    async fn set_mtime(
+    /// Sets times and permission bits (`Unsupported` without `set_times`).
+    async fn set_attrs(
         &self,
         org: &OrgName,
         path: &StoragePath,
-        mtime: SystemTime,
+        attrs: SetAttrs,
     ) -> StorageResult<()>;
+
+    /// Space left where the org folders live (`Unsupported` on object storage).
+    async fn space(&self) -> StorageResult<Space>;
 
     /// Every file of the org, in no particular order (retention, usage recount).
     async fn walk(&self, org: &OrgName) -> StorageResult<Vec<FileInfo>>;

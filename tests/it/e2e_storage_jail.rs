@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use hookbridge::storage::{EventFile, RenameMode, StorageError, StoragePath, UploadOptions};
+use hookbridge::storage::{
+    EventFile, RenameMode, SetAttrs, StorageError, StoragePath, UploadOptions,
+};
 
 use crate::e2e_storage::{local_backend, Backend, Kind};
 
@@ -95,10 +97,12 @@ async fn planted_symlinks_are_refused_at_any_depth_by_every_operation() {
         refused("open_read", s.open_read(org, &path).await.map(|_| ()));
         refused("delete", s.delete(org, &path).await);
         refused("rmdir", s.rmdir(org, &path).await);
-        refused(
-            "set_mtime",
-            s.set_mtime(org, &path, SystemTime::now()).await,
-        );
+        let attrs = SetAttrs {
+            mtime: Some(SystemTime::now()),
+            perm: Some(0o777),
+            ..Default::default()
+        };
+        refused("set_attrs", s.set_attrs(org, &path, attrs).await);
         refused(
             "rename from",
             s.rename(org, &path, &p("/stolen"), RenameMode::Replace)

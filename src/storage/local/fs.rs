@@ -104,6 +104,7 @@ pub fn meta_of(st: &rfs::Stat) -> Option<Meta> {
         kind,
         size: st.st_size.max(0) as u64,
         mtime: time(st.st_mtime as i64, st.st_mtime_nsec as u64),
+        atime: time(st.st_atime as i64, st.st_atime_nsec as u64),
         perm: st.st_mode & 0o7777,
         uid: st.st_uid,
         gid: st.st_gid,

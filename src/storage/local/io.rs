@@ -13,8 +13,8 @@ use rustix::fs::{self as rfs, OFlags};
 
 use super::{blocking, fs, Inner};
 use crate::storage::{
-    Meta, OrgName, ReadHandle, StorageError, StoragePath, StorageResult, UploadHandle,
-    UploadOptions,
+    Meta, OrgName, ReadHandle, SetAttrs, Space, StorageError, StoragePath, StorageResult,
+    UploadHandle, UploadOptions,
 };
 
 pub struct LocalRead {
@@ -71,15 +71,18 @@ impl ReadHandle for LocalRead {
 /// Data goes to a temp file in `<data_dir>/tmp`; on commit it is fsync'd and renamed into
 /// the parent folder opened at create time (so a rename of that folder meanwhile still
 /// publishes inside the org, never through a path).
-pub struct LocalUpload {
-    file: Arc<File>,
-    tmp_dir: Arc<OwnedFd>,
+pub struct LocalUpload(Arc<Up>);
+
+struct Up {
+    file: File,
+    tmp_dir: OwnedFd,
     tmp_name: String,
     parent: OwnedFd,
     name: String,
     exclusive: bool,
     max: u64,
     size: AtomicU64,
+    /// Committed or aborted: the temp is gone or renamed.
     done: AtomicBool,
 }
 
@@ -100,7 +103,7 @@ impl LocalUpload {
         if existing.is_some() && opts.exclusive {
             return Err(StorageError::AlreadyExists);
         }
-        let tmp_dir = Arc::new(rustix::io::fcntl_dupfd_cloexec(inner.tmp.as_fd(), 0)?);
+        let tmp_dir = rustix::io::fcntl_dupfd_cloexec(inner.tmp.as_fd(), 0)?;
         let tmp_name = format!("sftp-upload-{}.part", ulid::Ulid::new());
         let fd = rfs::openat(
             tmp_dir.as_fd(),
@@ -108,9 +111,8 @@ impl LocalUpload {
             OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             rfs::Mode::from_raw_mode(0o640),
         )?;
-        let file = Arc::new(File::from(fd));
-        let up = Self {
-            file,
+        let up = Up {
+            file: File::from(fd),
             tmp_dir,
             tmp_name,
             parent,
@@ -142,19 +144,38 @@ impl LocalUpload {
             }
             up.size.store(off, Ordering::Release);
         }
-        Ok(up)
-    }
-
-    fn remove_tmp(&self) {
-        let _ = fs::unlink_at(self.tmp_dir.as_fd(), &self.tmp_name, false);
+        Ok(Self(Arc::new(up)))
     }
 }
 
-impl Drop for LocalUpload {
-    fn drop(&mut self) {
+impl Up {
+    fn remove_tmp(&self) {
         if !self.done.swap(true, Ordering::AcqRel) {
-            self.remove_tmp();
+            let _ = fs::unlink_at(self.tmp_dir.as_fd(), &self.tmp_name, false);
         }
+    }
+
+    fn commit(&self) -> StorageResult<()> {
+        if self.done.load(Ordering::Acquire) {
+            return Err(StorageError::Backend("upload already finished".into()));
+        }
+        self.file.sync_all().map_err(StorageError::from_io)?;
+        fs::rename_at(
+            self.tmp_dir.as_fd(),
+            &self.tmp_name,
+            self.parent.as_fd(),
+            &self.name,
+            !self.exclusive,
+        )
+        .map_err(StorageError::from_io)?;
+        self.done.store(true, Ordering::Release);
+        fs::fsync(self.parent.as_fd()).map_err(StorageError::from_io)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.remove_tmp();
     }
 }
 
@@ -162,58 +183,62 @@ impl Drop for LocalUpload {
 impl UploadHandle for LocalUpload {
     async fn write_at(&self, offset: u64, data: Bytes) -> StorageResult<()> {
         let end = offset.saturating_add(data.len() as u64);
-        if end > self.max {
+        if end > self.0.max {
             return Err(StorageError::TooLarge);
         }
-        let file = self.file.clone();
+        let up = self.0.clone();
         blocking(move || {
-            file.write_all_at(&data, offset)
+            up.file
+                .write_all_at(&data, offset)
                 .map_err(StorageError::from_io)
         })
         .await?;
-        self.size.fetch_max(end, Ordering::AcqRel);
+        self.0.size.fetch_max(end, Ordering::AcqRel);
         Ok(())
     }
 
     fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
+        self.0.size.load(Ordering::Acquire)
     }
 
-    async fn commit(self: Box<Self>) -> StorageResult<()> {
-        blocking(move || {
-            let res = (|| {
-                self.file.sync_all().map_err(StorageError::from_io)?;
-                fs::rename_at(
-                    self.tmp_dir.as_fd(),
-                    &self.tmp_name,
-                    self.parent.as_fd(),
-                    &self.name,
-                    !self.exclusive,
-                )
-                .map_err(StorageError::from_io)?;
-                self.done.store(true, Ordering::Release);
-                fs::fsync(self.parent.as_fd()).map_err(StorageError::from_io)
-            })();
-            drop(self);
+    async fn set_len(&self, len: u64) -> StorageResult<()> {
+        if len > self.0.max {
+            return Err(StorageError::TooLarge);
+        }
+        let up = self.0.clone();
+        blocking(move || up.file.set_len(len).map_err(StorageError::from_io)).await?;
+        self.0.size.store(len, Ordering::Release);
+        Ok(())
+    }
+
+    async fn commit(&self) -> StorageResult<()> {
+        let up = self.0.clone();
+        let res = blocking(move || {
+            let res = up.commit();
+            if res.is_err() {
+                up.remove_tmp();
+            }
             res
         })
-        .await
+        .await;
+        res
     }
 
-    async fn abort(self: Box<Self>) {
+    async fn abort(&self) {
+        let up = self.0.clone();
         let _ = blocking(move || {
-            drop(self);
+            up.remove_tmp();
             Ok(())
         })
         .await;
     }
 }
 
-pub(super) fn set_mtime(
+pub(super) fn set_attrs(
     inner: &Inner,
     org: &OrgName,
     path: &StoragePath,
-    mtime: SystemTime,
+    attrs: SetAttrs,
 ) -> StorageResult<()> {
     let fd = fs::open_beneath(
         inner.orgs.as_fd(),
@@ -222,18 +247,48 @@ pub(super) fn set_mtime(
         0,
     )
     .map_err(StorageError::from_io)?;
-    let d = mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let times = rfs::Timestamps {
-        last_access: rfs::Timespec {
+    if let Some(perm) = attrs.perm {
+        rfs::fchmod(fd.as_fd(), rfs::Mode::from_raw_mode(perm & 0o7777))?;
+    }
+    if attrs.atime.is_none() && attrs.mtime.is_none() {
+        return Ok(());
+    }
+    let ts = |t: Option<SystemTime>| match t {
+        Some(t) => {
+            let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+            rfs::Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as _,
+            }
+        }
+        None => rfs::Timespec {
             tv_sec: 0,
             tv_nsec: rfs::UTIME_OMIT,
         },
-        last_modification: rfs::Timespec {
-            tv_sec: d.as_secs() as i64,
-            tv_nsec: d.subsec_nanos() as _,
-        },
+    };
+    let times = rfs::Timestamps {
+        last_access: ts(attrs.atime),
+        last_modification: ts(attrs.mtime),
     };
     Ok(rfs::futimens(fd.as_fd(), &times)?)
+}
+
+/// `statvfs` of the file system holding the org folders.
+pub(super) fn space(inner: &Inner) -> StorageResult<Space> {
+    let s = rfs::fstatvfs(inner.orgs.as_fd())?;
+    Ok(Space {
+        block_size: s.f_bsize,
+        fragment_size: s.f_frsize,
+        blocks: s.f_blocks,
+        blocks_free: s.f_bfree,
+        blocks_avail: s.f_bavail,
+        inodes: s.f_files,
+        inodes_free: s.f_ffree,
+        inodes_avail: s.f_favail,
+        fs_id: s.f_fsid,
+        flags: s.f_flag.bits(),
+        name_max: s.f_namemax,
+    })
 }
 
 /// Writes, fsyncs, reads back and removes a probe file in the temp folder, and opens the

@@ -12,14 +12,14 @@ mod io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use rustix::fs::{self as rfs, FileType, OFlags};
 
 use super::{
     Capabilities, Entry, EventFile, FileInfo, Lister, Meta, OrgName, ReadHandle, RenameMode,
-    StagedEvents, Storage, StorageError, StoragePath, StorageResult, UploadHandle, UploadOptions,
+    SetAttrs, Space, StagedEvents, Storage, StorageError, StoragePath, StorageResult, UploadHandle,
+    UploadOptions,
 };
 
 /// Entries per listing page.
@@ -352,14 +352,19 @@ impl Storage for LocalStorage {
         ))
     }
 
-    async fn set_mtime(
+    async fn set_attrs(
         &self,
         org: &OrgName,
         path: &StoragePath,
-        mtime: SystemTime,
+        attrs: SetAttrs,
     ) -> StorageResult<()> {
         let (inner, org, path) = (self.inner.clone(), org.clone(), path.clone());
-        blocking(move || io::set_mtime(&inner, &org, &path, mtime)).await
+        blocking(move || io::set_attrs(&inner, &org, &path, attrs)).await
+    }
+
+    async fn space(&self) -> StorageResult<Space> {
+        let inner = self.inner.clone();
+        blocking(move || io::space(&inner)).await
     }
 
     async fn walk(&self, org: &OrgName) -> StorageResult<Vec<FileInfo>> {

@@ -33,8 +33,8 @@ use object_store::{
 
 use super::{
     Capabilities, Entry, EntryKind, EventFile, FileInfo, Lister, Meta, OrgName, ReadHandle,
-    RenameMode, StagedEvents, Storage, StorageConfig, StorageError, StoragePath, StorageResult,
-    UploadHandle, UploadOptions, DIR_PERM, FILE_PERM,
+    RenameMode, SetAttrs, Space, StagedEvents, Storage, StorageConfig, StorageError, StoragePath,
+    StorageResult, UploadHandle, UploadOptions, DIR_PERM, FILE_PERM,
 };
 
 /// The object that keeps an empty folder in existence; never listed, never served.
@@ -85,6 +85,7 @@ fn meta_of(o: &ObjectMeta) -> Meta {
         kind: EntryKind::File,
         size: o.size,
         mtime: SystemTime::from(o.last_modified),
+        atime: SystemTime::from(o.last_modified),
         perm: FILE_PERM,
         uid: 0,
         gid: 0,
@@ -97,6 +98,7 @@ fn dir_meta(mtime: SystemTime) -> Meta {
         kind: EntryKind::Dir,
         size: 0,
         mtime,
+        atime: mtime,
         perm: DIR_PERM,
         uid: 0,
         gid: 0,
@@ -644,13 +646,19 @@ impl Storage for S3Storage {
         )))
     }
 
-    async fn set_mtime(
+    async fn set_attrs(
         &self,
         _org: &OrgName,
         _path: &StoragePath,
-        _mtime: SystemTime,
+        _attrs: SetAttrs,
     ) -> StorageResult<()> {
-        Err(StorageError::Unsupported("setting times on object storage"))
+        Err(StorageError::Unsupported(
+            "setting times or modes on object storage",
+        ))
+    }
+
+    async fn space(&self) -> StorageResult<Space> {
+        Err(StorageError::Unsupported("free space of object storage"))
     }
 
     async fn walk(&self, org: &OrgName) -> StorageResult<Vec<FileInfo>> {

@@ -132,7 +132,16 @@ impl UploadHandle for S3Upload {
         self.size.load(Ordering::Acquire)
     }
 
-    async fn commit(self: Box<Self>) -> StorageResult<()> {
+    async fn set_len(&self, len: u64) -> StorageResult<()> {
+        if len == self.size() {
+            return Ok(());
+        }
+        Err(StorageError::Unsupported(
+            "changing the size of an upload on object storage",
+        ))
+    }
+
+    async fn commit(&self) -> StorageResult<()> {
         let mut st = self.state.lock().await;
         let st = std::mem::take(&mut *st);
         if let Some(e) = st.failed {
@@ -191,7 +200,7 @@ impl UploadHandle for S3Upload {
         }
     }
 
-    async fn abort(self: Box<Self>) {
+    async fn abort(&self) {
         let mut st = self.state.lock().await;
         if let Some(mp) = st.multipart.take() {
             if let Err(e) = mp.abort().await {
