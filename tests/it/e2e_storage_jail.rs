@@ -212,3 +212,83 @@ async fn a_rename_race_never_reaches_through_a_symlink() {
     assert!(attempts > 100);
     untouched(&pl);
 }
+
+/// Issue 10 item 4 against the real daemon over SFTP: with symlinks planted in `acme`'s
+/// folder, a user loops `rename /sub /A; rename /A /sub` on one connection while another
+/// reads `/A/up/globex/…` and `/A/etc/passwd`, deletes through `/A/globex/…` and makes a
+/// folder through `/A/up/globex/`. None of it may reach outside `acme`.
+#[tokio::test]
+async fn sftp_rename_race_through_planted_symlinks_reaches_nothing() {
+    use crate::e2e_sftp::{org, py, user};
+    use serde_json::json;
+    if !crate::harness::require_that(
+        "paramiko in .venv",
+        crate::harness::python().ends_with(".venv/bin/python"),
+    ) {
+        return;
+    }
+    let d = crate::harness::Daemon::start().await;
+    org(&d, "acme").await;
+    org(&d, "globex").await;
+    user(
+        &d,
+        "acme",
+        "w",
+        json!({"password": "pw-123456", "upload": true}),
+    )
+    .await;
+    let orgs = d.data_dir().join("orgs");
+    std::fs::create_dir_all(orgs.join("acme/sub")).unwrap();
+    std::fs::create_dir_all(orgs.join("globex")).unwrap();
+    std::fs::write(orgs.join("globex/secret.json"), "globex").unwrap();
+    symlink("../..", orgs.join("acme/sub/up")).unwrap();
+    symlink("/etc", orgs.join("acme/sub/etc")).unwrap();
+    symlink("../../globex", orgs.join("acme/sub/globex")).unwrap();
+    let script = r#"
+import threading
+stop = time.time() + 5
+def mover():
+    t, s = connect('w', 'pw-123456')
+    n = 0
+    while time.time() < stop:
+        for a, b in (('/sub', '/A'), ('/A', '/sub')):
+            try:
+                s.rename(a, b); n += 1
+            except Exception:
+                pass
+    print('renames', n, file=sys.stderr)
+th = threading.Thread(target=mover); th.start()
+t, s = connect('w', 'pw-123456')
+hits, tries = [], 0
+while time.time() < stop:
+    for d in ('/A', '/sub'):
+        for what, f in (
+            ('read globex', lambda: s.open(d + '/up/globex/secret.json').read()),
+            ('read passwd', lambda: s.open(d + '/etc/passwd').read()),
+            ('delete globex', lambda: s.remove(d + '/globex/secret.json')),
+            ('mkdir in globex', lambda: s.mkdir(d + '/up/globex/made')),
+            ('list globex', lambda: s.listdir(d + '/globex')),
+        ):
+            tries += 1
+            try:
+                f(); hits.append(what)
+            except Exception:
+                pass
+th.join()
+print(json.dumps({'hits': hits, 'tries': tries}))
+"#;
+    let (ok, out) = py(&d, script, &[]).await;
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim().lines().last().unwrap()).unwrap();
+    assert!(v["tries"].as_u64().unwrap() > 100, "{v}");
+    assert_eq!(v["hits"], json!([]), "reached outside the org: {v}");
+    let globex: Vec<_> = std::fs::read_dir(orgs.join("globex"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(globex, ["secret.json"]);
+    assert_eq!(
+        std::fs::read(orgs.join("globex/secret.json")).unwrap(),
+        b"globex"
+    );
+}
