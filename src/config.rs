@@ -59,6 +59,8 @@ pub struct Config {
     pub defender: DefenderConfig,
     /// Defaults for every org's quota, retention and ingest rate; `[[orgs]]` may override.
     pub limits: LimitsConfig,
+    /// State store settings.
+    pub store: StoreConfig,
     /// Where the org folders live: `local` (default) or an S3-compatible bucket.
     pub storage: crate::storage::StorageConfig,
     /// Orgs, SFTP users and webhooks applied idempotently at start.
@@ -66,6 +68,15 @@ pub struct Config {
     /// The file this config was read from; SIGHUP re-reads it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Base64 of 32 random bytes (`openssl rand -base64 32`): the AES-256-GCM key webhook
+    /// secrets are encrypted with at rest (env `HOOKBRIDGE_SECRETS_KEY`). Unset: a key is
+    /// generated into `<data_dir>/secrets/webhook_secrets_key`.
+    pub secrets_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -365,6 +376,7 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             defender: DefenderConfig::default(),
+            store: StoreConfig::default(),
             storage: Default::default(),
             orgs: Vec::new(),
             source: None,
@@ -487,6 +499,9 @@ impl Config {
         if let Some(v) = get("HOOKBRIDGE_INGRESS_JWT_SECRET") {
             self.ingress.jwt_hs256_secret = Some(v);
         }
+        if let Some(v) = get("HOOKBRIDGE_SECRETS_KEY") {
+            self.store.secrets_key = Some(v);
+        }
         if let Some(v) = get("HOOKBRIDGE_ADMIN_TOKEN") {
             self.admin.token = Some(v);
         }
@@ -574,6 +589,10 @@ impl Config {
                 "sftp.max_startups_per_source",
                 "must be at least 1",
             ));
+        }
+        if let Some(k) = &self.store.secrets_key {
+            crate::secrets::SecretBox::from_base64(k)
+                .map_err(|m| invalid("store.secrets_key", m))?;
         }
         if self.sftp.max_sessions == 0 || self.sftp.max_sessions_per_ip == 0 {
             return Err(invalid("sftp.max_sessions", "limits must be at least 1"));

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod event;
 pub mod ingress;
 pub mod limits;
+pub mod provision;
 pub mod reload;
 pub mod retention;
 pub mod secrets;
@@ -130,12 +131,23 @@ pub async fn build_state(
         path: dd.clone(),
         source,
     };
-    std::fs::create_dir_all(dd).map_err(dd_err)?;
+    // Owner-only, whatever the umask: the folder holds secrets, password hashes and every
+    // event. SQLite gives `-wal` and `-shm` the mode of the database file.
+    secrets::private_dir(dd).map_err(dd_err)?;
+    let db = dd.join("state.db");
+    secrets::private_file(&db).map_err(dd_err)?;
+    for side in ["state.db-wal", "state.db-shm"] {
+        let p = dd.join(side);
+        if p.exists() {
+            secrets::private_file(&p).map_err(dd_err)?;
+        }
+    }
     let layout = Layout::new(dd);
     layout.prepare().map_err(dd_err)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dd.join("state.db"))?);
+    let sealer = secrets::SecretBox::load_or_create(config).map_err(StartError::Secrets)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db, Arc::new(sealer))?);
     let secrets = secrets::Secrets::load_or_create(config).map_err(StartError::Secrets)?;
-    ingress::admin::apply_declared(&store, config)
+    provision::apply_declared(&store, config)
         .await
         .map_err(StartError::Declared)?;
     Ok((store, layout, secrets))

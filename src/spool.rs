@@ -13,8 +13,7 @@
 //! renames, `recover()` at the next start writes the files of every event still marked
 //! as pending, so nothing that was acknowledged is lost.
 
-use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::Usage;
 use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError};
+
+mod place;
+
+use place::{publish_temps, DurableDirs};
 
 const MAX_BATCH: usize = 512;
 
@@ -65,8 +68,8 @@ fn io_err(e: io::Error) -> SpoolError {
 pub enum Committed {
     New(IngestResult),
     Known(IngestResult),
-    /// Recorded (with its deliveries) but its files wait: the org is over quota.
-    Deferred(IngestResult),
+    /// Recorded (with its deliveries) but its files wait: the org is over quota (why).
+    Deferred(IngestResult, String),
 }
 
 struct Request {
@@ -111,6 +114,10 @@ impl Layout {
             }
         }
         Ok(())
+    }
+
+    fn new_temp(&self) -> PathBuf {
+        self.tmp_dir.join(format!("{}.tmp", ulid::Ulid::new()))
     }
 
     /// `path` was produced by a validated template: no `..`, no leading dots.
@@ -216,13 +223,37 @@ async fn commit_batch(
     layout: &Layout,
     usage: &Usage,
     durable: &DurableDirs,
-    batch: Vec<Request>,
+    mut batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
 ) {
     let started = Instant::now();
+    let n = batch.len();
+    // Quota: each event's room is reserved here, in batch order, before anything is
+    // written — one check-and-charge under one lock, so concurrent posts never all pass.
+    let mut reserved: Vec<Option<(u64, u64)>> = vec![None; n];
+    let mut over: Vec<Option<String>> = vec![None; n];
+    for (i, r) in batch.iter_mut().enumerate() {
+        let ev = &mut r.event;
+        if ev.files.is_empty() || ev.defer_files {
+            continue;
+        }
+        let files = ev.files.len() as u64;
+        let bytes = files * (ev.envelope_json.len() as u64 + 1);
+        match usage.reserve(&ev.org, ev.quota.unwrap_or_default(), files, bytes) {
+            Ok(()) => reserved[i] = Some((files, bytes)),
+            Err(why) => {
+                ev.defer_files = true;
+                over[i] = Some(why);
+            }
+        }
+    }
+    let settle = |i: usize, ev: &NewEvent, placed: bool| {
+        if let Some((files, bytes)) = reserved[i] {
+            usage.settle(&ev.org, files, bytes, placed);
+        }
+    };
     let events: Vec<NewEvent> = batch.iter().map(|r| r.event.clone()).collect();
-    let n = events.len();
     let writes = {
         let layout = layout.clone();
         let events = events.clone();
@@ -240,7 +271,8 @@ async fn commit_batch(
             done.extend(marked);
             let e = SpoolError::from(e);
             tracing::error!(error = %e, events = n, "state commit failed; events refused");
-            for r in batch {
+            for (i, r) in batch.into_iter().enumerate() {
+                settle(i, &r.event, false);
                 let _ = r.reply.send(Err(clone_err(&e)));
             }
             return;
@@ -252,14 +284,21 @@ async fn commit_batch(
     let mut publish = Vec::new();
     let mut redo = Vec::new();
     let mut replies: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(n);
+    let deferred = |i: usize| {
+        over[i]
+            .clone()
+            .unwrap_or_else(|| "the org is over its quota".into())
+    };
     for (i, out) in outcomes.into_iter().enumerate() {
         let ev = &batch[i].event;
         match out {
-            CommitOutcome::New(r) if ev.defer_files => replies.push(Ok(Committed::Deferred(r))),
+            CommitOutcome::New(r) if ev.defer_files => {
+                replies.push(Ok(Committed::Deferred(r, deferred(i))))
+            }
             CommitOutcome::Known {
                 result,
                 pending_envelope: Some(_),
-            } if ev.defer_files => replies.push(Ok(Committed::Deferred(result))),
+            } if ev.defer_files => replies.push(Ok(Committed::Deferred(result, deferred(i)))),
             CommitOutcome::New(r) => {
                 publish.push(i);
                 replies.push(Ok(Committed::New(r)));
@@ -277,6 +316,7 @@ async fn commit_batch(
                         files: result.files.clone(),
                         deliveries: vec![],
                         defer_files: false,
+                        quota: None,
                     },
                 ));
                 publish.push(i);
@@ -285,7 +325,11 @@ async fn commit_batch(
             CommitOutcome::Known {
                 result,
                 pending_envelope: None,
-            } => replies.push(Ok(Committed::Known(result))),
+            } => {
+                // Already on disk: nothing new to hold.
+                settle(i, ev, false);
+                replies.push(Ok(Committed::Known(result)));
+            }
         }
     }
 
@@ -310,14 +354,19 @@ async fn commit_batch(
                     tracing::error!(org = %ev.org, event_id = %ev.id, error = %e,
                         "event files could not be written; the event stays pending and is written on repost or at the next start");
                     replies[i] = Err(clone_err(e));
+                    settle(i, ev, false);
                     continue;
                 }
-                let bytes = ev.files.len() * (ev.envelope_json.len() + 1);
-                usage.add(&ev.org, ev.files.len() as u64, bytes as u64);
+                settle(i, ev, true);
                 done.push((ev.org.clone(), ev.id.clone()));
             }
         }
-        Err(e) => fail_published(&e, &publish, &mut replies),
+        Err(e) => {
+            for &i in &publish {
+                settle(i, &batch[i].event, false);
+            }
+            fail_published(&e, &publish, &mut replies)
+        }
     }
     metrics::histogram!("hookbridge_group_commit_batch_size").record(n as f64);
     metrics::histogram!("hookbridge_group_commit_seconds").record(started.elapsed().as_secs_f64());
@@ -380,11 +429,13 @@ fn clone_err(e: &SpoolError) -> SpoolError {
     }
 }
 
-/// One temp file per (event, path); `event` indexes the batch.
+/// One temp file per (event, path); `event` indexes the batch. `body` is kept so that a
+/// file whose folder vanished before it was durable can be placed again.
 struct Temp {
     event: usize,
     tmp: PathBuf,
     target: PathBuf,
+    body: Arc<str>,
 }
 
 /// Threads that write and fdatasync temps side by side: concurrent fdatasyncs on one
@@ -394,12 +445,13 @@ const SYNC_THREADS: usize = 4;
 fn write_temps(layout: &Layout, events: &[NewEvent]) -> Result<Vec<Temp>, SpoolError> {
     let mut temps = Vec::new();
     for (i, ev) in events.iter().enumerate().filter(|(_, ev)| !ev.defer_files) {
+        let body: Arc<str> = Arc::from(ev.envelope_json.as_str());
         for path in &ev.files {
-            let tmp = layout.tmp_dir.join(format!("{}.tmp", ulid::Ulid::new()));
             temps.push(Temp {
                 event: i,
-                tmp,
+                tmp: layout.new_temp(),
                 target: layout.target(&ev.org, path),
+                body: body.clone(),
             });
         }
     }
@@ -409,9 +461,8 @@ fn write_temps(layout: &Layout, events: &[NewEvent]) -> Result<Vec<Temp>, SpoolE
             .chunks(chunk)
             .map(|part| {
                 s.spawn(move || {
-                    part.iter().try_for_each(|t| {
-                        write_synced(&t.tmp, events[t.event].envelope_json.as_bytes())
-                    })
+                    part.iter()
+                        .try_for_each(|t| write_synced(&t.tmp, t.body.as_bytes()))
                 })
             })
             .collect();
@@ -451,126 +502,6 @@ fn discard(temps: Vec<Temp>) {
     }
 }
 
-/// Directories whose entry is known to be durable: their parent chain was fsync'd once.
-/// Folders made elsewhere (admin API, SFTP mkdir) are not trusted until then.
-#[derive(Clone, Default)]
-pub(crate) struct DurableDirs(Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>);
-
-/// What `publish_temps` did: files placed, and the events that failed with why.
-struct Placed {
-    files: usize,
-    failed: std::collections::BTreeMap<usize, SpoolError>,
-}
-
-fn place(layout: &Layout, t: &Temp, to_sync: &mut BTreeSet<PathBuf>) -> io::Result<()> {
-    let parent = t
-        .target
-        .parent()
-        .ok_or_else(|| io::Error::other("target has no parent"))?;
-    create_dirs(&layout.orgs_dir, parent, to_sync)?;
-    fs::rename(&t.tmp, &t.target)
-}
-
-/// Renames the temps of `publish` into place, each event on its own (one failure does
-/// not fail the batch), then fsyncs every directory touched; removes the other temps.
-fn publish_temps(
-    layout: &Layout,
-    durable: &DurableDirs,
-    temps: Vec<Temp>,
-    publish: &[usize],
-) -> Placed {
-    let mut to_sync: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut targets: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut placed = Placed {
-        files: 0,
-        failed: Default::default(),
-    };
-    for t in temps {
-        if !publish.contains(&t.event) || placed.failed.contains_key(&t.event) {
-            let _ = fs::remove_file(&t.tmp);
-            continue;
-        }
-        let mut res = place(layout, &t, &mut to_sync);
-        if res
-            .as_ref()
-            .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
-        {
-            // An SFTP client removed the day folder between our mkdir and the rename.
-            res = place(layout, &t, &mut to_sync);
-        }
-        match res {
-            Ok(()) => {
-                placed.files += 1;
-                if let Some(p) = t.target.parent() {
-                    targets.insert(p.to_owned());
-                }
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&t.tmp);
-                placed.failed.insert(t.event, io_err(e));
-            }
-        }
-    }
-    let data_dir = layout
-        .orgs_dir
-        .parent()
-        .unwrap_or(&layout.orgs_dir)
-        .to_owned();
-    {
-        let known = durable.0.lock().unwrap_or_else(|p| p.into_inner());
-        for d in targets.iter().filter(|d| !known.contains(*d)) {
-            to_sync.extend(
-                d.ancestors()
-                    .skip(1)
-                    .take_while(|a| a.starts_with(&data_dir))
-                    .map(Path::to_path_buf),
-            );
-        }
-    }
-    to_sync.extend(targets.iter().cloned());
-    let t = Instant::now();
-    let synced = to_sync
-        .iter()
-        .try_for_each(|d| File::open(d).and_then(|f| f.sync_all()));
-    metrics::histogram!("hookbridge_fsync_seconds", "what" => "dirs")
-        .record(t.elapsed().as_secs_f64());
-    match synced {
-        Ok(()) => durable
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(targets),
-        Err(e) => {
-            // Placed but not durable: not acknowledged, left pending, rewritten on repost.
-            let e = io_err(e);
-            for &i in publish {
-                placed.failed.entry(i).or_insert_with(|| clone_err(&e));
-            }
-        }
-    }
-    placed
-}
-
-/// Like `create_dir_all`, but remembers the parent of every directory it creates, whose
-/// entry must be fsync'd too.
-fn create_dirs(root: &Path, dir: &Path, to_sync: &mut BTreeSet<PathBuf>) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let parent = dir.parent().ok_or_else(|| io::Error::other("no parent"))?;
-    if dir != root {
-        create_dirs(root, parent, to_sync)?;
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => {
-            to_sync.insert(parent.to_owned());
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 /// Writes the files of events recorded but not finished before a crash or a full disk.
 pub async fn recover(store: &Arc<dyn Store>, layout: &Layout) -> Result<usize, SpoolError> {
     let pending = store.pending_files().await?;
@@ -589,6 +520,7 @@ pub async fn recover(store: &Arc<dyn Store>, layout: &Layout) -> Result<usize, S
                 files: p.files,
                 deliveries: vec![],
                 defer_files: false,
+                quota: None,
             })
             .collect();
         let temps = write_temps(&layout, &events)?;

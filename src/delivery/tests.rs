@@ -179,12 +179,13 @@ async fn sftp_test(
         deliveries: Vec::new(),
         // An admin asked for this sample: it is not held back by the org quota.
         defer_files: false,
+        quota: None,
     };
     Ok(match app.spool.submit(new).await {
         Ok(Committed::New(_)) | Ok(Committed::Known(_)) => {
             (true, None, format!("wrote the sample file {path}"))
         }
-        Ok(Committed::Deferred(_)) => (false, None, "the org is over its quota".into()),
+        Ok(Committed::Deferred(..)) => (false, None, "the org is over its quota".into()),
         Err(e) => (false, None, format!("could not write the sample file: {e}")),
     })
 }

@@ -20,8 +20,12 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::client::SendError;
 use super::retry;
-use crate::store::{Attempt, AttemptOutcome, Busy, DeliveryJob, Store, WebhookKind};
+use crate::store::health::{self, AttemptRecord};
+use crate::store::{
+    Attempt, AttemptOutcome, AttemptResult, Busy, DeliveryJob, Store, TransportError, WebhookKind,
+};
 use crate::App;
 
 /// Most jobs taken from the store in one query.
@@ -200,7 +204,7 @@ fn skipped(reason: String) -> (Attempt, AttemptOutcome) {
     (
         Attempt {
             at: Utc::now(),
-            status: None,
+            result: AttemptResult::NotAttempted,
             latency_ms: 0,
             error: Some(reason),
             response_excerpt: None,
@@ -211,7 +215,9 @@ fn skipped(reason: String) -> (Attempt, AttemptOutcome) {
 
 #[tracing::instrument(skip_all, fields(org = %job.org, webhook = %job.webhook_id, delivery = %job.id, attempt = job.attempts + 1))]
 async fn deliver(app: &App, job: &DeliveryJob, body: Vec<u8>) -> (Attempt, AttemptOutcome) {
-    let cfg = &app.config.delivery;
+    // Retry delays and `disable_after` follow SIGHUP reloads.
+    let current = app.current();
+    let cfg = &current.delivery;
     let now = Utc::now();
     let hook = match &job.webhook {
         Some(h) if h.kind == WebhookKind::Http => h,
@@ -235,17 +241,11 @@ async fn deliver(app: &App, job: &DeliveryJob, body: Vec<u8>) -> (Attempt, Attem
         .and_then(|v| retry::parse_retry_after(v, Utc::now()));
     let delays: Vec<Duration> = cfg.retry_delays.iter().map(|d| d.0).collect();
     let mut outcome = retry::decide(verdict, job.attempts + 1, &delays, retry_after, Utc::now());
-    if let (AttemptOutcome::Retry { .. } | AttemptOutcome::Dead, Some(since)) =
-        (&outcome, hook.failing_since)
-    {
-        if (Utc::now() - since).to_std().unwrap_or_default() >= cfg.disable_after.0 {
-            outcome = AttemptOutcome::DisableWebhook {
-                reason: format!(
-                    "no successful delivery since {} (delivery.disable_after is {})",
-                    since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    humantime::format_duration(cfg.disable_after.0)
-                ),
-            };
+    if matches!(outcome, AttemptOutcome::Retry { .. } | AttemptOutcome::Dead) {
+        if let Some(reason) =
+            health::disable_reason(hook.failing_since, Utc::now(), cfg.disable_after.0)
+        {
+            outcome = AttemptOutcome::DisableWebhook { reason };
         }
     }
     let label = match &outcome {
@@ -268,9 +268,23 @@ async fn deliver(app: &App, job: &DeliveryJob, body: Vec<u8>) -> (Attempt, Attem
             tracing::warn!(result = %ex.describe(), reason = %reason, "webhook disabled")
         }
     }
+    let result = match (ex.status, &ex.error) {
+        (Some(status), None) if verdict == retry::Verdict::Delivered => {
+            AttemptResult::Delivered { status }
+        }
+        (Some(status), _) => AttemptResult::HttpError { status },
+        (None, e) => AttemptResult::Transport(match e {
+            Some(SendError::Dns { .. }) => TransportError::Dns,
+            Some(SendError::Forbidden(_)) => TransportError::Forbidden,
+            Some(SendError::Tls(_)) => TransportError::Tls,
+            Some(SendError::Connect(_)) => TransportError::Connect,
+            Some(SendError::Timeout(_)) => TransportError::Timeout,
+            Some(SendError::Other(_)) | None => TransportError::Other,
+        }),
+    };
     let a = Attempt {
         at: now,
-        status: ex.status,
+        result,
         latency_ms: latency.as_millis() as u64,
         error: (verdict != retry::Verdict::Delivered).then(|| ex.describe()),
         response_excerpt: ex.excerpt(),
@@ -294,10 +308,14 @@ async fn recorder(
             }
         }
         let ids: Vec<String> = batch.iter().map(|(j, _, _)| j.id.clone()).collect();
+        let records: Vec<AttemptRecord> = batch
+            .into_iter()
+            .map(|(job, a, outcome)| AttemptRecord::new(job, a, outcome))
+            .collect();
         let mut tries = 0;
         loop {
             tries += 1;
-            match store.record_attempts(batch.clone()).await {
+            match store.record_attempts(records.clone()).await {
                 Ok(()) => break,
                 Err(e) if tries < 5 => {
                     tracing::warn!(error = %e, jobs = ids.len(), "cannot record delivery outcomes; retrying");

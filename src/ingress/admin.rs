@@ -1,5 +1,5 @@
-//! Admin API: orgs, SFTP users, webhooks and the custom-value endpoint.
-//! Also applies the orgs declared in the config file, idempotently.
+//! Admin API: orgs, SFTP users, webhooks and the custom-value endpoint. The checks and
+//! the writes are in [`crate::provision`], shared with the config file and the demo.
 
 use std::sync::Arc;
 
@@ -10,18 +10,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use chrono::Utc;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::problem::{ApiResult, Problem};
-use crate::config::Config;
-use crate::event::EventType;
-use crate::store::{
-    new_id, validate_name, validate_path_template, validate_url, SftpUser, Store, Webhook,
-    WebhookKind,
-};
+use crate::provision::{self, ProvisionError};
+use crate::store::{validate_name, SftpUser, Store, Webhook, WebhookKind};
 use crate::App;
 
 pub fn router() -> Router<App> {
@@ -141,29 +136,8 @@ async fn put_org(
 ) -> ApiResult<Response> {
     check_name("org", &org)?;
     let req: PutOrg = parse_body(&body)?;
-    let display = req.name.unwrap_or_else(|| org.clone());
-    // Characters, not bytes, as JSON Schema's maxLength counts them.
-    let chars = display.chars().count();
-    if chars == 0 || chars > 200 || display.chars().any(char::is_control) {
-        return Err(Problem::bad_request(
-            "`name` must be 1 to 200 printable characters",
-        ));
-    }
-    if let Some(l) = &req.limits {
-        l.validate()
-            .map_err(|m| Problem::bad_request(format!("limits: {m}")))?;
-    }
-    let (mut o, created) = app.store.put_org(&org, &display).await?;
-    if let Some(l) = req.limits {
-        app.store.set_org_limits(&org, &l).await?;
-        o.limits = l;
-    }
-    tokio::fs::create_dir_all(app.layout.org_dir(&org))
-        .await
-        .map_err(|e| Problem::internal("cannot create org folder", e))?;
-    if created {
-        tracing::info!(org = %org, "org created");
-    }
+    let (o, created) =
+        provision::put_org(&app.store, &app.layout.orgs_dir, &org, req.name, req.limits).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -234,78 +208,14 @@ async fn put_user(
     check_name("user", &user)?;
     require_org(&app.store, &org).await?;
     let req: PutUser = parse_body(&body)?;
-    // The document's `anyOf`: every PUT names a credential; ones it leaves out are kept.
-    if req.password.is_none()
-        && req.password_hash.is_none()
-        && req.public_keys.as_ref().is_none_or(|k| k.is_empty())
-    {
-        return Err(Problem::bad_request(
-            "an SFTP user needs a `password`, a `password_hash` or at least one of `public_keys`",
-        ));
-    }
-    let existing = app
-        .store
-        .get_sftp_user(&user)
-        .await?
-        .filter(|u| u.org == org);
-    let public_keys = match req.public_keys {
-        Some(keys) => {
-            for (i, k) in keys.iter().enumerate() {
-                crate::auth::parse_public_key(k)
-                    .map_err(|m| Problem::bad_request(format!("public_keys[{i}]: {m}")))?;
-            }
-            keys.into_iter().map(|k| k.trim().to_owned()).collect()
-        }
-        None => existing
-            .as_ref()
-            .map(|u| u.public_keys.clone())
-            .unwrap_or_default(),
+    let spec = provision::UserSpec {
+        password: req.password,
+        password_hash: req.password_hash,
+        public_keys: req.public_keys,
+        upload: req.upload,
+        complete: false,
     };
-    let password_hash = match (req.password, req.password_hash) {
-        (Some(_), Some(_)) => {
-            return Err(Problem::bad_request(
-                "give `password` or `password_hash`, not both",
-            ))
-        }
-        (Some(p), None) => {
-            let chars = p.chars().count();
-            if !(8..=1024).contains(&chars) {
-                return Err(Problem::bad_request(
-                    "`password` must be 8 to 1024 characters",
-                ));
-            }
-            let h = tokio::task::spawn_blocking(move || crate::auth::hash_password(&p))
-                .await
-                .map_err(|e| Problem::internal("password hashing failed", e))?
-                .map_err(|e| Problem::internal("password hashing failed", e))?;
-            Some(h)
-        }
-        (None, Some(h)) => {
-            crate::auth::check_hash_format(&h)
-                .map_err(|m| Problem::bad_request(format!("password_hash: {m}")))?;
-            Some(h)
-        }
-        (None, None) => existing.as_ref().and_then(|u| u.password_hash.clone()),
-    };
-    if password_hash.is_none() && public_keys.is_empty() {
-        return Err(Problem::bad_request(
-            "an SFTP user needs a `password` or at least one of `public_keys`",
-        ));
-    }
-    let upload = req
-        .upload
-        .or(existing.as_ref().map(|u| u.upload))
-        .unwrap_or(false);
-    let u = SftpUser {
-        org: org.clone(),
-        name: user.clone(),
-        has_password: password_hash.is_some(),
-        password_hash,
-        public_keys,
-        upload,
-    };
-    let created = app.store.put_sftp_user(&u).await?;
-    tracing::info!(org = %org, user = %user, created, "SFTP user saved");
+    let (u, created) = provision::put_user(&app.store, &org, &user, spec).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -373,47 +283,6 @@ pub fn hook_json(h: &Webhook, with_secret: bool) -> serde_json::Value {
     v
 }
 
-pub fn new_webhook_secret() -> String {
-    let mut b = [0u8; 24];
-    rand::Rng::fill_bytes(&mut rand::rng(), &mut b);
-    format!(
-        "whsec_{}",
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b)
-    )
-}
-
-/// Validates kind-specific fields of a webhook about to be stored.
-fn check_hook(h: &Webhook, allow_private: bool) -> ApiResult<()> {
-    match h.kind {
-        WebhookKind::Sftp => {
-            if h.url.is_some() {
-                return Err(Problem::bad_request(
-                    "`url` is only for webhooks of kind \"http\"",
-                ));
-            }
-            if let Some(t) = &h.path_template {
-                validate_path_template(t)
-                    .map_err(|m| Problem::bad_request(format!("path_template: {m}")))?;
-            }
-        }
-        WebhookKind::Http => {
-            let u = h
-                .url
-                .as_deref()
-                .ok_or_else(|| Problem::bad_request("`url` is required for kind \"http\""))?;
-            let parsed = validate_url(u).map_err(|m| Problem::bad_request(format!("url: {m}")))?;
-            if h.path_template.is_some() {
-                return Err(Problem::bad_request(
-                    "`path_template` is only for webhooks of kind \"sftp\"",
-                ));
-            }
-            crate::ssrf::check_literal(&parsed, allow_private)
-                .map_err(|m| Problem::bad_request(format!("url: {m}")))?;
-        }
-    }
-    Ok(())
-}
-
 async fn create_hook(
     State(app): State<App>,
     Path(org): Path<String>,
@@ -421,45 +290,33 @@ async fn create_hook(
 ) -> ApiResult<Response> {
     require_org(&app.store, &org).await?;
     let req: CreateHook = parse_body(&body)?;
-    let kind = WebhookKind::parse(&req.kind).ok_or_else(|| {
-        Problem::bad_request(format!(
-            "kind {:?} is not allowed; use \"sftp\" or \"http\"",
-            req.kind
-        ))
-    })?;
-    let events = EventType::parse_filter(&req.events)
-        .map_err(|m| Problem::bad_request(format!("events: {m}")))?;
-    let id = match req.id {
-        Some(id) => {
-            check_name("webhook", &id)?;
-            if app.store.get_webhook(&org, &id).await?.is_some() {
-                return Err(Problem::conflict(format!(
-                    "webhook {id:?} exists; PATCH it instead"
-                )));
-            }
-            id
+    if let Some(id) = &req.id {
+        check_name("webhook", id)?;
+        if app.store.get_webhook(&org, id).await?.is_some() {
+            return Err(Problem::conflict(format!(
+                "webhook {id:?} exists; PATCH it instead"
+            )));
         }
-        None => new_id("wh"),
-    };
-    let hook = Webhook {
-        id,
-        org: org.clone(),
-        kind,
+    }
+    let spec = provision::HookSpec {
+        id: req.id,
+        kind: req.kind,
         url: req.url,
-        events,
+        events: req.events,
         path_template: req.path_template,
-        secret: (kind == WebhookKind::Http).then(new_webhook_secret),
-        enabled: req.enabled.unwrap_or(true),
-        disabled_reason: None,
-        created_at: Utc::now(),
-        failing_since: None,
+        enabled: req.enabled,
     };
-    check_hook(&hook, app.config.delivery.allow_private_destinations)?;
-    if kind == WebhookKind::Http && req.verify {
+    let hook = provision::build_webhook(
+        &org,
+        spec,
+        None,
+        app.config.delivery.allow_private_destinations,
+    )?;
+    if hook.kind == WebhookKind::Http && req.verify {
         crate::delivery::verify_endpoint(&app, &hook).await?;
     }
     app.store.put_webhook(&hook).await?;
-    tracing::info!(org = %org, webhook = %hook.id, kind = kind.as_str(), "webhook created");
+    tracing::info!(org = %org, webhook = %hook.id, kind = hook.kind.as_str(), "webhook created");
     Ok((StatusCode::CREATED, Json(hook_json(&hook, true))).into_response())
 }
 
@@ -522,27 +379,18 @@ async fn patch_hook(
         .url
         .as_ref()
         .is_some_and(|u| Some(u) != hook.url.as_ref());
-    if let Some(u) = req.url {
-        hook.url = Some(u);
-    }
-    if let Some(e) = req.events {
-        hook.events = EventType::parse_filter(&e)
-            .map_err(|m| Problem::bad_request(format!("events: {m}")))?;
-    }
-    if let Some(t) = req.path_template {
-        hook.path_template = Some(t);
-    }
-    if let Some(en) = req.enabled {
-        hook.enabled = en;
-        if en {
-            hook.disabled_reason = None;
-        }
-    }
-    let rotated = req.rotate_secret && hook.kind == WebhookKind::Http;
-    if rotated {
-        hook.secret = Some(new_webhook_secret());
-    }
-    check_hook(&hook, app.config.delivery.allow_private_destinations)?;
+    let patch = provision::HookPatch {
+        url: req.url,
+        events: req.events,
+        path_template: req.path_template,
+        enabled: req.enabled,
+        rotate_secret: req.rotate_secret,
+    };
+    let rotated = provision::patch_webhook(
+        &mut hook,
+        patch,
+        app.config.delivery.allow_private_destinations,
+    )?;
     if url_changed && req.verify {
         crate::delivery::verify_endpoint(&app, &hook).await?;
     }
@@ -578,9 +426,7 @@ async fn put_cv_endpoint(
 ) -> ApiResult<Json<serde_json::Value>> {
     require_org(&app.store, &org).await?;
     let req: PutEndpoint = parse_body(&body)?;
-    let parsed = validate_url(&req.url).map_err(|m| Problem::bad_request(format!("url: {m}")))?;
-    crate::ssrf::check_literal(&parsed, app.config.delivery.allow_private_destinations)
-        .map_err(|m| Problem::bad_request(format!("url: {m}")))?;
+    provision::check_destination(&req.url, app.config.delivery.allow_private_destinations)?;
     app.store.put_custom_value_endpoint(&org, &req.url).await?;
     Ok(Json(json!({ "org": org, "url": req.url })))
 }
@@ -598,69 +444,14 @@ async fn get_cv_endpoint(
     Ok(Json(json!({ "org": org, "url": url })))
 }
 
-/// Applies `[[orgs]]` of the config file. Running it twice gives the same state.
-pub async fn apply_declared(store: &Arc<dyn Store>, config: &Config) -> Result<(), String> {
-    let orgs_dir = config.data_dir.join("orgs");
-    for o in &config.orgs {
-        let ctx = |e: crate::store::StoreError| format!("org {:?}: {e}", o.name);
-        store.put_org(&o.name, &o.name).await.map_err(ctx)?;
-        store
-            .set_org_limits(&o.name, &o.limits)
-            .await
-            .map_err(ctx)?;
-        std::fs::create_dir_all(orgs_dir.join(&o.name))
-            .map_err(|e| format!("org {:?}: folder: {e}", o.name))?;
-        for u in &o.sftp_users {
-            let user = SftpUser {
-                org: o.name.clone(),
-                name: u.name.clone(),
-                has_password: u.password_hash.is_some(),
-                password_hash: u.password_hash.clone(),
-                public_keys: u.public_keys.clone(),
-                upload: u.upload,
-            };
-            store.put_sftp_user(&user).await.map_err(ctx)?;
-        }
-        for w in &o.webhooks {
-            let kind = WebhookKind::parse(&w.kind)
-                .ok_or_else(|| format!("webhook {:?}: bad kind", w.id))?;
-            let existing = store.get_webhook(&o.name, &w.id).await.map_err(ctx)?;
-            let hook = Webhook {
-                id: w.id.clone(),
-                org: o.name.clone(),
-                kind,
-                url: w.url.clone(),
-                events: EventType::parse_filter(&w.events)?,
-                path_template: w.path_template.clone(),
-                secret: match kind {
-                    WebhookKind::Http => existing
-                        .as_ref()
-                        .and_then(|e| e.secret.clone())
-                        .or_else(|| Some(new_webhook_secret())),
-                    WebhookKind::Sftp => None,
-                },
-                enabled: existing.as_ref().map(|e| e.enabled).unwrap_or(true),
-                disabled_reason: existing.as_ref().and_then(|e| e.disabled_reason.clone()),
-                created_at: existing
-                    .as_ref()
-                    .map(|e| e.created_at)
-                    .unwrap_or_else(Utc::now),
-                failing_since: None,
-            };
-            store.put_webhook(&hook).await.map_err(ctx)?;
-        }
-        if let Some(u) = &o.custom_value_endpoint {
-            store
-                .put_custom_value_endpoint(&o.name, u)
-                .await
-                .map_err(ctx)?;
+impl From<ProvisionError> for Problem {
+    fn from(e: ProvisionError) -> Self {
+        match e {
+            ProvisionError::Invalid { .. } => Problem::bad_request(e.to_string()),
+            ProvisionError::Conflict(m) => Problem::conflict(m),
+            ProvisionError::Store(e) => e.into(),
+            ProvisionError::Folder { .. } => Problem::internal("cannot create org folder", e),
+            ProvisionError::Hash(_) => Problem::internal("password hashing failed", e),
         }
     }
-    if !config.orgs.is_empty() {
-        tracing::info!(
-            orgs = config.orgs.len(),
-            "applied orgs declared in the config file"
-        );
-    }
-    Ok(())
 }

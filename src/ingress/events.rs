@@ -199,7 +199,8 @@ async fn ingest(
             "Content-Type must be application/json",
         ));
     }
-    let max = app.config.http.max_body;
+    // Follows SIGHUP reloads.
+    let max = app.current().http.max_body;
     let bytes = axum::body::to_bytes(body, max).await.map_err(|_| {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -225,19 +226,15 @@ async fn ingest(
         }
     }
     let envelope_json = env.to_json();
-    let over_quota = if files.is_empty() {
-        None
-    } else {
-        let bytes = (files.len() * (envelope_json.len() + 1)) as u64;
-        crate::limits::over_quota(app.usage.get(org), &limits, files.len() as u64, bytes)
-    };
     let new = NewEvent {
         org: org.to_owned(),
         id: env.id.clone(),
         envelope_json,
         files,
         deliveries,
-        defer_files: over_quota.is_some(),
+        defer_files: false,
+        // Checked and reserved by the committer, atomically with the commit.
+        quota: Some(crate::limits::Quota::from(&limits)),
     };
     let had_deliveries = !new.deliveries.is_empty();
     match app.spool.submit(new).await? {
@@ -248,12 +245,11 @@ async fn ingest(
             Ok((StatusCode::ACCEPTED, Json(r)))
         }
         Committed::Known(r) => Ok((StatusCode::OK, Json(r))),
-        Committed::Deferred(r) => {
+        Committed::Deferred(r, why) => {
             if had_deliveries {
                 app.delivery_wakeup();
             }
             metrics::counter!("hookbridge_ingest_over_quota_total").increment(1);
-            let why = over_quota.unwrap_or_else(|| "the org is over its quota".into());
             tracing::warn!(org = %org, event_id = %r.id, reason = %why,
                 "org over quota: event recorded, its files wait until it is posted again with room");
             Err(Problem::new(

@@ -42,7 +42,7 @@ async fn usage(
         "quota_files": limits.quota_files,
         "quota_bytes": limits.quota_bytes,
         // Whether the next event's file would be refused (507).
-        "full": crate::limits::over_quota(u, &limits, 1, 1).is_some(),
+        "full": crate::limits::over_quota(u, crate::limits::Quota::from(&limits), 1, 1).is_some(),
         "limits": limits,
         "overrides": o.limits,
     })))

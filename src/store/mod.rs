@@ -1,6 +1,8 @@
 //! State: orgs, SFTP users, webhooks, processed events (idempotency) and delivery jobs.
 //! One trait so that a PostgreSQL implementation can sit beside SQLite.
 
+pub mod health;
+mod rows;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -124,8 +126,11 @@ pub struct NewEvent {
     pub files: Vec<String>,
     /// `(delivery id, webhook id)` for every subscribed http webhook.
     pub deliveries: Vec<(String, String)>,
-    /// Record the event but leave its files pending (the org is over quota).
+    /// Record the event but leave its files pending (the org is over quota). Set by the
+    /// committer when it cannot reserve room under `quota`, never by a request handler.
     pub defer_files: bool,
+    /// The org's quota, reserved by the committer atomically with the commit.
+    pub quota: Option<crate::limits::Quota>,
 }
 
 /// What `POST …/events` answers; stored so that a repost answers the same.
@@ -204,13 +209,113 @@ pub struct Delivery {
     pub attempt_log: Vec<Attempt>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One delivery attempt as the attempt log keeps it.
+#[derive(Debug, Clone)]
 pub struct Attempt {
     pub at: DateTime<Utc>,
-    pub status: Option<u16>,
+    pub result: AttemptResult,
     pub latency_ms: u64,
     pub error: Option<String>,
     pub response_excerpt: Option<String>,
+}
+
+impl Attempt {
+    /// The HTTP status the endpoint answered, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self.result {
+            AttemptResult::Delivered { status } | AttemptResult::HttpError { status } => {
+                Some(status)
+            }
+            AttemptResult::Transport(_) | AttemptResult::NotAttempted => None,
+        }
+    }
+}
+
+impl Serialize for Attempt {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            at: DateTime<Utc>,
+            outcome: &'static str,
+            status: Option<u16>,
+            latency_ms: u64,
+            error: &'a Option<String>,
+            response_excerpt: &'a Option<String>,
+        }
+        View {
+            at: self.at,
+            outcome: self.result.as_str(),
+            status: self.status(),
+            latency_ms: self.latency_ms,
+            error: &self.error,
+            response_excerpt: &self.response_excerpt,
+        }
+        .serialize(s)
+    }
+}
+
+/// What one attempt did, as far as the endpoint is concerned. This, not the latency or
+/// the lack of a status, says whether the endpoint was tried (and so whether it counts
+/// toward `delivery.disable_after`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// The endpoint answered 2xx and the answer was read whole.
+    Delivered { status: u16 },
+    /// The endpoint answered, but not with a success (or the answer broke off).
+    HttpError { status: u16 },
+    /// The endpoint could not be reached or did not answer.
+    Transport(TransportError),
+    /// Nothing was sent: the webhook was deleted, disabled or has no URL.
+    NotAttempted,
+}
+
+/// Why an attempt got no HTTP answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportError {
+    Dns,
+    /// The SSRF guard refused the destination.
+    Forbidden,
+    Tls,
+    /// Refused, reset or unreachable.
+    Connect,
+    Timeout,
+    Other,
+}
+
+impl AttemptResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Delivered { .. } => "delivered",
+            AttemptResult::HttpError { .. } => "http_error",
+            AttemptResult::Transport(t) => match t {
+                TransportError::Dns => "dns_error",
+                TransportError::Forbidden => "forbidden",
+                TransportError::Tls => "tls_error",
+                TransportError::Connect => "connect_error",
+                TransportError::Timeout => "timeout",
+                TransportError::Other => "transport_error",
+            },
+            AttemptResult::NotAttempted => "not_attempted",
+        }
+    }
+
+    /// The inverse of [`as_str`](Self::as_str) plus the stored status; `None` for a value
+    /// this version does not know (a corrupt row).
+    pub fn parse(s: &str, status: Option<u16>) -> Option<Self> {
+        let t = |t| Some(AttemptResult::Transport(t));
+        match (s, status) {
+            ("delivered", Some(status)) => Some(AttemptResult::Delivered { status }),
+            ("http_error", Some(status)) => Some(AttemptResult::HttpError { status }),
+            ("dns_error", None) => t(TransportError::Dns),
+            ("forbidden", None) => t(TransportError::Forbidden),
+            ("tls_error", None) => t(TransportError::Tls),
+            ("connect_error", None) => t(TransportError::Connect),
+            ("timeout", None) => t(TransportError::Timeout),
+            ("transport_error", None) => t(TransportError::Other),
+            ("not_attempted", None) => Some(AttemptResult::NotAttempted),
+            _ => None,
+        }
+    }
 }
 
 /// A job handed to a delivery worker.
@@ -303,10 +408,7 @@ pub trait Store: Send + Sync + 'static {
     /// When the next job outside `busy` is due (may be in the past).
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>>;
     /// Records attempts and their outcomes in one durable transaction (group commit).
-    async fn record_attempts(
-        &self,
-        batch: Vec<(DeliveryJob, Attempt, AttemptOutcome)>,
-    ) -> Result<()>;
+    async fn record_attempts(&self, batch: Vec<health::AttemptRecord>) -> Result<()>;
     async fn list_deliveries(
         &self,
         org: &str,

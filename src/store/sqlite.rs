@@ -7,16 +7,48 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use chrono::{DateTime, TimeZone, Utc};
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
 
+use super::health::{AttemptRecord, HookEffect};
+use super::rows::*;
 use super::*;
+use crate::secrets::SecretBox;
 
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     readers: Arc<Vec<Mutex<Connection>>>,
     next_reader: Arc<std::sync::atomic::AtomicUsize>,
+    quarantine: Quarantine,
+    secrets: Arc<SecretBox>,
+}
+
+/// Seals webhook secrets stored in plain text by older versions, in one transaction.
+fn seal_plain_secrets(conn: &mut Connection, sb: &SecretBox) -> Result<()> {
+    let tx = conn.transaction()?;
+    let plain: Vec<(String, String)> = {
+        let mut st = tx.prepare(
+            "SELECT id, secret FROM webhooks WHERE secret IS NOT NULL AND secret NOT LIKE 'enc:v1:%'",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for (id, secret) in &plain {
+        let sealed = sb.seal(id, secret).map_err(StoreError::Db)?;
+        tx.execute(
+            "UPDATE webhooks SET secret = ?2 WHERE id = ?1",
+            params![id, sealed],
+        )?;
+    }
+    tx.commit()?;
+    if !plain.is_empty() {
+        tracing::info!(
+            webhooks = plain.len(),
+            "encrypted webhook secrets stored in plain text by an older version"
+        );
+    }
+    Ok(())
 }
 
 /// WAL readers never block each other or the writer.
@@ -95,15 +127,19 @@ ALTER TABLE webhooks ADD COLUMN failing_since INTEGER;
 "#,
     // 3: per-org overrides of [limits] (quota, retention, ingest rate), as JSON.
     "ALTER TABLE orgs ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';",
+    // 4: what each attempt did (`AttemptResult`), instead of guessing from status and latency.
+    // Old rows: an answer is an HTTP error unless 2xx without error; no answer is a transport
+    // error unless it is one of the "nothing sent" reasons the worker wrote.
+    r#"
+ALTER TABLE attempts ADD COLUMN outcome TEXT NOT NULL DEFAULT 'transport_error';
+UPDATE attempts SET outcome = CASE
+    WHEN status BETWEEN 200 AND 299 AND error IS NULL THEN 'delivered'
+    WHEN status IS NOT NULL THEN 'http_error'
+    WHEN latency_ms = 0 AND (error LIKE 'webhook deleted%' OR error LIKE 'webhook disabled%'
+                             OR error LIKE 'webhook has no url%') THEN 'not_attempted'
+    ELSE 'transport_error' END;
+"#,
 ];
-
-fn micros(t: DateTime<Utc>) -> i64 {
-    t.timestamp_micros()
-}
-
-fn from_micros(v: i64) -> DateTime<Utc> {
-    Utc.timestamp_micros(v).single().unwrap_or_default()
-}
 
 fn open(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
@@ -128,9 +164,11 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 }
 
 impl SqliteStore {
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens (and migrates) the database; webhook secrets are sealed with `secrets`.
+    pub fn open(path: &Path, secrets: Arc<SecretBox>) -> Result<Self> {
         let mut writer = open(path)?;
         migrate(&mut writer)?;
+        seal_plain_secrets(&mut writer, &secrets)?;
         let readers = (0..READERS)
             .map(|_| open(path).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
@@ -138,6 +176,8 @@ impl SqliteStore {
             writer: Arc::new(Mutex::new(writer)),
             readers: Arc::new(readers),
             next_reader: Arc::default(),
+            quarantine: Quarantine::default(),
+            secrets,
         })
     }
 
@@ -158,9 +198,10 @@ impl SqliteStore {
 
     async fn with_reader<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&Connection, &Quarantine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let readers = self.readers.clone();
+        let q = self.quarantine.clone();
         let start = self
             .next_reader
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -174,82 +215,11 @@ impl SqliteStore {
                     .lock()
                     .map_err(|_| StoreError::Db("reader lock poisoned".into()))?,
             };
-            f(&c)
+            f(&c, &q)
         })
         .await
         .map_err(|e| StoreError::Db(e.to_string()))?
     }
-}
-
-fn org_row(r: &Row<'_>) -> rusqlite::Result<Org> {
-    let limits: String = r.get(3)?;
-    Ok(Org {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        created_at: from_micros(r.get(2)?),
-        limits: serde_json::from_str(&limits).unwrap_or_default(),
-    })
-}
-
-fn user_row(r: &Row<'_>) -> rusqlite::Result<SftpUser> {
-    let hash: Option<String> = r.get(2)?;
-    let keys: String = r.get(3)?;
-    Ok(SftpUser {
-        name: r.get(0)?,
-        org: r.get(1)?,
-        has_password: hash.is_some(),
-        password_hash: hash,
-        public_keys: serde_json::from_str(&keys).unwrap_or_default(),
-        upload: r.get(4)?,
-    })
-}
-
-const USER_COLS: &str = "name, org, password_hash, public_keys, upload";
-const HOOK_COLS: &str =
-    "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since";
-
-fn hook_row(r: &Row<'_>) -> rusqlite::Result<Webhook> {
-    hook_row_at(r, 0)
-}
-
-/// A webhook whose `HOOK_COLS` start at column `o` of the row.
-fn hook_row_at(r: &Row<'_>, o: usize) -> rusqlite::Result<Webhook> {
-    let kind: String = r.get(o + 2)?;
-    let events: String = r.get(o + 4)?;
-    Ok(Webhook {
-        id: r.get(o)?,
-        org: r.get(o + 1)?,
-        kind: WebhookKind::parse(&kind).unwrap_or(WebhookKind::Sftp),
-        url: r.get(o + 3)?,
-        events: serde_json::from_str(&events).unwrap_or_default(),
-        path_template: r.get(o + 5)?,
-        secret: r.get(o + 6)?,
-        enabled: r.get(o + 7)?,
-        disabled_reason: r.get(o + 8)?,
-        created_at: from_micros(r.get(o + 9)?),
-        failing_since: r.get::<_, Option<i64>>(o + 10)?.map(from_micros),
-    })
-}
-
-const DELIVERY_COLS: &str =
-    "id, org, webhook_id, event_id, status, attempts, next_attempt_at, last_status, last_error, created_at, updated_at";
-
-fn delivery_row(r: &Row<'_>) -> rusqlite::Result<Delivery> {
-    let status: String = r.get(4)?;
-    Ok(Delivery {
-        id: r.get(0)?,
-        org: r.get(1)?,
-        webhook_id: r.get(2)?,
-        event_id: r.get(3)?,
-        status: DeliveryStatus::parse(&status).unwrap_or(DeliveryStatus::Pending),
-        attempts: r.get(5)?,
-        next_attempt_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
-        last_status: r.get(7)?,
-        last_error: r.get(8)?,
-        created_at: from_micros(r.get(9)?),
-        updated_at: from_micros(r.get(10)?),
-        attempt_log: Vec::new(),
-    })
 }
 
 fn mark_done(tx: &rusqlite::Transaction<'_>, done: &[(String, String)]) -> Result<()> {
@@ -289,24 +259,24 @@ impl Store for SqliteStore {
 
     async fn get_org(&self, name: &str) -> Result<Option<Org>> {
         let name = name.to_owned();
-        self.with_reader(move |c| {
-            Ok(c.query_row(
-                "SELECT name, display_name, created_at, limits FROM orgs WHERE name = ?1",
-                [&name],
-                org_row,
+        self.with_reader(move |c, q| {
+            q.one(
+                c.query_row(
+                    "SELECT name, display_name, created_at, limits FROM orgs WHERE name = ?1",
+                    [&name],
+                    org_row,
+                )
+                .optional(),
             )
-            .optional()?)
         })
         .await
     }
 
     async fn list_orgs(&self) -> Result<Vec<Org>> {
-        self.with_reader(|c| {
+        self.with_reader(|c, q| {
             let mut st =
                 c.prepare("SELECT name, display_name, created_at, limits FROM orgs ORDER BY name")?;
-            let rows = st
-                .query_map([], org_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows = st.query_map([], org_row)?.rows(q)?;
             Ok(rows)
         })
         .await
@@ -365,26 +335,26 @@ impl Store for SqliteStore {
 
     async fn get_sftp_user(&self, name: &str) -> Result<Option<SftpUser>> {
         let name = name.to_owned();
-        self.with_reader(move |c| {
-            Ok(c.query_row(
-                &format!("SELECT {USER_COLS} FROM sftp_users WHERE name = ?1"),
-                [&name],
-                user_row,
+        self.with_reader(move |c, q| {
+            q.one(
+                c.query_row(
+                    &format!("SELECT {USER_COLS} FROM sftp_users WHERE name = ?1"),
+                    [&name],
+                    user_row,
+                )
+                .optional(),
             )
-            .optional()?)
         })
         .await
     }
 
     async fn list_sftp_users(&self, org: &str) -> Result<Vec<SftpUser>> {
         let org = org.to_owned();
-        self.with_reader(move |c| {
+        self.with_reader(move |c, q| {
             let mut st = c.prepare(&format!(
                 "SELECT {USER_COLS} FROM sftp_users WHERE org = ?1 ORDER BY name"
             ))?;
-            let rows = st
-                .query_map([&org], user_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows = st.query_map([&org], user_row)?.rows(q)?;
             Ok(rows)
         })
         .await
@@ -402,7 +372,10 @@ impl Store for SqliteStore {
     }
 
     async fn put_webhook(&self, hook: &Webhook) -> Result<()> {
-        let h = hook.clone();
+        let mut h = hook.clone();
+        if let Some(plain) = &h.secret {
+            h.secret = Some(self.secrets.seal(&h.id, plain).map_err(StoreError::Db)?);
+        }
         self.with_writer(move |c| {
             let other: Option<String> =
                 c.query_row("SELECT org FROM webhooks WHERE id = ?1", [&h.id], |r| r.get(0)).optional()?;
@@ -439,26 +412,28 @@ impl Store for SqliteStore {
 
     async fn get_webhook(&self, org: &str, id: &str) -> Result<Option<Webhook>> {
         let (org, id) = (org.to_owned(), id.to_owned());
-        self.with_reader(move |c| {
-            Ok(c.query_row(
-                &format!("SELECT {HOOK_COLS} FROM webhooks WHERE org = ?1 AND id = ?2"),
-                [&org, &id],
-                hook_row,
+        let sb = self.secrets.clone();
+        self.with_reader(move |c, q| {
+            q.one(
+                c.query_row(
+                    &format!("SELECT {HOOK_COLS} FROM webhooks WHERE org = ?1 AND id = ?2"),
+                    [&org, &id],
+                    |r| hook_row(r, &sb),
+                )
+                .optional(),
             )
-            .optional()?)
         })
         .await
     }
 
     async fn list_webhooks(&self, org: &str) -> Result<Vec<Webhook>> {
         let org = org.to_owned();
-        self.with_reader(move |c| {
+        let sb = self.secrets.clone();
+        self.with_reader(move |c, q| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {HOOK_COLS} FROM webhooks WHERE org = ?1 ORDER BY created_at, id"
             ))?;
-            let rows = st
-                .query_map([&org], hook_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows = st.query_map([&org], |r| hook_row(r, &sb))?.rows(q)?;
             Ok(rows)
         })
         .await
@@ -495,13 +470,15 @@ impl Store for SqliteStore {
 
     async fn get_custom_value_endpoint(&self, org: &str) -> Result<Option<String>> {
         let org = org.to_owned();
-        self.with_reader(move |c| {
-            Ok(c.query_row(
-                "SELECT url FROM custom_value_endpoints WHERE org = ?1",
-                [&org],
-                |r| r.get(0),
+        self.with_reader(move |c, q| {
+            q.one(
+                c.query_row(
+                    "SELECT url FROM custom_value_endpoints WHERE org = ?1",
+                    [&org],
+                    |r| r.get(0),
+                )
+                .optional(),
             )
-            .optional()?)
         })
         .await
     }
@@ -569,23 +546,31 @@ impl Store for SqliteStore {
     }
 
     async fn pending_files(&self) -> Result<Vec<PendingFiles>> {
-        self.with_reader(|c| {
+        self.with_reader(|c, q| {
             let mut st =
                 c.prepare("SELECT org, id, envelope, result FROM events WHERE files_pending = 1")?;
             let rows = st
                 .query_map([], |r| {
-                    let result: String = r.get(3)?;
-                    let files = serde_json::from_str::<IngestResult>(&result)
-                        .map(|r| r.files)
-                        .unwrap_or_default();
-                    Ok(PendingFiles {
-                        org: r.get(0)?,
-                        id: r.get(1)?,
-                        envelope_json: r.get(2)?,
-                        files,
+                    keyed("events", r, 1, |r| {
+                        let result: String = r.get(3)?;
+                        let files = serde_json::from_str::<IngestResult>(&result)
+                            .map(|r| r.files)
+                            .map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(
+                                    3,
+                                    rusqlite::types::Type::Text,
+                                    format!("result: {e}").into(),
+                                )
+                            })?;
+                        Ok(PendingFiles {
+                            org: r.get(0)?,
+                            id: r.get(1)?,
+                            envelope_json: r.get(2)?,
+                            files,
+                        })
                     })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .rows(q)?;
             Ok(rows)
         })
         .await
@@ -597,7 +582,10 @@ impl Store for SqliteStore {
         limit: usize,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>> {
-        self.with_reader(move |c| {
+        let sb = self.secrets.clone();
+        self.with_reader(move |c, q| {
+            let mut busy = busy;
+            busy.deliveries.extend(q.keys("deliveries"));
             let (ids, hooks) = busy.to_json();
             let hook_cols = HOOK_COLS
                 .split(", ")
@@ -618,12 +606,15 @@ impl Store for SqliteStore {
                 Default::default();
             let rows = st
                 .query_map(params![micros(now), limit as i64, ids, hooks], |r| {
+                    // A job whose own row or webhook row is corrupt is skipped, and kept
+                    // out of later queries under its own id.
+                    keyed("deliveries", r, 0, |r| {
                     let webhook = if r.get::<_, bool>(7)? {
                         let id: (String, String) = (r.get(9)?, r.get(8)?);
                         match hooks_seen.get(&id) {
                             Some(h) => Some(h.clone()),
                             None => {
-                                let h = hook_row_at(r, 8)?;
+                                let h = hook_row_at(r, 8, &sb)?;
                                 hooks_seen.insert(id, h.clone());
                                 Some(h)
                             }
@@ -638,18 +629,33 @@ impl Store for SqliteStore {
                         event_id: r.get(3)?,
                         payload: r.get(4)?,
                         attempts: r.get(5)?,
-                        created_at: from_micros(r.get(6)?),
+                        created_at: time(r, 6)?,
                         webhook,
                     })
+                    })
+                    .map_err(|e| match as_corrupt(&e) {
+                        Some(c) if c.table != "deliveries" => {
+                            q.report(c);
+                            let key = r.get::<_, String>(0).unwrap_or_default();
+                            rusqlite::Error::FromSqlConversionFailure(
+                                0,
+                                rusqlite::types::Type::Null,
+                                Box::new(Corrupt { table: "deliveries", key, why: c.to_string() }),
+                            )
+                        }
+                        _ => e,
+                    })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .rows(q)?;
             Ok(rows)
         })
         .await
     }
 
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>> {
-        self.with_reader(move |c| {
+        self.with_reader(move |c, q| {
+            let mut busy = busy;
+            busy.deliveries.extend(q.keys("deliveries"));
             let (ids, hooks) = busy.to_json();
             let v: Option<i64> = c.query_row(
                 "SELECT MIN(next_attempt_at) FROM deliveries WHERE status IN ('pending', 'failed')
@@ -658,15 +664,12 @@ impl Store for SqliteStore {
                 params![ids, hooks],
                 |r| r.get(0),
             )?;
-            Ok(v.map(from_micros))
+            Ok(v.and_then(from_micros))
         })
         .await
     }
 
-    async fn record_attempts(
-        &self,
-        batch: Vec<(DeliveryJob, Attempt, AttemptOutcome)>,
-    ) -> Result<()> {
+    async fn record_attempts(&self, batch: Vec<AttemptRecord>) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -675,7 +678,8 @@ impl Store for SqliteStore {
             let now = micros(Utc::now());
             {
                 let mut ins = tx.prepare_cached(
-                    "INSERT INTO attempts (delivery_id, at, status, latency_ms, error, response_excerpt) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO attempts (delivery_id, at, status, latency_ms, error, response_excerpt, outcome)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
                 let mut upd = tx.prepare_cached(
                     "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3, last_status = ?4,
@@ -690,39 +694,50 @@ impl Store for SqliteStore {
                 let mut disable = tx.prepare_cached(
                     "UPDATE webhooks SET enabled = 0, disabled_reason = ?2 WHERE id = ?1",
                 )?;
-                // The webhook statement last run per webhook in this batch: running the
-                // same "clear failing_since" or "set failing_since if unset" again right
-                // after it changes nothing, so it is skipped (one per webhook, not per job).
+                // The effect last applied per webhook in this batch: applying "healthy" or
+                // "failing since (if unset)" again right after changes nothing, so it is
+                // skipped (one statement per webhook, not per job). The rule deciding the
+                // effect is `health::hook_effect`, not this code.
                 let mut last: std::collections::HashMap<&str, u8> = Default::default();
                 const OK: u8 = 1;
                 const FAILING: u8 = 2;
                 const DISABLED: u8 = 3;
-                for (job, a, outcome) in &batch {
-                    ins.execute(params![job.id, micros(a.at), a.status, a.latency_ms as i64, a.error, a.response_excerpt])?;
-                    let (status, next): (&str, Option<i64>) = match outcome {
-                        AttemptOutcome::Delivered => ("delivered", None),
-                        AttemptOutcome::Retry { at } => ("failed", Some(micros(*at))),
-                        AttemptOutcome::Dead | AttemptOutcome::DisableWebhook { .. } => ("dead", None),
+                for rec in &batch {
+                    let (job, a) = (&rec.job, &rec.attempt);
+                    ins.execute(params![
+                        job.id,
+                        micros(a.at),
+                        a.status(),
+                        a.latency_ms as i64,
+                        a.error,
+                        a.response_excerpt,
+                        a.result.as_str()
+                    ])?;
+                    let (status, next) = match &rec.outcome {
+                        AttemptOutcome::Delivered => (DeliveryStatus::Delivered, None),
+                        AttemptOutcome::Retry { at } => (DeliveryStatus::Failed, Some(micros(*at))),
+                        AttemptOutcome::Dead | AttemptOutcome::DisableWebhook { .. } => {
+                            (DeliveryStatus::Dead, None)
+                        }
                     };
-                    upd.execute(params![job.id, status, next, a.status, a.error, now])?;
+                    upd.execute(params![job.id, status.as_str(), next, a.status(), a.error, now])?;
                     let hook = job.webhook_id.as_str();
-                    match outcome {
-                        AttemptOutcome::Delivered => {
+                    match &rec.hook {
+                        HookEffect::Healthy => {
                             if last.insert(hook, OK) != Some(OK) {
                                 ok_hook.execute([hook])?;
                             }
                         }
-                        AttemptOutcome::DisableWebhook { reason } => {
+                        HookEffect::Disable { reason } => {
                             disable.execute(params![hook, reason])?;
                             last.insert(hook, DISABLED);
                         }
-                        // An attempt that never reached the endpoint says nothing about it.
-                        _ if a.status.is_none() && a.latency_ms == 0 => {}
-                        _ => {
+                        HookEffect::Failing { at } => {
                             if last.insert(hook, FAILING) != Some(FAILING) {
-                                failing_hook.execute(params![hook, micros(a.at)])?;
+                                failing_hook.execute(params![hook, micros(*at)])?;
                             }
                         }
+                        HookEffect::None => {}
                     }
                 }
             }
@@ -740,7 +755,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<Delivery>> {
         let (org, wid) = (org.to_owned(), webhook_id.to_owned());
-        self.with_reader(move |c| {
+        self.with_reader(move |c, q| {
             let sql = match status {
                 // "failed" in the API means every delivery that has not succeeded yet after trying.
                 Some(DeliveryStatus::Failed) => format!(
@@ -756,22 +771,12 @@ impl Store for SqliteStore {
             let mut st = c.prepare(&sql)?;
             let mut rows = st
                 .query_map(params![org, wid, status.map(|s| s.as_str()), limit as i64], delivery_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .rows(q)?;
             let mut at = c.prepare_cached(
-                "SELECT at, status, latency_ms, error, response_excerpt FROM attempts WHERE delivery_id = ?1 ORDER BY at",
+                "SELECT delivery_id, at, status, latency_ms, error, response_excerpt, outcome FROM attempts WHERE delivery_id = ?1 ORDER BY at",
             )?;
             for d in &mut rows {
-                d.attempt_log = at
-                    .query_map([&d.id], |r| {
-                        Ok(Attempt {
-                            at: from_micros(r.get(0)?),
-                            status: r.get(1)?,
-                            latency_ms: r.get::<_, i64>(2)? as u64,
-                            error: r.get(3)?,
-                            response_excerpt: r.get(4)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                d.attempt_log = at.query_map([&d.id], attempt_row)?.rows(q)?;
             }
             Ok(rows)
         })
@@ -810,14 +815,25 @@ impl Store for SqliteStore {
     }
 
     async fn queue_stats(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
-        self.with_reader(|c| {
+        self.with_reader(|c, _| {
             let (n, oldest): (i64, Option<i64>) = c.query_row(
                 "SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status IN ('pending', 'failed')",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
-            Ok((n as u64, oldest.map(from_micros)))
+            Ok((n as u64, oldest.and_then(from_micros)))
         })
         .await
+    }
+}
+
+/// `.rows(q)`: collects query rows, skipping and reporting corrupt ones.
+trait Rows<T> {
+    fn rows(self, q: &Quarantine) -> Result<Vec<T>>;
+}
+
+impl<T, I: Iterator<Item = rusqlite::Result<T>>> Rows<T> for I {
+    fn rows(self, q: &Quarantine) -> Result<Vec<T>> {
+        q.collect(self)
     }
 }
