@@ -268,7 +268,7 @@ pub async fn reload(app: &App) -> Result<Reloaded, String> {
     // The SSRF guard of running clients keeps its start-up setting: check declared
     // webhooks against that one, not against a value that is not in force yet.
     new.delivery.allow_private_destinations = app.config.delivery.allow_private_destinations;
-    crate::provision::apply_declared(&app.store, &new).await?;
+    crate::provision::apply_declared(&app.store, &*app.storage, &new).await?;
     crate::telemetry::set_level(&new.log.level);
     app.set_current(Arc::new(new));
     Ok(done)

@@ -88,6 +88,9 @@ pub struct SessionCtx {
     pub max_handles: usize,
     /// Open handles per user and for the process.
     pub budget: Arc<super::budget::HandleBudget>,
+    /// Where downloads, deletes and renames are told to, for retention.
+    pub downloads: Option<crate::retention::DownloadLog>,
+    pub store: Option<Arc<dyn crate::store::Store>>,
 }
 
 impl SessionCtx {
@@ -239,6 +242,14 @@ pub fn data_packet(mut buf: bytes::BytesMut, hdr: usize, id: u32) -> Option<byte
 pub async fn remove(ctx: &SessionCtx, path: &str) -> OpResult<StoragePath> {
     let p = ctx.resolve(path)?;
     ctx.storage.delete(&ctx.org, &p).await?;
+    if let Some(store) = &ctx.store {
+        if let Err(e) = store
+            .forget_downloads(ctx.org.as_str(), vec![p.virtual_path()])
+            .await
+        {
+            tracing::debug!(error = %e, "download record of a deleted file kept");
+        }
+    }
     Ok(p)
 }
 
@@ -296,6 +307,13 @@ pub async fn rename(
         RenameMode::NoReplace
     };
     ctx.storage.rename(&ctx.org, &a, &b, mode).await?;
+    if let Some(store) = &ctx.store {
+        // An ETL job that downloads, then moves files to `/done/`: still downloaded.
+        let (from, to) = (a.virtual_path(), b.virtual_path());
+        if let Err(e) = store.move_downloads(ctx.org.as_str(), &from, &to).await {
+            tracing::warn!(error = %e, "download records did not follow a rename");
+        }
+    }
     Ok((a, b))
 }
 
@@ -404,6 +422,8 @@ mod tests {
             max_upload: 1 << 20,
             max_handles: 4,
             budget: super::super::budget::HandleBudget::new(8, 16),
+            downloads: None,
+            store: None,
         };
         (dir, c)
     }

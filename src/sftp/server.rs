@@ -588,6 +588,8 @@ impl Conn {
             max_upload: self.shared.app.config.sftp.max_upload_bytes,
             max_handles: self.shared.app.config.sftp.max_handles_per_session,
             budget: self.shared.handles.clone(),
+            downloads: Some(self.shared.app.downloads.clone()),
+            store: Some(self.shared.app.store.clone()),
         })
     }
 }

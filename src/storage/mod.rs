@@ -324,6 +324,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// used by `check-config` and at start, with a message that says what is wrong.
     async fn check(&self) -> StorageResult<()>;
 
+    /// A cheap liveness check for `/readyz` (local: the folders are there; S3: one listing).
+    async fn ready(&self) -> StorageResult<()>;
+
     /// Makes the org's root folder (a no-op where folders are implicit).
     async fn create_org(&self, org: &OrgName) -> StorageResult<()>;
 

@@ -312,14 +312,19 @@ async fn close(state: &Arc<State>, h: Arc<Handle>) -> OpResult<()> {
             res
         }
         Opened::Read(_) => {
-            audit(
-                ctx,
-                "download",
-                &f.virt,
-                f.bytes_read.load(Ordering::Relaxed),
-            );
+            finish_download(ctx, &f);
             Ok(())
         }
+    }
+}
+
+/// Audits a download and records it for retention (a file read at all counts, as a
+/// read moving atime did).
+fn finish_download(ctx: &SessionCtx, f: &FileHandle) {
+    let bytes = f.bytes_read.load(Ordering::Relaxed);
+    audit(ctx, "download", &f.virt, bytes);
+    if let (true, Some(log)) = (bytes > 0, &ctx.downloads) {
+        log.record(ctx.org.as_str(), f.virt.clone());
     }
 }
 
@@ -337,12 +342,7 @@ pub(super) async fn release_all(state: &Arc<State>) {
                     tracing::info!(user = %state.ctx.user, path = %f.virt, "upload abandoned; discarded");
                     up.abort().await;
                 }
-                Opened::Read(_) => audit(
-                    &state.ctx,
-                    "download",
-                    &f.virt,
-                    f.bytes_read.load(Ordering::Relaxed),
-                ),
+                Opened::Read(_) => finish_download(&state.ctx, f),
             }
         }
     }

@@ -202,6 +202,18 @@ impl Storage for LocalStorage {
         blocking(move || io::probe(&inner)).await
     }
 
+    async fn ready(&self) -> StorageResult<()> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            rfs::fstat(&inner.orgs)?;
+            rfs::fstat(&inner.tmp)?;
+            // Unlinked from under us (someone removed the data dir): not ready.
+            fs::open_dir(inner.orgs.as_fd(), "").map_err(StorageError::from_io)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn create_org(&self, org: &OrgName) -> StorageResult<()> {
         let (inner, org) = (self.inner.clone(), org.clone());
         blocking(move || {

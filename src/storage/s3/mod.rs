@@ -437,6 +437,15 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    async fn ready(&self) -> StorageResult<()> {
+        let prefix = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        self.list_page(&prefix, true, None, 1).await.map(drop)
+    }
+
     async fn create_org(&self, _org: &OrgName) -> StorageResult<()> {
         // The org's prefix needs no object: it exists as soon as a file is written.
         Ok(())
