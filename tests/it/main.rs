@@ -4,6 +4,7 @@ mod harness;
 mod seaweed;
 
 mod e2e_admin;
+mod e2e_backends;
 mod e2e_badinput;
 mod e2e_contract;
 mod e2e_delivery;

@@ -25,8 +25,6 @@ pub const SECRET_KEY: &str = "hookbridge-test-secret";
 #[derive(Clone, Debug)]
 pub struct S3Server {
     pub endpoint: String,
-    /// The process serving it, when this test process started it.
-    pub pid: Option<u32>,
 }
 
 impl S3Server {
@@ -85,10 +83,7 @@ pub async fn server() -> Option<S3Server> {
     static SERVER: OnceLock<Option<S3Server>> = OnceLock::new();
     let s = SERVER.get_or_init(|| {
         if let Ok(endpoint) = std::env::var("HOOKBRIDGE_TEST_S3_ENDPOINT") {
-            return Some(S3Server {
-                endpoint,
-                pid: None,
-            });
+            return Some(S3Server { endpoint });
         }
         match weed_binary() {
             Some(weed) => Some(start(&weed)),
@@ -145,10 +140,86 @@ fn start(weed: &Path) -> S3Server {
         tx.send(child.id()).unwrap();
         let _ = child.wait();
     });
-    let pid = rx.recv().unwrap();
+    let _pid = rx.recv().unwrap();
     S3Server {
         endpoint: format!("http://127.0.0.1:{s3}"),
-        pid: Some(pid),
+    }
+}
+
+/// An S3 server of one test's own, which the test may stop and start again (same ports,
+/// same data): the outage tests must not take the shared one down.
+pub struct PrivateS3 {
+    pub server: S3Server,
+    weed: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateS3 {
+    pub async fn start() -> Option<PrivateS3> {
+        let weed = match weed_binary() {
+            Some(w) => w,
+            None if ci() => panic!("CI=true but SeaweedFS (`weed`) is missing"),
+            None => {
+                eprintln!("SKIPPED: SeaweedFS `weed` not found; scripts/test installs it");
+                return None;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let s3 = free_port();
+        let mut p = PrivateS3 {
+            server: S3Server {
+                endpoint: format!("http://127.0.0.1:{s3}"),
+            },
+            weed,
+            args: weed_args(dir.path(), s3),
+            log: dir.path().join("weed.log"),
+            child: None,
+            _dir: dir,
+        };
+        p.resume().await;
+        Some(p)
+    }
+
+    /// kill -9, and wait until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data, and waits until it serves.
+    pub async fn resume(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(&self.weed);
+        cmd.args(&self.args)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.child = Some(cmd.spawn().expect("start weed mini"));
+        wait_ready(&self.server).await;
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
