@@ -212,6 +212,21 @@ impl Daemon {
         }
     }
 
+    /// Every file of `org` (`/virtual/path` → bytes), read through [`Daemon::storage`]:
+    /// what a test asserts with it holds on either backend.
+    pub async fn org_files(&self, org: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let s = self.storage();
+        let org = hookbridge::storage::OrgName::new(org).unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for f in s.walk(&org).await.unwrap() {
+            let body = hookbridge::storage::read_small(&*s, &org, &f.path, 16 << 20)
+                .await
+                .unwrap();
+            out.insert(f.path.virtual_path(), body.to_vec());
+        }
+        out
+    }
+
     pub fn org_dir(&self, org: &str) -> PathBuf {
         self.data_dir().join("orgs").join(org)
     }
