@@ -17,7 +17,6 @@
 //! writes the files of every event still marked as pending, so nothing that was
 //! acknowledged is lost; create-only writes make a rewrite of a file already there a no-op.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -88,26 +87,6 @@ pub struct Spool {
     tx: mpsc::Sender<Request>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
-}
-
-/// Where files go: org folders and the temp folder, on one file system.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    pub orgs_dir: PathBuf,
-    pub tmp_dir: PathBuf,
-}
-
-impl Layout {
-    pub fn new(data_dir: &Path) -> Self {
-        Self {
-            orgs_dir: data_dir.join("orgs"),
-            tmp_dir: data_dir.join("tmp"),
-        }
-    }
-
-    pub fn org_dir(&self, org: &str) -> PathBuf {
-        self.orgs_dir.join(org)
-    }
 }
 
 impl Spool {
