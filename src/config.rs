@@ -61,6 +61,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// State store settings.
     pub store: StoreConfig,
+    /// Where the org folders live: `local` (default) or an S3-compatible bucket.
+    pub storage: crate::storage::StorageConfig,
     /// Orgs, SFTP users and webhooks applied idempotently at start.
     pub orgs: Vec<OrgDecl>,
     /// The file this config was read from; SIGHUP re-reads it.
@@ -375,6 +377,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             defender: DefenderConfig::default(),
             store: StoreConfig::default(),
+            storage: Default::default(),
             orgs: Vec::new(),
             source: None,
         }
@@ -528,6 +531,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        if let Err((key, message)) = self.storage.validate() {
+            return Err(invalid(key, message));
         }
         if !(1024..=64 << 20).contains(&self.http.max_body) {
             return Err(invalid(

@@ -13,7 +13,7 @@ pub async fn setup(app: &App) -> Result<String, String> {
     let store = &app.store;
     provision::put_org(
         store,
-        &app.layout.orgs_dir,
+        &*app.storage,
         DEMO_ORG,
         Some("Acme (demo)".into()),
         None,

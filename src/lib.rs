@@ -20,6 +20,7 @@ pub mod secrets;
 pub mod sftp;
 pub mod spool;
 pub mod ssrf;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 
@@ -29,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::spool::{Layout, Spool};
+use crate::spool::Spool;
 use crate::store::{SqliteStore, Store};
 
 /// Everything a request handler or worker needs, cheap to clone.
@@ -38,7 +39,10 @@ pub struct App {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub spool: Spool,
-    pub layout: Layout,
+    /// The org folders (local disk or S3): every file operation goes through it.
+    pub storage: Arc<dyn storage::Storage>,
+    /// Downloads made over SFTP, on their way to the store (for retention).
+    pub downloads: retention::DownloadLog,
     pub secrets: Arc<secrets::Secrets>,
     pub metrics: telemetry::Metrics,
     /// The config as last (re)loaded; `config` is the one the process started with.
@@ -110,16 +114,21 @@ pub enum StartError {
     Secrets(String),
     #[error("applying orgs from the config file: {0}")]
     Declared(String),
+    #[error("org storage ({what}): {source}")]
+    Storage {
+        what: String,
+        source: storage::StorageError,
+    },
     #[error("recovering event files: {0}")]
     Recover(#[from] spool::SpoolError),
     #[error("server failed: {0}")]
     Server(String),
 }
 
-/// Opens the state and keys under `data_dir` and applies the orgs declared in the config.
+/// Opens the state, the org storage and the keys, and applies the orgs declared in the config.
 pub async fn build_state(
     config: &Config,
-) -> Result<(Arc<dyn Store>, Layout, secrets::Secrets), StartError> {
+) -> Result<(Arc<dyn Store>, Arc<dyn storage::Storage>, secrets::Secrets), StartError> {
     let dd = &config.data_dir;
     let dd_err = |source| StartError::DataDir {
         path: dd.clone(),
@@ -136,15 +145,29 @@ pub async fn build_state(
             secrets::private_file(&p).map_err(dd_err)?;
         }
     }
-    let layout = Layout::new(dd);
-    layout.prepare().map_err(dd_err)?;
+    let storage = open_storage(config).await?;
     let sealer = secrets::SecretBox::load_or_create(config).map_err(StartError::Secrets)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db, Arc::new(sealer))?);
     let secrets = secrets::Secrets::load_or_create(config).map_err(StartError::Secrets)?;
-    provision::apply_declared(&store, config)
+    provision::apply_declared(&store, &*storage, config)
         .await
         .map_err(StartError::Declared)?;
-    Ok((store, layout, secrets))
+    Ok((store, storage, secrets))
+}
+
+/// Opens the org storage and proves it usable (a probe written, read back, removed), so a
+/// wrong bucket or key stops the start with a message rather than failing every post.
+pub async fn open_storage(config: &Config) -> Result<Arc<dyn storage::Storage>, StartError> {
+    let err = |what: &str| {
+        let what = what.to_owned();
+        move |source| StartError::Storage { what, source }
+    };
+    let s = storage::open(&config.storage, &config.data_dir)
+        .await
+        .map_err(err("opening"))?;
+    s.check().await.map_err(err(&s.describe()))?;
+    tracing::info!(storage = %s.describe(), "org storage ready");
+    Ok(s)
 }
 
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
@@ -174,9 +197,9 @@ pub async fn run_with_hook(
     >,
 ) -> Result<(), StartError> {
     let config = Arc::new(config);
-    let (store, layout, secrets) = build_state(&config).await?;
+    let (store, storage, secrets) = build_state(&config).await?;
     let delivery = delivery::Delivery::new(&config).map_err(StartError::Secrets)?;
-    let recovered = spool::recover(&store, &layout).await?;
+    let recovered = spool::recover(&store, &storage).await?;
     if recovered > 0 {
         tracing::warn!(
             events = recovered,
@@ -189,17 +212,19 @@ pub async fn run_with_hook(
     let (announcer, announced) = delivery::handoff();
     let (spool, spool_task) = Spool::start(
         store.clone(),
-        layout.clone(),
+        storage.clone(),
         usage.clone(),
         config.http.max_pending_events,
         announcer,
         spool_cancel.clone(),
     );
+    let (downloads, downloads_rx) = retention::DownloadLog::new();
     let app = App {
         config: config.clone(),
         store,
         spool,
-        layout,
+        storage,
+        downloads,
         secrets: Arc::new(secrets),
         metrics,
         live: Arc::new(std::sync::RwLock::new(config.clone())),
@@ -233,6 +258,16 @@ pub async fn run_with_hook(
         let app = app.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move { ("sweeper", retention::run(app, cancel).await) });
+    }
+    {
+        let store = app.store.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            (
+                "downloads",
+                retention::record_downloads(store, downloads_rx, cancel).await,
+            )
+        });
     }
     {
         let app = app.clone();

@@ -223,6 +223,7 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
             "refused"
         }
     );
+    check_storage(&cfg)?;
     for o in &cfg.orgs {
         println!(
             "org {:<20} users {}  webhooks {}",
@@ -232,6 +233,41 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Local storage is made at start; S3 is reached now: a probe object is written, read
+/// back and removed, so a wrong bucket, endpoint or key shows up here and not at the first post.
+fn check_storage(cfg: &Config) -> anyhow::Result<()> {
+    use hookbridge::storage::{s3::S3Storage, Storage, StorageKind};
+    match cfg.storage.kind {
+        StorageKind::Local => {
+            println!(
+                "storage       local {}",
+                cfg.data_dir.join("orgs").display()
+            );
+            Ok(())
+        }
+        StorageKind::S3 => {
+            if std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
+                || std::env::var_os("AWS_SECRET_ACCESS_KEY").is_none()
+            {
+                println!(
+                    "storage       warning: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY not set"
+                );
+            }
+            let s3 = S3Storage::new(&cfg.storage).map_err(|e| anyhow::anyhow!("storage: {e}"))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(s3.check())
+                .map_err(|e| anyhow::anyhow!("storage: {} is not usable: {e}", s3.describe()))?;
+            println!(
+                "storage       {} (reached: probe written, read back, removed)",
+                s3.describe()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn serve(path: Option<PathBuf>, demo: bool) -> anyhow::Result<()> {

@@ -3,7 +3,6 @@
 //! the config file (at start and on SIGHUP) or `serve --demo`. Every check (names,
 //! kinds, URLs, the SSRF guard, keys, hashes) lives here, so no caller can skip one.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -22,10 +21,10 @@ pub enum ProvisionError {
     Invalid { field: String, message: String },
     #[error("{0}")]
     Conflict(String),
-    #[error("cannot create the org folder {path}: {source}")]
+    #[error("cannot create the folder of org {org}: {source}")]
     Folder {
-        path: std::path::PathBuf,
-        source: std::io::Error,
+        org: String,
+        source: crate::storage::StorageError,
     },
     #[error("password hashing failed: {0}")]
     Hash(String),
@@ -44,7 +43,7 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ProvisionErr
 /// Returns the org and whether it was created.
 pub async fn put_org(
     store: &Arc<dyn Store>,
-    orgs_dir: &Path,
+    storage: &dyn crate::storage::Storage,
     id: &str,
     display: Option<String>,
     limits: Option<OrgLimits>,
@@ -64,10 +63,12 @@ pub async fn put_org(
         store.set_org_limits(id, &l).await?;
         org.limits = l;
     }
-    let path = orgs_dir.join(id);
-    tokio::fs::create_dir_all(&path)
-        .await
-        .map_err(|source| ProvisionError::Folder { path, source })?;
+    let folder = |source| ProvisionError::Folder {
+        org: id.to_owned(),
+        source,
+    };
+    let name = crate::storage::OrgName::new(id).map_err(folder)?;
+    storage.create_org(&name).await.map_err(folder)?;
     if created {
         tracing::info!(org = %id, "org created");
     }
@@ -307,8 +308,11 @@ pub fn check_destination(u: &str, allow_private: bool) -> Result<(), ProvisionEr
 /// Applies `[[orgs]]` of the config file through the same checks as the admin API.
 /// Running it twice gives the same state. Errors name the key, e.g.
 /// `orgs[0].webhooks[1].url: …`.
-pub async fn apply_declared(store: &Arc<dyn Store>, config: &Config) -> Result<(), String> {
-    let orgs_dir = config.data_dir.join("orgs");
+pub async fn apply_declared(
+    store: &Arc<dyn Store>,
+    storage: &dyn crate::storage::Storage,
+    config: &Config,
+) -> Result<(), String> {
     let allow_private = config.delivery.allow_private_destinations;
     // Checked for every org before anything is stored, so a bad file changes nothing.
     for (i, o) in config.orgs.iter().enumerate() {
@@ -323,7 +327,7 @@ pub async fn apply_declared(store: &Arc<dyn Store>, config: &Config) -> Result<(
     }
     for (i, o) in config.orgs.iter().enumerate() {
         let key = format!("orgs[{i}]");
-        put_org(store, &orgs_dir, &o.name, None, Some(o.limits.clone()))
+        put_org(store, storage, &o.name, None, Some(o.limits.clone()))
             .await
             .map_err(|e| keyed(&key, e))?;
         for (j, u) in o.sftp_users.iter().enumerate() {

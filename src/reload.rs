@@ -108,6 +108,13 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     changed!(v, old.store, new.store, "store.", [secrets_key]);
     changed!(
         v,
+        old.storage,
+        new.storage,
+        "storage.",
+        [kind, bucket, prefix, endpoint, region, allow_http]
+    );
+    changed!(
+        v,
         old.delivery,
         new.delivery,
         "delivery.",
@@ -158,10 +165,19 @@ fn every_key_is_sorted(c: &Config) {
         defender,
         limits,
         store,
+        storage,
         orgs: _,
         source: _,
     } = c;
     let StoreConfig { secrets_key: _ } = store;
+    let crate::storage::StorageConfig {
+        kind: _,
+        bucket: _,
+        prefix: _,
+        endpoint: _,
+        region: _,
+        allow_http: _,
+    } = storage;
     let HttpConfig {
         listen: _,
         max_body: _,
@@ -252,7 +268,7 @@ pub async fn reload(app: &App) -> Result<Reloaded, String> {
     // The SSRF guard of running clients keeps its start-up setting: check declared
     // webhooks against that one, not against a value that is not in force yet.
     new.delivery.allow_private_destinations = app.config.delivery.allow_private_destinations;
-    crate::provision::apply_declared(&app.store, &new).await?;
+    crate::provision::apply_declared(&app.store, &*app.storage, &new).await?;
     crate::telemetry::set_level(&new.log.level);
     app.set_current(Arc::new(new));
     Ok(done)

@@ -1,39 +1,40 @@
 //! The sweeper: removes files past each org's retention and recounts folder usage
 //! (which also catches what SFTP users deleted or uploaded since the last sweep).
+//!
+//! It works through the storage seam, so it serves local disk and S3 alike, and every
+//! removal is resolved beneath the org root with no symlink at any step. Whether a file
+//! was downloaded comes from the store (SFTP records each download as it happens), not
+//! from atime, which `noatime`/`relatime` mounts and S3 do not keep.
 
-use std::path::Path;
+use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EffectiveLimits;
 use crate::limits::OrgUsage;
+use crate::storage::{OrgName, Storage, StorageError, StoragePath};
 use crate::App;
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepStats {
     pub usage: OrgUsage,
     pub removed: u64,
     pub removed_undownloaded: u64,
     pub kept_undownloaded: u64,
-}
-
-/// A file counts as downloaded once it was read after it was written: with Linux's default
-/// `relatime`, the first read moves atime past mtime. On `noatime` mounts nothing looks
-/// downloaded, so `retention_removes_undownloaded = false` then keeps everything.
-fn downloaded(meta: &std::fs::Metadata) -> bool {
-    match (meta.accessed(), meta.modified()) {
-        (Ok(a), Ok(m)) => a > m,
-        _ => false,
-    }
+    /// Virtual paths removed (their download records can go).
+    pub removed_paths: Vec<String>,
 }
 
 /// Walks one org folder; removes expired files per `limits`, counts what stays.
-pub fn sweep_org(
-    root: &Path,
+/// `downloaded`: virtual paths (`/a/b.json`) known to have been downloaded.
+pub async fn sweep_org(
+    storage: &dyn Storage,
+    org: &OrgName,
     limits: &EffectiveLimits,
+    downloaded: &HashSet<String>,
     now: SystemTime,
-) -> std::io::Result<SweepStats> {
+) -> Result<SweepStats, StorageError> {
     let cutoff = (limits.retention_days > 0)
         .then(|| {
             now.checked_sub(Duration::from_secs(
@@ -42,55 +43,43 @@ pub fn sweep_org(
         })
         .flatten();
     let mut stats = SweepStats::default();
-    let mut stack = vec![root.to_path_buf()];
-    let mut emptied = std::collections::BTreeSet::new();
-    while let Some(dir) = stack.pop() {
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for entry in rd {
-            let entry = entry?;
-            let ft = entry.file_type()?;
-            if ft.is_dir() {
-                stack.push(entry.path());
-                continue;
-            }
-            if !ft.is_file() {
-                continue;
-            }
-            let meta = entry.metadata()?;
-            let expired = cutoff.is_some_and(|c| meta.modified().is_ok_and(|m| m < c));
-            if expired {
-                let was_downloaded = downloaded(&meta);
-                if was_downloaded || limits.retention_removes_undownloaded {
-                    match std::fs::remove_file(entry.path()) {
-                        Ok(()) => {
-                            emptied.insert(dir.clone());
-                            stats.removed += 1;
-                            if !was_downloaded {
-                                stats.removed_undownloaded += 1;
-                            }
-                            continue;
+    let mut emptied: BTreeSet<StoragePath> = BTreeSet::new();
+    for f in storage.walk(org).await? {
+        let expired = cutoff.is_some_and(|c| f.mtime < c);
+        if expired {
+            let virt = f.path.virtual_path();
+            let was_downloaded = downloaded.contains(&virt);
+            if was_downloaded || limits.retention_removes_undownloaded {
+                match storage.delete(org, &f.path).await {
+                    Ok(()) => {
+                        if let Some(p) = f.path.parent() {
+                            emptied.insert(p);
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(e),
+                        stats.removed += 1;
+                        if !was_downloaded {
+                            stats.removed_undownloaded += 1;
+                        }
+                        stats.removed_paths.push(virt);
+                        continue;
                     }
+                    Err(StorageError::NotFound) => continue,
+                    Err(e) => return Err(e),
                 }
-                stats.kept_undownloaded += 1;
             }
-            stats.usage.files += 1;
-            stats.usage.bytes += meta.len();
+            stats.kept_undownloaded += 1;
         }
+        stats.usage.files += 1;
+        stats.usage.bytes += f.size;
     }
-    // Folders that retention emptied go too, and their parents up to (not including) the root.
-    for mut d in emptied.into_iter().rev() {
-        while d != root && d.starts_with(root) && std::fs::remove_dir(&d).is_ok() {
-            match d.parent() {
-                Some(p) => d = p.to_path_buf(),
-                None => break,
+    // Folders that retention emptied go too, and their parents up to (not including) the
+    // root; a folder that is not empty stays.
+    for dir in emptied.into_iter().rev() {
+        let mut d = Some(dir);
+        while let Some(p) = d.filter(|p| !p.is_root()) {
+            if storage.rmdir(org, &p).await.is_err() {
+                break;
             }
+            d = p.parent();
         }
     }
     Ok(stats)
@@ -106,11 +95,26 @@ pub async fn sweep_all(app: &App) {
     };
     for org in orgs {
         let limits = app.current().limits.for_org(&org.limits);
-        let root = app.layout.org_dir(&org.id);
-        let res =
-            tokio::task::spawn_blocking(move || sweep_org(&root, &limits, SystemTime::now())).await;
+        let Ok(name) = OrgName::new(&org.id) else {
+            continue;
+        };
+        let downloaded = match app.store.downloaded(&org.id).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(org = %org.id, error = %e, "sweeper cannot read downloads; retrying next round");
+                continue;
+            }
+        };
+        let res = sweep_org(
+            &*app.storage,
+            &name,
+            &limits,
+            &downloaded,
+            SystemTime::now(),
+        )
+        .await;
         match res {
-            Ok(Ok(stats)) => {
+            Ok(stats) => {
                 app.usage.set(&org.id, stats.usage);
                 metrics::gauge!("hookbridge_org_files", "org" => org.id.clone())
                     .set(stats.usage.files as f64);
@@ -124,11 +128,65 @@ pub async fn sweep_all(app: &App) {
                     tracing::info!(org = %org.id, removed = stats.removed, removed_undownloaded = stats.removed_undownloaded,
                         kept_undownloaded = stats.kept_undownloaded, "retention sweep");
                 }
+                if let Err(e) = app
+                    .store
+                    .forget_downloads(&org.id, stats.removed_paths)
+                    .await
+                {
+                    tracing::warn!(org = %org.id, error = %e, "cannot forget downloads of swept files");
+                }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(org = %org.id, error = %e, "retention sweep failed; retrying next round")
             }
-            Err(e) => tracing::warn!(org = %org.id, error = %e, "retention sweep panicked"),
+        }
+    }
+}
+
+/// Downloads reported by SFTP sessions, written to the store in batches (a `get -r` of
+/// 10k files is one transaction per batch, not 10k fsyncs). A record lost in a crash only
+/// makes a file look not downloaded, which retention errs on keeping.
+#[derive(Clone)]
+pub struct DownloadLog {
+    tx: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+}
+
+impl DownloadLog {
+    pub fn new() -> (Self, tokio::sync::mpsc::UnboundedReceiver<(String, String)>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+
+    /// `org` downloaded the file at `/virtual/path`.
+    pub fn record(&self, org: &str, path: String) {
+        let _ = self.tx.send((org.to_owned(), path));
+    }
+}
+
+/// Writes what the [`DownloadLog`] collects until `cancel`, then what is left.
+pub async fn record_downloads(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = cancel.cancelled() => None,
+        };
+        let mut batch: Vec<(String, String)> = first.into_iter().collect();
+        while batch.len() < 10_000 {
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        let last = batch.is_empty() || cancel.is_cancelled();
+        if let Err(e) = store.record_downloads(batch).await {
+            tracing::warn!(error = %e, "cannot record downloads; those files look not downloaded to retention");
+        }
+        if last && rx.is_empty() {
+            return Ok(());
         }
     }
 }
@@ -146,38 +204,48 @@ pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::local::LocalStorage;
 
-    #[test]
-    fn expired_files_go_per_policy_and_usage_counts_the_rest() {
+    #[tokio::test]
+    async fn expired_files_go_per_policy_and_usage_counts_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let day = dir.path().join("payment/2020-01-01");
+        let storage =
+            LocalStorage::open(&dir.path().join("orgs"), &dir.path().join("tmp")).unwrap();
+        let org = OrgName::new("o").unwrap();
+        storage.create_org(&org).await.unwrap();
+        let root = dir.path().join("orgs/o");
+        let day = root.join("payment/2020-01-01");
         std::fs::create_dir_all(&day).unwrap();
         std::fs::write(day.join("old-read.json"), b"{}\n").unwrap();
         std::fs::write(day.join("old-unread.json"), b"{}\n").unwrap();
-        std::fs::write(dir.path().join("fresh.json"), b"{\"a\":1}\n").unwrap();
+        std::fs::write(root.join("fresh.json"), b"{\"a\":1}\n").unwrap();
         let old = SystemTime::now() - Duration::from_secs(10 * 86400);
-        let set = |p: &Path, atime: SystemTime| {
-            let f = std::fs::File::options().write(true).open(p).unwrap();
-            f.set_times(
-                std::fs::FileTimes::new()
-                    .set_modified(old)
-                    .set_accessed(atime),
-            )
-            .unwrap();
-        };
-        set(&day.join("old-read.json"), old + Duration::from_secs(60));
-        set(&day.join("old-unread.json"), old);
+        for f in ["old-read.json", "old-unread.json"] {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(day.join(f))
+                .unwrap();
+            f.set_times(std::fs::FileTimes::new().set_modified(old))
+                .unwrap();
+        }
+        // Downloads come from the store, not from atime.
+        let downloaded: HashSet<String> = ["/payment/2020-01-01/old-read.json".to_owned()].into();
         let mut limits = crate::config::LimitsConfig {
             retention_days: 7,
             ..Default::default()
         }
         .for_org(&Default::default());
         limits.retention_removes_undownloaded = false;
-        let s = sweep_org(dir.path(), &limits, SystemTime::now()).unwrap();
+        let s = sweep_org(&storage, &org, &limits, &downloaded, SystemTime::now())
+            .await
+            .unwrap();
         assert_eq!((s.removed, s.kept_undownloaded, s.usage.files), (1, 1, 2));
+        assert_eq!(s.removed_paths, ["/payment/2020-01-01/old-read.json"]);
         assert!(day.join("old-unread.json").exists() && !day.join("old-read.json").exists());
         limits.retention_removes_undownloaded = true;
-        let s = sweep_org(dir.path(), &limits, SystemTime::now()).unwrap();
+        let s = sweep_org(&storage, &org, &limits, &downloaded, SystemTime::now())
+            .await
+            .unwrap();
         assert_eq!(
             (
                 s.removed,
@@ -188,9 +256,9 @@ mod tests {
             (1, 1, 1, 8)
         );
         assert!(
-            !dir.path().join("payment").exists(),
+            !root.join("payment").exists(),
             "emptied folders are removed"
         );
-        assert!(dir.path().exists());
+        assert!(root.exists());
     }
 }

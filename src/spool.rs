@@ -2,35 +2,34 @@
 //!
 //! Every accepted event goes through one committer task. It takes whatever requests are
 //! waiting (a batch), and for the batch as a whole:
-//!   1. writes each file's temp copy under `<data>/tmp` and fdatasyncs it, while the store
-//!      records the events and their delivery jobs in one fsync'd transaction;
-//!   2. renames the temps into the org folders (readers only ever see complete files);
-//!   3. fsyncs every directory touched once, and every directory it had to create;
+//!   1. stages every file in the org storage (local: a temp copy fdatasync'd) while the
+//!      store records the events and their delivery jobs in one fsync'd transaction;
+//!   2. publishes the files of the events the store took, create-only (local: renames
+//!      the temps into the org folders and fsyncs each folder once; S3: one conditional
+//!      PUT per file), so readers only ever see complete files;
+//!
 //! and only then answers all requests. Concurrent posts share one commit, so durability
-//! costs one round of fsyncs per batch, not per event.
+//! costs one round of syncs per batch, not per event. Each event stands on its own: one
+//! org's folders (moved or removed by its SFTP users) never fail another org's events.
 //!
 //! The store commit comes first logically: if the process dies after it but before the
-//! renames, `recover()` at the next start writes the files of every event still marked
-//! as pending, so nothing that was acknowledged is lost.
+//! files are published, `recover()` at the next start (on any node sharing the store)
+//! writes the files of every event still marked as pending, so nothing that was
+//! acknowledged is lost; create-only writes make a rewrite of a file already there a no-op.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+
+use bytes::Bytes;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Announcer;
 use crate::limits::Usage;
+use crate::storage::{EventFile, OrgName, Storage, StorageError, StoragePath, StorageResult};
 use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError};
-
-mod place;
-
-use place::{publish_temps, DurableDirs};
 
 const MAX_BATCH: usize = 512;
 
@@ -44,6 +43,9 @@ pub enum SpoolError {
     ShuttingDown,
     #[error("store: {0}")]
     Store(String),
+    /// The org storage cannot be reached (S3 down): retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("file system: {0}")]
     Io(String),
 }
@@ -57,10 +59,13 @@ impl From<StoreError> for SpoolError {
     }
 }
 
-fn io_err(e: io::Error) -> SpoolError {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => SpoolError::DiskFull,
-        _ => SpoolError::Io(e.to_string()),
+impl From<StorageError> for SpoolError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::NoSpace => SpoolError::DiskFull,
+            StorageError::Unavailable(m) => SpoolError::Unavailable(m),
+            other => SpoolError::Io(other.to_string()),
+        }
     }
 }
 
@@ -85,53 +90,11 @@ pub struct Spool {
     max_waiting: usize,
 }
 
-/// Where files go: org folders and the temp folder, on one file system.
-#[derive(Clone, Debug)]
-pub struct Layout {
-    pub orgs_dir: PathBuf,
-    pub tmp_dir: PathBuf,
-}
-
-impl Layout {
-    pub fn new(data_dir: &Path) -> Self {
-        Self {
-            orgs_dir: data_dir.join("orgs"),
-            tmp_dir: data_dir.join("tmp"),
-        }
-    }
-
-    pub fn org_dir(&self, org: &str) -> PathBuf {
-        self.orgs_dir.join(org)
-    }
-
-    /// Creates the folders and removes temp files a crash left behind.
-    pub fn prepare(&self) -> io::Result<()> {
-        fs::create_dir_all(&self.orgs_dir)?;
-        fs::create_dir_all(&self.tmp_dir)?;
-        for entry in fs::read_dir(&self.tmp_dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                fs::remove_file(entry.path())?;
-            }
-        }
-        Ok(())
-    }
-
-    fn new_temp(&self) -> PathBuf {
-        self.tmp_dir.join(format!("{}.tmp", ulid::Ulid::new()))
-    }
-
-    /// `path` was produced by a validated template: no `..`, no leading dots.
-    fn target(&self, org: &str, path: &str) -> PathBuf {
-        self.org_dir(org).join(path.trim_start_matches('/'))
-    }
-}
-
 impl Spool {
     /// Starts the committer; it stops after `cancel` once every queued request is answered.
     pub fn start(
         store: Arc<dyn Store>,
-        layout: Layout,
+        storage: Arc<dyn Storage>,
         usage: Arc<Usage>,
         max_waiting: usize,
         announce: Announcer,
@@ -141,7 +104,7 @@ impl Spool {
         let waiting = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(committer(
             store,
-            layout,
+            storage,
             usage,
             rx,
             waiting.clone(),
@@ -175,7 +138,7 @@ impl Spool {
 
 async fn committer(
     store: Arc<dyn Store>,
-    layout: Layout,
+    storage: Arc<dyn Storage>,
     usage: Arc<Usage>,
     mut rx: mpsc::Receiver<Request>,
     waiting: Arc<AtomicUsize>,
@@ -183,8 +146,16 @@ async fn committer(
     cancel: CancellationToken,
 ) {
     let mut done_not_marked: Vec<(String, String)> = Vec::new();
-    let durable = DurableDirs::default();
+    // When publishing failed (S3 down, disk full), the events stay pending in the store:
+    // this node writes them once the storage is back, without waiting for a repost.
+    let mut repair_at: Option<tokio::time::Instant> = None;
     loop {
+        let repair = async {
+            match repair_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         let first = tokio::select! {
             biased;
             r = rx.recv() => r,
@@ -192,6 +163,10 @@ async fn committer(
                 // Stop taking new requests, answer the ones already queued.
                 rx.close();
                 rx.recv().await
+            }
+            _ = repair => {
+                repair_at = repair_pending(&store, &storage, &mut done_not_marked).await;
+                continue;
             }
         };
         let Some(first) = first else { break };
@@ -204,11 +179,10 @@ async fn committer(
         }
         waiting.fetch_sub(batch.len(), Ordering::AcqRel);
         let marked = std::mem::take(&mut done_not_marked);
-        let fresh_jobs = commit_batch(
+        let (fresh_jobs, failed) = commit_batch(
             &store,
-            &layout,
+            &storage,
             &usage,
-            &durable,
             batch,
             marked,
             &mut done_not_marked,
@@ -216,6 +190,9 @@ async fn committer(
         .await;
         // Durable and answered: the scheduler sends them without polling the store.
         announce.announce(fresh_jobs);
+        if failed && repair_at.is_none() {
+            repair_at = Some(tokio::time::Instant::now() + REPAIR_FIRST);
+        }
         if rx.is_empty() && !done_not_marked.is_empty() {
             // Idle: record now that these files are written, or a crash before the next
             // post would rewrite them at start-up, after an ETL job may have taken them.
@@ -231,17 +208,44 @@ async fn committer(
     }
 }
 
+/// First repair after a failed publish, and the pause between repairs that fail again.
+const REPAIR_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+const REPAIR_AGAIN: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Writes the files of events left pending. Files this node wrote but has not yet marked
+/// are marked first: pending then means "never written", so a file an ETL job already
+/// took is never written again. Returns when to try again, if needed.
+async fn repair_pending(
+    store: &Arc<dyn Store>,
+    storage: &Arc<dyn Storage>,
+    done_not_marked: &mut Vec<(String, String)>,
+) -> Option<tokio::time::Instant> {
+    let again = Some(tokio::time::Instant::now() + REPAIR_AGAIN);
+    let marks = std::mem::take(done_not_marked);
+    if let Err(e) = store.mark_files_done(marks.clone()).await {
+        *done_not_marked = marks;
+        tracing::warn!(error = %e, "repair of pending event files waits: cannot mark written files");
+        return again;
+    }
+    match recover(store, storage).await {
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "pending event files still cannot be written; retrying");
+            again
+        }
+    }
+}
+
 /// Commits and answers one batch; returns the (delivery id, webhook id) of the jobs of its
-/// new events, for the committer to announce.
+/// new events, for the committer to announce, and whether any event's files failed.
 async fn commit_batch(
     store: &Arc<dyn Store>,
-    layout: &Layout,
+    storage: &Arc<dyn Storage>,
     usage: &Usage,
-    durable: &DurableDirs,
     mut batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
-) -> Vec<(String, String)> {
+) -> (Vec<(String, String)>, bool) {
     let started = Instant::now();
     let n = batch.len();
     // Quota: each event's room is reserved here, in batch order, before anything is
@@ -269,19 +273,15 @@ async fn commit_batch(
         }
     };
     let events: Vec<NewEvent> = batch.iter().map(|r| r.event.clone()).collect();
-    let writes = {
-        let layout = layout.clone();
-        let events = events.clone();
-        tokio::task::spawn_blocking(move || write_temps(&layout, &events))
-    };
-    let (commit, temps) = tokio::join!(store.commit_events(events, marked.clone()), writes);
-    let temps = temps.unwrap_or_else(|e| Err(SpoolError::Io(e.to_string())));
+    let (files, owner) = event_files(&events);
+    let (commit, staged) = tokio::join!(
+        store.commit_events(events, marked.clone()),
+        storage.stage_events(files)
+    );
     let outcomes = match commit {
         Ok(o) => o,
         Err(e) => {
-            if let Ok(t) = temps {
-                discard(t);
-            }
+            drop(staged);
             // The marks were not applied: keep them for the next batch.
             done.extend(marked);
             let e = SpoolError::from(e);
@@ -290,7 +290,7 @@ async fn commit_batch(
                 settle(i, &r.event, false);
                 let _ = r.reply.send(Err(clone_err(&e)));
             }
-            return Vec::new();
+            return (Vec::new(), false);
         }
     };
 
@@ -357,91 +357,44 @@ async fn commit_batch(
         }
     }
 
-    let placed = match temps {
-        Ok(temps) => {
-            let (layout, durable, publish_set) = (layout.clone(), durable.clone(), publish.clone());
-            tokio::task::spawn_blocking(move || {
-                let temps = with_redo(&layout, temps, redo)?;
-                Ok(publish_temps(&layout, &durable, temps, &publish_set))
-            })
-            .await
-            .unwrap_or_else(|e| Err(SpoolError::Io(e.to_string())))
-        }
-        Err(e) => Err(e),
-    };
-    match placed {
-        Ok(placed) => {
-            metrics::counter!("hookbridge_files_written_total").increment(placed.files as u64);
-            for &i in &publish {
-                let ev = &batch[i].event;
-                if let Some(e) = placed.failed.get(&i) {
-                    tracing::error!(org = %ev.org, event_id = %ev.id, error = %e,
-                        "event files could not be written; the event stays pending and is written on repost or at the next start");
-                    replies[i] = Err(clone_err(e));
-                    settle(i, ev, false);
-                    continue;
-                }
-                settle(i, ev, true);
-                done.push((ev.org.clone(), ev.id.clone()));
-            }
-        }
-        Err(e) => {
-            for &i in &publish {
-                settle(i, &batch[i].event, false);
-            }
-            fail_published(&e, &publish, &mut replies)
-        }
+    // Staged files of the events published as first posted; events left pending earlier
+    // are written again from the envelope first recorded, so a retry never changes a file.
+    let redo_set: Vec<usize> = redo.iter().map(|(i, _)| *i).collect();
+    let keep: Vec<bool> = owner
+        .iter()
+        .map(|i| publish.contains(i) && !redo_set.contains(i))
+        .collect();
+    let mut results = staged.publish(keep).await;
+    let mut owners = owner;
+    if !redo.is_empty() {
+        let (index, events): (Vec<usize>, Vec<NewEvent>) = redo.into_iter().unzip();
+        let (files, of) = event_files(&events);
+        results.extend(storage.write_events(&files).await);
+        owners.extend(of.into_iter().map(|k| index[k]));
     }
+    let failed = failures(&owners, results, n);
+    let mut written = 0u64;
+    let any_failed = publish.iter().any(|&i| failed[i].is_some());
+    for &i in &publish {
+        let ev = &batch[i].event;
+        if let Some(e) = &failed[i] {
+            tracing::error!(org = %ev.org, event_id = %ev.id, error = %e,
+                "event files could not be written; the event stays pending and is written on repost or at the next start");
+            replies[i] = Err(clone_err(e));
+            settle(i, ev, false);
+            continue;
+        }
+        written += ev.files.len() as u64;
+        settle(i, ev, true);
+        done.push((ev.org.clone(), ev.id.clone()));
+    }
+    metrics::counter!("hookbridge_files_written_total").increment(written);
     metrics::histogram!("hookbridge_group_commit_batch_size").record(n as f64);
     metrics::histogram!("hookbridge_group_commit_seconds").record(started.elapsed().as_secs_f64());
     for (r, reply) in batch.into_iter().zip(replies) {
         let _ = r.reply.send(reply);
     }
-    fresh_jobs
-}
-
-/// Swaps the fresh temps of events left pending earlier for temps of the envelope first
-/// recorded (`redo`, with the batch index of each), so a retry never changes a file.
-fn with_redo(
-    layout: &Layout,
-    mut temps: Vec<Temp>,
-    redo: Vec<(usize, NewEvent)>,
-) -> Result<Vec<Temp>, SpoolError> {
-    if redo.is_empty() {
-        return Ok(temps);
-    }
-    let (index, events): (Vec<usize>, Vec<NewEvent>) = redo.into_iter().unzip();
-    let mut extra = match write_temps(layout, &events) {
-        Ok(extra) => extra,
-        Err(e) => {
-            discard(temps);
-            return Err(e);
-        }
-    };
-    for t in &mut extra {
-        t.event = index[t.event];
-    }
-    temps.retain(|t| {
-        let keep = !index.contains(&t.event);
-        if !keep {
-            let _ = fs::remove_file(&t.tmp);
-        }
-        keep
-    });
-    temps.extend(extra);
-    Ok(temps)
-}
-
-fn fail_published(
-    e: &SpoolError,
-    publish: &[usize],
-    replies: &mut [Result<Committed, SpoolError>],
-) {
-    tracing::error!(error = %e, events = publish.len(),
-        "event files could not be written; the events stay pending and are written on repost or at the next start");
-    for &i in publish {
-        replies[i] = Err(clone_err(e));
-    }
+    (fresh_jobs, any_failed)
 }
 
 fn clone_err(e: &SpoolError) -> SpoolError {
@@ -450,118 +403,99 @@ fn clone_err(e: &SpoolError) -> SpoolError {
         SpoolError::Overloaded => SpoolError::Overloaded,
         SpoolError::ShuttingDown => SpoolError::ShuttingDown,
         SpoolError::Store(s) => SpoolError::Store(s.clone()),
+        SpoolError::Unavailable(s) => SpoolError::Unavailable(s.clone()),
         SpoolError::Io(s) => SpoolError::Io(s.clone()),
     }
 }
 
-/// One temp file per (event, path); `event` indexes the batch. `body` is kept so that a
-/// file whose folder vanished before it was durable can be placed again.
-struct Temp {
-    event: usize,
-    tmp: PathBuf,
-    target: PathBuf,
-    body: Arc<str>,
-}
-
-/// Threads that write and fdatasync temps side by side: concurrent fdatasyncs on one
-/// file system share journal commits, which one thread calling them in turn cannot.
-const SYNC_THREADS: usize = 4;
-
-fn write_temps(layout: &Layout, events: &[NewEvent]) -> Result<Vec<Temp>, SpoolError> {
-    let mut temps = Vec::new();
+/// The files of `events` (those not deferred), and for each the index of its event.
+/// A path that is not a plain relative path (it comes from a validated template, so
+/// this is a bug) fails its event alone.
+fn event_files(events: &[NewEvent]) -> (Vec<EventFile>, Vec<usize>) {
+    let mut files = Vec::new();
+    let mut owner = Vec::new();
     for (i, ev) in events.iter().enumerate().filter(|(_, ev)| !ev.defer_files) {
-        let body: Arc<str> = Arc::from(ev.envelope_json.as_str());
+        let Ok(org) = OrgName::new(&ev.org) else {
+            continue;
+        };
+        let mut body = Vec::with_capacity(ev.envelope_json.len() + 1);
+        body.extend_from_slice(ev.envelope_json.as_bytes());
+        body.push(b'\n');
+        let body = Bytes::from(body);
         for path in &ev.files {
-            temps.push(Temp {
-                event: i,
-                tmp: layout.new_temp(),
-                target: layout.target(&ev.org, path),
+            let Ok(path) = StoragePath::parse(path) else {
+                continue;
+            };
+            files.push(EventFile {
+                org: org.clone(),
+                path,
                 body: body.clone(),
             });
+            owner.push(i);
         }
     }
-    let chunk = temps.len().div_ceil(SYNC_THREADS).max(8);
-    let results: Vec<io::Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = temps
-            .chunks(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .try_for_each(|t| write_synced(&t.tmp, t.body.as_bytes()))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("writer thread panicked")))
-            })
-            .collect()
-    });
-    if let Some(e) = results.into_iter().find_map(Result::err) {
-        discard(temps);
-        return Err(io_err(e));
+    (files, owner)
+}
+
+/// Per event of a batch of `n`: the first failure among its files, if any. An event
+/// whose files could not all be made (bad path or org name) fails too.
+fn failures(owner: &[usize], results: Vec<StorageResult<()>>, n: usize) -> Vec<Option<SpoolError>> {
+    let mut failed: Vec<Option<SpoolError>> = (0..n).map(|_| None).collect();
+    for (&i, r) in owner.iter().zip(results) {
+        if let (Err(e), true) = (r, failed[i].is_none()) {
+            failed[i] = Some(SpoolError::from(e));
+        }
     }
-    Ok(temps)
+    failed
 }
 
-fn write_synced(path: &Path, body: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(path)?;
-    f.write_all(body)?;
-    f.write_all(b"\n")?;
-    let t = Instant::now();
-    f.sync_data()?;
-    metrics::histogram!("hookbridge_fsync_seconds", "what" => "file")
-        .record(t.elapsed().as_secs_f64());
-    Ok(())
-}
-
-fn discard(temps: Vec<Temp>) {
-    for t in temps {
-        let _ = fs::remove_file(&t.tmp);
-    }
-}
-
-/// Writes the files of events recorded but not finished before a crash or a full disk.
-pub async fn recover(store: &Arc<dyn Store>, layout: &Layout) -> Result<usize, SpoolError> {
+/// Writes the files of events recorded but not finished before a crash, a full disk or
+/// an S3 outage. Any node sharing the store may do it: writes are create-only.
+pub async fn recover(
+    store: &Arc<dyn Store>,
+    storage: &Arc<dyn Storage>,
+) -> Result<usize, SpoolError> {
     let pending = store.pending_files().await?;
     if pending.is_empty() {
         return Ok(0);
     }
     let n = pending.len();
-    let layout = layout.clone();
-    let done = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String)>, SpoolError> {
-        let events: Vec<NewEvent> = pending
-            .into_iter()
-            .map(|p| NewEvent {
-                org: p.org,
-                id: p.id,
-                envelope_json: p.envelope_json,
-                files: p.files,
-                deliveries: vec![],
-                defer_files: false,
-                quota: None,
-            })
-            .collect();
-        let temps = write_temps(&layout, &events)?;
-        let all: Vec<usize> = (0..events.len()).collect();
-        let placed = publish_temps(&layout, &DurableDirs::default(), temps, &all);
-        if let Some(e) = placed.failed.values().next() {
-            return Err(clone_err(e));
+    let events: Vec<NewEvent> = pending
+        .into_iter()
+        .map(|p| NewEvent {
+            org: p.org,
+            id: p.id,
+            envelope_json: p.envelope_json,
+            files: p.files,
+            deliveries: vec![],
+            defer_files: false,
+            quota: None,
+        })
+        .collect();
+    let (files, owner) = event_files(&events);
+    let results = storage.write_events(&files).await;
+    let failed = failures(&owner, results, events.len());
+    let mut done = Vec::new();
+    let mut first_err = None;
+    for (ev, f) in events.into_iter().zip(failed) {
+        match f {
+            None => done.push((ev.org, ev.id)),
+            Some(e) => {
+                tracing::warn!(org = %ev.org, event_id = %ev.id, error = %e, "event files still not written; retrying later");
+                first_err.get_or_insert(e);
+            }
         }
-        Ok(events.into_iter().map(|e| (e.org, e.id)).collect())
-    })
-    .await
-    .map_err(|e| SpoolError::Io(e.to_string()))??;
+    }
+    let written = done.len();
     store.mark_files_done(done).await?;
-    tracing::info!(
-        events = n,
-        "wrote files of events accepted before the last stop"
-    );
-    Ok(n)
+    if written > 0 {
+        tracing::info!(
+            events = written,
+            "wrote files of events accepted before the last stop"
+        );
+    }
+    match first_err {
+        Some(e) if written == 0 => Err(e),
+        _ => Ok(n),
+    }
 }

@@ -164,16 +164,8 @@ async fn sftp_test(
     hook: &Webhook,
     test: &str,
 ) -> ApiResult<(bool, Option<u16>, String)> {
-    let dir = app.layout.org_dir(&hook.org);
     if test == "ping" {
-        return Ok(match tokio::fs::metadata(&dir).await {
-            Ok(m) if m.is_dir() => (
-                true,
-                None,
-                "the org folder exists; SFTP users see it as /".into(),
-            ),
-            _ => (false, None, "the org folder is missing".into()),
-        });
+        return Ok(storage_ping(app, &hook.org).await);
     }
     let env = sample_envelope(&hook.org, test).map_err(|e| Problem::internal("sample", e))?;
     let path = render_path_template(hook.template(), &env);
@@ -194,6 +186,53 @@ async fn sftp_test(
         Ok(Committed::Deferred(..)) => (false, None, "the org is over its quota".into()),
         Err(e) => (false, None, format!("could not write the sample file: {e}")),
     })
+}
+
+/// The SFTP hook's connection test: a probe file is written into the org folder through
+/// the storage (durably, as an event file is), read back, compared and removed. It proves
+/// the folder SFTP users see is writable and readable, on local disk or S3 alike.
+async fn storage_ping(app: &App, org: &str) -> (bool, Option<u16>, String) {
+    use crate::storage::{read_small, EventFile, OrgName, StoragePath};
+    let Ok(org) = OrgName::new(org) else {
+        return (false, None, "the org name cannot be a folder".into());
+    };
+    let name = format!(".hookbridge-ping-{}", ulid::Ulid::new());
+    let Ok(path) = StoragePath::parse(&name) else {
+        return (false, None, "internal error: probe name".into());
+    };
+    let body = bytes::Bytes::from(format!("hookbridge connection test {name}\n"));
+    let file = EventFile {
+        org: org.clone(),
+        path: path.clone(),
+        body: body.clone(),
+    };
+    let s = &app.storage;
+    if let Some(Err(e)) = s.write_events(std::slice::from_ref(&file)).await.pop() {
+        return (
+            false,
+            None,
+            format!("could not write a file into the org folder: {e}"),
+        );
+    }
+    let back = read_small(&**s, &org, &path, 4096).await;
+    let removed = s.delete(&org, &path).await;
+    match (back, removed) {
+        (Ok(b), Ok(())) if b == body => (
+            true,
+            None,
+            "wrote, read back and removed a file in the org folder; SFTP users see it as /".into(),
+        ),
+        (Ok(_), _) => (
+            false,
+            None,
+            "the file read back differs from what was written".into(),
+        ),
+        (Err(e), _) => (
+            false,
+            None,
+            format!("wrote a file but could not read it back: {e}"),
+        ),
+    }
 }
 
 async fn custom_value_test(app: &App, org: &str) -> (bool, Option<u16>, String) {

@@ -137,7 +137,7 @@ async fn put_org(
     check_name("org", &org)?;
     let req: PutOrg = parse_body(&body)?;
     let (o, created) =
-        provision::put_org(&app.store, &app.layout.orgs_dir, &org, req.name, req.limits).await?;
+        provision::put_org(&app.store, &*app.storage, &org, req.name, req.limits).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -164,13 +164,10 @@ async fn delete_org(State(app): State<App>, Path(org): Path<String>) -> ApiResul
     if !app.store.delete_org(&org).await? {
         return Err(Problem::not_found(format!("unknown org {org:?}")));
     }
-    // The name was validated when the org was made, so this stays inside orgs/.
-    if validate_name(&org).is_ok() {
-        let dir = app.layout.org_dir(&org);
-        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(org = %org, dir = %dir.display(), error = %e, "org deleted but its folder could not be removed");
-            }
+    // The name was validated when the org was made; the storage checks it again.
+    if let Ok(name) = crate::storage::OrgName::new(&org) {
+        if let Err(e) = app.storage.remove_org(&name).await {
+            tracing::warn!(org = %org, error = %e, "org deleted but its folder could not be removed");
         }
     }
     tracing::info!(org = %org, "org deleted");

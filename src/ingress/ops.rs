@@ -25,10 +25,10 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
-/// Ready when the state store answers and the data dir is writable.
+/// Ready when the state store and the org storage answer.
 async fn readyz(State(app): State<App>) -> impl IntoResponse {
     let store_ok = app.store.list_orgs().await.is_ok();
-    let tmp_ok = tokio::fs::metadata(&app.layout.tmp_dir).await.is_ok();
+    let tmp_ok = app.storage.ready().await.is_ok();
     let status = if store_ok && tmp_ok {
         StatusCode::OK
     } else {

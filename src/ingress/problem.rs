@@ -117,6 +117,14 @@ impl From<SpoolError> for Problem {
             SpoolError::ShuttingDown => {
                 Problem::unavailable("hookbridge is shutting down; retry shortly", 5)
             }
+            SpoolError::Unavailable(why) => {
+                tracing::warn!(error = %why, "org storage unavailable; events refused with 503");
+                metrics::counter!("hookbridge_ingest_storage_unavailable_total").increment(1);
+                Problem::unavailable(
+                    "the storage holding event files cannot be reached; nothing was acknowledged, retry later",
+                    5,
+                )
+            }
             other => Problem::internal("event commit failed", other),
         }
     }

@@ -25,19 +25,19 @@ pub async fn org_usage(
     let o = super::admin::require_org(&app.store, org).await?;
     let limits = app.current().limits.for_org(&o.limits);
     // A fresh count, so that the answer reflects deletes made over SFTP a moment ago.
-    let root = app.layout.org_dir(org);
-    let counted = tokio::task::spawn_blocking(move || {
-        crate::retention::sweep_org(
-            &root,
-            &crate::config::EffectiveLimits {
-                retention_days: 0,
-                ..limits
-            },
-            std::time::SystemTime::now(),
-        )
-    })
+    let name = crate::storage::OrgName::new(org)
+        .map_err(|e| Problem::internal("usage count failed", e))?;
+    let counted = crate::retention::sweep_org(
+        &*app.storage,
+        &name,
+        &crate::config::EffectiveLimits {
+            retention_days: 0,
+            ..limits
+        },
+        &Default::default(),
+        std::time::SystemTime::now(),
+    )
     .await
-    .map_err(|e| Problem::internal("usage count failed", e))?
     .map_err(|e| Problem::internal("usage count failed", e))?;
     app.usage.set(org, counted.usage);
     Ok((o, limits, counted.usage))

@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::budget::HandleSlot;
-use super::ops::{self, OpError, OpResult, SessionCtx, Upload};
+use super::ops::{self, OpError, OpResult, Opened, SessionCtx};
 use super::replies::{writer, Reply};
 
 mod control;
@@ -52,9 +52,11 @@ const FXP_READ: u8 = 5;
 const FXP_WRITE: u8 = 6;
 
 struct FileHandle {
-    file: Arc<std::fs::File>,
+    file: Opened,
+    path: crate::storage::StoragePath,
     virt: String,
-    upload: Option<Upload>,
+    /// Times and modes an FSETSTAT asked for on an upload: applied once it is published.
+    pending_attrs: Mutex<crate::storage::SetAttrs>,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     /// A write of this upload failed: on close it is discarded, never published part-done.
@@ -191,24 +193,6 @@ fn bad_handle() -> OpError {
     OpError::Failure("invalid handle")
 }
 
-async fn blocking<T, F>(f: F) -> OpResult<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> OpResult<T> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or(Err(OpError::Failure("internal error")))
-}
-
-/// Runs file-system work directly: only used on the control thread, which is ours to block.
-async fn inline<T, F>(f: F) -> OpResult<T>
-where
-    F: FnOnce() -> OpResult<T>,
-{
-    f()
-}
-
 fn count_op(op: &'static str) {
     metrics::counter!("hookbridge_sftp_operations_total", "op" => op).increment(1);
 }
@@ -233,8 +217,7 @@ pub async fn run(channel: Channel<Msg>, ctx: SessionCtx, busy: Arc<watch::Sender
         busy,
     });
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel::<Control>();
-    // Path operations are many small syscalls in a row (`get -r` of 10k files): they run
-    // inline on a thread of their own rather than paying a blocking-pool hop each.
+    // Path operations run in order on a thread of their own, apart from READ/WRITE.
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let rt = tokio::runtime::Handle::current();
     let st = state.clone();
@@ -424,24 +407,26 @@ async fn read(
         return;
     };
     let len = r.len.min(MAX_RW_LEN) as usize;
-    let file = h.file.clone();
-    let (id, offset) = (r.id, r.offset);
-    let res = tokio::task::spawn_blocking(move || ops::read_packet(&file, id, offset, len)).await;
-    let reply = match res {
-        Ok(Ok(Some(bytes))) => {
-            let n = (bytes.len() - 13) as u64;
+    let id = r.id;
+    // The DATA reply is built in place: the storage reads behind 13 bytes of header room.
+    const HDR: usize = 13;
+    let res = match &h.file {
+        Opened::Read(f) => f.read_at(r.offset, len, HDR).await.map_err(OpError::from),
+        // OpenSSH: read(2) on a handle opened for writing only fails with EBADF.
+        Opened::Upload(_) => Err(ops::errno(libc::EBADF)),
+    };
+    let reply = match res.map(|buf| ops::data_packet(buf, HDR, id)) {
+        Ok(Some(bytes)) => {
+            let n = (bytes.len() - HDR) as u64;
             h.bytes_read.fetch_add(n, Ordering::Relaxed);
             metrics::counter!("hookbridge_sftp_bytes_read_total").increment(n);
             bytes
         }
-        other => {
-            let p = match other {
-                Ok(Ok(None)) => Packet::status(id, StatusCode::Eof, "End of file", "en-US"),
-                Ok(Err(e)) => status_of(id, &OpError::Io(e)),
-                _ => status_of(id, &OpError::Failure("internal error")),
-            };
+        Ok(None) => {
+            let p = Packet::status(id, StatusCode::Eof, "End of file", "en-US");
             return state.send(seq, p).await;
         }
+        Err(e) => return state.send(seq, status_of(id, &e)).await,
     };
     state.send_bytes(seq, Some(reply)).await;
 }
@@ -458,27 +443,18 @@ async fn write(
         state.send_bytes(seq, None).await;
         return;
     };
-    let res = if h.upload.is_none() {
+    let res = match &h.file {
         // OpenSSH: a reader is refused writes (read-only mode); anyone else's write(2)
         // on a handle opened for reading fails with EBADF (NO_SUCH_FILE).
-        if state.ctx.upload {
-            Err(ops::errno(libc::EBADF))
-        } else {
-            Err(OpError::Denied)
-        }
-    } else if w.offset.saturating_add(n) > state.ctx.max_upload {
-        Err(OpError::Failure(
-            "upload larger than this server allows (sftp.max_upload_bytes)",
-        ))
-    } else {
-        let file = h.file.clone();
-        let (offset, data) = (w.offset, w.data);
-        blocking(move || {
-            use std::os::unix::fs::FileExt;
-            file.write_all_at(&data, offset)?;
-            Ok(())
-        })
-        .await
+        Opened::Read(_) if state.ctx.upload => Err(ops::errno(libc::EBADF)),
+        Opened::Read(_) => Err(OpError::Denied),
+        Opened::Upload(_) if w.offset.saturating_add(n) > state.ctx.max_upload => Err(
+            OpError::Failure("upload larger than this server allows (sftp.max_upload_bytes)"),
+        ),
+        Opened::Upload(up) => up
+            .write_at(w.offset, bytes::Bytes::from(w.data))
+            .await
+            .map_err(OpError::from),
     };
     drop(permit);
     state.queued_write_bytes.fetch_sub(n, Ordering::Relaxed);

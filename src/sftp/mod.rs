@@ -2,8 +2,8 @@
 //!
 //! - `server`: accept loop, session limits, SSH handler and authentication;
 //! - `handler`: the SFTP dispatcher of a channel (concurrent reads, ordered control);
-//! - `ops`: the operations on the file system;
-//! - `jail`: the one resolver from client paths to host paths.
+//! - `ops`: the operations, through the storage seam (`crate::storage`);
+//! - `jail`: the one place a client path becomes a path in the org folder.
 
 mod budget;
 mod handler;

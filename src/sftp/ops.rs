@@ -1,18 +1,19 @@
-//! SFTP operations on the jailed file system. Everything here is blocking file-system
-//! work: the dispatcher runs it on tokio's blocking pool.
+//! SFTP operations on an org's folder, through the storage seam (`crate::storage`): the
+//! same code serves the local and the S3 backend. Paths are cleaned by `jail::resolve`;
+//! the storage resolves them beneath the org root with no symlink at any step.
 
-use std::fs::{self, File, Metadata, OpenOptions};
-use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use russh_sftp::extensions::Statvfs;
 use russh_sftp::protocol::{self, FileAttributes, OpenFlags, StatusCode};
 
-use super::jail::{Jail, JailError, Resolved};
+use super::jail;
 use super::status;
+use crate::storage::{
+    Meta, OrgName, ReadHandle, RenameMode, SetAttrs, Storage, StorageError, StoragePath,
+    UploadHandle, UploadOptions,
+};
 
 /// Why a request failed; maps onto an SFTP status without leaking host details.
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +29,7 @@ pub enum OpError {
     #[error("operation unsupported")]
     Unsupported,
     #[error("{0}")]
-    Jail(#[from] JailError),
-    #[error("{0}")]
-    Io(#[from] io::Error),
+    Storage(#[from] StorageError),
 }
 
 impl OpError {
@@ -43,115 +42,100 @@ impl OpError {
             OpError::Failure(m) => (StatusCode::Failure, (*m).into()),
             OpError::BadMessage => fixed(StatusCode::BadMessage),
             OpError::Unsupported => fixed(StatusCode::OpUnsupported),
-            OpError::Jail(JailError::Io(e)) | OpError::Io(e) => {
-                (status::io_status(e), status::io_message(e))
-            }
-            // A NUL in a path: OpenSSH cannot even parse it.
-            OpError::Jail(JailError::Invalid) => fixed(StatusCode::BadMessage),
-            // In OpenSSH's chroot `/../x` is `/x`, and a planted link is met with
-            // O_NOFOLLOW (ELOOP): either way the path names nothing the user may see.
-            OpError::Jail(e @ (JailError::Escape | JailError::Symlink)) => {
-                (StatusCode::NoSuchFile, e.to_string())
-            }
+            OpError::Storage(e) => storage_status(e),
         }
+    }
+}
+
+/// A storage error answers as its errno would in OpenSSH; what only a backend knows
+/// (an S3 store down, an I/O error) is logged, and the client gets the generic text.
+fn storage_status(e: &StorageError) -> (StatusCode, String) {
+    let code = status::errno_to_portable(e.errno());
+    match e {
+        StorageError::Escape
+        | StorageError::Symlink
+        | StorageError::Unsupported(_)
+        | StorageError::TooLarge => (code, e.to_string()),
+        StorageError::Unavailable(_) | StorageError::Backend(_) | StorageError::Io(_) => {
+            tracing::warn!(error = %e, "SFTP request failed in the storage");
+            (code, status::code_text(code).to_owned())
+        }
+        _ => (
+            code,
+            status::io_message(&std::io::Error::from_raw_os_error(e.errno())),
+        ),
     }
 }
 
 /// The error a system call would have given: its status comes from `status::io_status`.
 pub fn errno(code: i32) -> OpError {
-    OpError::Io(io::Error::from_raw_os_error(code))
+    OpError::Storage(StorageError::Io(std::io::Error::from_raw_os_error(code)))
 }
 
 pub type OpResult<T> = Result<T, OpError>;
 
-/// Who is asking, and where they are jailed.
+/// Who is asking, and which org folder they see as `/`.
 pub struct SessionCtx {
     pub user: String,
-    pub org: String,
+    pub org: OrgName,
     pub upload: bool,
     pub ip: std::net::IpAddr,
-    pub jail: Jail,
-    /// Uploads are written here and renamed in on close (same file system as the orgs).
-    pub tmp_dir: PathBuf,
+    pub storage: Arc<dyn Storage>,
     /// No upload may grow past this (`sftp.max_upload_bytes`): a WRITE at a huge offset or
-    /// a SETSTAT size would otherwise fill the disk every org shares.
+    /// a SETSTAT size would otherwise fill the storage every org shares.
     pub max_upload: u64,
     /// Open handles per channel (`sftp.max_handles_per_session`).
     pub max_handles: usize,
     /// Open handles per user and for the process.
-    pub budget: std::sync::Arc<super::budget::HandleBudget>,
+    pub budget: Arc<super::budget::HandleBudget>,
+    /// Where downloads, deletes and renames are told to, for retention.
+    pub downloads: Option<crate::retention::DownloadLog>,
+    pub store: Option<Arc<dyn crate::store::Store>>,
 }
 
 impl SessionCtx {
-    pub fn resolve(&self, path: &str) -> OpResult<Resolved> {
-        Ok(self.jail.resolve(path)?)
+    pub fn resolve(&self, path: &str) -> OpResult<StoragePath> {
+        Ok(jail::resolve(path)?)
     }
 }
 
-/// An upload in progress: data goes to `tmp`, which becomes `target` on close.
-#[derive(Debug)]
-pub struct Upload {
-    pub tmp: PathBuf,
-    pub target: PathBuf,
+/// What OPEN gave: a file to read, or an upload published on close.
+pub enum Opened {
+    Read(Arc<dyn ReadHandle>),
+    Upload(Arc<dyn UploadHandle>),
 }
 
-pub struct Opened {
-    pub file: File,
-    pub virt: String,
-    pub upload: Option<Upload>,
-}
-
-fn open_nofollow() -> OpenOptions {
-    let mut o = OpenOptions::new();
-    o.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-    o
-}
-
-fn lstat(r: &Resolved) -> OpResult<Metadata> {
-    let m = fs::symlink_metadata(&r.real)?;
-    if m.file_type().is_symlink() {
-        return Err(JailError::Symlink.into());
-    }
-    Ok(m)
-}
-
-pub fn attrs(m: &Metadata) -> FileAttributes {
+pub fn attrs(m: &Meta) -> FileAttributes {
+    let kind = if m.is_dir() { 0o040000 } else { 0o100000 };
     FileAttributes {
-        size: Some(m.len()),
-        uid: Some(m.uid()),
+        size: Some(m.size),
+        uid: Some(m.uid),
         user: None,
-        gid: Some(m.gid()),
+        gid: Some(m.gid),
         group: None,
-        permissions: Some(m.mode()),
-        atime: Some(clamp_time(m.atime())),
-        mtime: Some(clamp_time(m.mtime())),
+        permissions: Some(kind | m.perm),
+        atime: Some(secs(m.atime)),
+        mtime: Some(secs(m.mtime)),
     }
 }
 
-fn clamp_time(t: i64) -> u32 {
-    t.clamp(0, u32::MAX as i64) as u32
+fn secs(t: SystemTime) -> u32 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs().min(u32::MAX as u64) as u32)
+        .unwrap_or(0)
 }
 
 /// `ls -l` style, as OpenSSH's server writes it: FileZilla and WinSCP parse it.
-pub fn longname(name: &str, m: &Metadata, user: &str, group: &str) -> String {
-    let ft = m.file_type();
-    let kind = if ft.is_dir() {
-        'd'
-    } else if ft.is_symlink() {
-        'l'
-    } else {
-        '-'
-    };
-    let mode = m.mode();
+pub fn longname(name: &str, m: &Meta, user: &str, group: &str) -> String {
     let mut perms = String::with_capacity(10);
-    perms.push(kind);
+    perms.push(if m.is_dir() { 'd' } else { '-' });
     for shift in [6u32, 3, 0] {
-        let bits = (mode >> shift) & 7;
+        let bits = (m.perm >> shift) & 7;
         perms.push(if bits & 4 != 0 { 'r' } else { '-' });
         perms.push(if bits & 2 != 0 { 'w' } else { '-' });
         perms.push(if bits & 1 != 0 { 'x' } else { '-' });
     }
-    let mtime = chrono::DateTime::from_timestamp(m.mtime(), 0).unwrap_or_default();
+    let mtime = chrono::DateTime::from_timestamp(secs(m.mtime) as i64, 0).unwrap_or_default();
     let six_months = chrono::Duration::days(182);
     let now = chrono::Utc::now();
     let date = if mtime > now - six_months && mtime < now + six_months {
@@ -161,81 +145,66 @@ pub fn longname(name: &str, m: &Metadata, user: &str, group: &str) -> String {
     };
     format!(
         "{perms} {:>4} {user:<8} {group:<8} {:>8} {date} {name}",
-        m.nlink(),
-        m.len()
+        m.nlink, m.size
     )
 }
 
-pub fn realpath(ctx: &SessionCtx, path: &str) -> OpResult<protocol::File> {
-    // Clamped first, so `..` at the root answers `/` as a chrooted OpenSSH does; the
-    // result still goes through the resolver (symlinks refused).
-    let r = ctx.resolve(&super::jail::clamp(path)?)?;
+pub async fn realpath(ctx: &SessionCtx, path: &str) -> OpResult<protocol::File> {
+    // Clamped first, so `..` at the root answers `/` as a chrooted OpenSSH does.
+    let p = ctx.resolve(&jail::clamp(path)?)?;
+    let virt = p.virtual_path();
     Ok(protocol::File {
-        longname: r.virt.clone(),
-        filename: r.virt,
+        longname: virt.clone(),
+        filename: virt,
         attrs: FileAttributes::empty(),
     })
 }
 
-pub fn stat(ctx: &SessionCtx, path: &str) -> OpResult<FileAttributes> {
-    let r = ctx.resolve(path)?;
-    Ok(attrs(&lstat(&r)?))
+pub async fn stat(ctx: &SessionCtx, path: &str) -> OpResult<FileAttributes> {
+    let p = ctx.resolve(path)?;
+    Ok(attrs(&ctx.storage.stat(&ctx.org, &p).await?))
 }
 
-/// Reads a whole directory at OPENDIR; READDIR then hands it out in batches.
-pub fn list_dir(ctx: &SessionCtx, path: &str) -> OpResult<Vec<protocol::File>> {
-    let r = ctx.resolve(path)?;
-    if !lstat(&r)?.is_dir() {
-        // OpenSSH's opendir(3) fails with ENOTDIR: NO_SUCH_FILE, which clients branch on.
-        return Err(errno(libc::ENOTDIR));
-    }
+/// Reads a whole directory at OPENDIR (page by page from the storage); READDIR then hands
+/// it out in batches.
+pub async fn list_dir(ctx: &SessionCtx, path: &str) -> OpResult<Vec<protocol::File>> {
+    let p = ctx.resolve(path)?;
+    let mut lister = ctx.storage.list(&ctx.org, &p).await?;
     let mut out = Vec::new();
-    for entry in fs::read_dir(&r.real)? {
-        let entry = entry?;
-        // DirEntry::metadata does not follow symlinks; those (and sockets, fifos) stay hidden.
-        let Ok(m) = entry.metadata() else { continue };
-        if !(m.is_file() || m.is_dir()) {
-            continue;
+    while let Some(page) = lister.next_page().await? {
+        for e in page {
+            out.push(protocol::File {
+                longname: longname(&e.name, &e.meta, &ctx.user, ctx.org.as_str()),
+                filename: e.name,
+                attrs: attrs(&e.meta),
+            });
         }
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        out.push(protocol::File {
-            longname: longname(&name, &m, &ctx.user, &ctx.org),
-            filename: name,
-            attrs: attrs(&m),
-        });
     }
     Ok(out)
 }
 
-pub fn open(ctx: &SessionCtx, path: &str, flags: OpenFlags) -> OpResult<Opened> {
-    let r = ctx.resolve(path)?;
+pub async fn open(
+    ctx: &SessionCtx,
+    path: &str,
+    flags: OpenFlags,
+) -> OpResult<(StoragePath, Opened)> {
+    let p = ctx.resolve(path)?;
     let writing = flags
         .intersects(OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::CREATE | OpenFlags::TRUNCATE);
     if !writing {
-        let file = open_nofollow().read(true).open(&r.real)?;
-        if !file.metadata()?.is_file() {
-            // OpenSSH opens it, then read(2) fails with EISDIR: FAILURE.
-            return Err(errno(libc::EISDIR));
-        }
-        return Ok(Opened {
-            file,
-            virt: r.virt,
-            upload: None,
-        });
+        let h = ctx.storage.open_read(&ctx.org, &p).await?;
+        return Ok((p, Opened::Read(Arc::from(h))));
     }
     if !ctx.upload {
         return Err(OpError::Denied);
     }
-    if r.is_root() {
+    if p.is_root() {
         return Err(errno(libc::EISDIR));
     }
-    let existing = match fs::symlink_metadata(&r.real) {
-        Ok(m) if m.is_file() => true,
+    let existing = match ctx.storage.stat(&ctx.org, &p).await {
         Ok(m) if m.is_dir() => return Err(errno(libc::EISDIR)),
-        Ok(_) => return Err(JailError::Symlink.into()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Ok(_) => true,
+        Err(StorageError::NotFound) => false,
         Err(e) => return Err(e.into()),
     };
     if existing && flags.contains(OpenFlags::CREATE | OpenFlags::EXCLUDE) {
@@ -249,190 +218,138 @@ pub fn open(ctx: &SessionCtx, path: &str, flags: OpenFlags) -> OpResult<Opened> 
     if !flags.contains(OpenFlags::CREATE) {
         return Err(errno(libc::ENOENT));
     }
-    match r.real.parent() {
-        Some(dir) if dir.is_dir() => {}
-        _ => return Err(errno(libc::ENOENT)),
-    }
-    // Readers of the folder must never see a partial upload: write beside, rename on close.
-    let tmp = ctx
-        .tmp_dir
-        .join(format!("sftp-upload-{}.part", ulid::Ulid::new()));
-    let file = open_nofollow()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o640)
-        .open(&tmp)?;
-    Ok(Opened {
-        file,
-        virt: r.virt,
-        upload: Some(Upload {
-            tmp,
-            target: r.real,
-        }),
-    })
+    // Readers of the folder never see a partial upload: published on close, create-only
+    // (a file that appeared under the name meanwhile, an event, stays).
+    let opts = UploadOptions {
+        exclusive: true,
+        keep_existing: false,
+        max_bytes: ctx.max_upload,
+    };
+    let up = ctx.storage.create_upload(&ctx.org, &p, opts).await?;
+    Ok((p, Opened::Upload(Arc::from(up))))
 }
 
-/// Makes an upload durable and visible under its name.
-pub fn finish_upload(file: &File, up: &Upload) -> OpResult<()> {
-    file.sync_all()?;
-    // Never replace: a file that appeared under the name meanwhile (an event) stays.
-    if let Err(e) = rename_noreplace(&up.tmp, &up.target) {
-        let _ = fs::remove_file(&up.tmp);
-        return Err(e.into());
-    }
-    if let Some(dir) = up.target.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-pub fn discard_upload(up: &Upload) {
-    let _ = fs::remove_file(&up.tmp);
-}
-
-pub fn read_packet(file: &File, id: u32, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
-    // The DATA reply is built in place: length, type, id, data length, then the bytes.
-    const HDR: usize = 13;
-    let mut buf = vec![0u8; HDR + len];
-    let mut n = 0;
-    while n < len {
-        match file.read_at(&mut buf[HDR + n..], offset + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if n == 0 {
-        return Ok(None);
-    }
-    buf.truncate(HDR + n);
+/// Fills `buf` (which starts with `hdr` bytes of room) as an SSH_FXP_DATA reply.
+pub fn data_packet(mut buf: bytes::BytesMut, hdr: usize, id: u32) -> Option<bytes::Bytes> {
+    let n = buf.len().checked_sub(hdr).filter(|&n| n > 0)?;
     buf[0..4].copy_from_slice(&((9 + n) as u32).to_be_bytes());
     buf[4] = 103; // SSH_FXP_DATA
     buf[5..9].copy_from_slice(&id.to_be_bytes());
     buf[9..13].copy_from_slice(&(n as u32).to_be_bytes());
-    Ok(Some(Bytes::from(buf)))
+    Some(buf.freeze())
 }
 
-pub fn remove(ctx: &SessionCtx, path: &str) -> OpResult<String> {
-    let r = ctx.resolve(path)?;
-    let m = lstat(&r)?;
-    if m.is_dir() {
-        return Err(errno(libc::EISDIR));
+pub async fn remove(ctx: &SessionCtx, path: &str) -> OpResult<StoragePath> {
+    let p = ctx.resolve(path)?;
+    ctx.storage.delete(&ctx.org, &p).await?;
+    if let Some(store) = &ctx.store {
+        if let Err(e) = store
+            .forget_downloads(ctx.org.as_str(), vec![p.virtual_path()])
+            .await
+        {
+            tracing::debug!(error = %e, "download record of a deleted file kept");
+        }
     }
-    fs::remove_file(&r.real)?;
-    Ok(r.virt)
+    Ok(p)
 }
 
-pub fn mkdir(ctx: &SessionCtx, path: &str) -> OpResult<()> {
+pub async fn mkdir(ctx: &SessionCtx, path: &str) -> OpResult<()> {
     if !ctx.upload {
         return Err(OpError::Denied);
     }
-    let r = ctx.resolve(path)?;
-    if r.is_root() {
-        return Err(errno(libc::EEXIST));
-    }
-    fs::create_dir(&r.real)?;
-    Ok(())
+    let p = ctx.resolve(path)?;
+    Ok(ctx.storage.mkdir(&ctx.org, &p).await?)
 }
 
-pub fn rmdir(ctx: &SessionCtx, path: &str) -> OpResult<String> {
+pub async fn rmdir(ctx: &SessionCtx, path: &str) -> OpResult<StoragePath> {
     // Readers must not change the folders hookbridge writes into.
     if !ctx.upload {
         return Err(OpError::Denied);
     }
-    let r = ctx.resolve(path)?;
-    if r.is_root() {
+    let p = ctx.resolve(path)?;
+    if p.is_root() {
         // rmdir("/") in OpenSSH's chroot: EBUSY.
         return Err(errno(libc::EBUSY));
     }
-    if !lstat(&r)?.is_dir() {
-        return Err(errno(libc::ENOTDIR));
-    }
-    fs::remove_dir(&r.real)?;
-    Ok(r.virt)
+    ctx.storage.rmdir(&ctx.org, &p).await?;
+    Ok(p)
 }
 
 /// Plain RENAME fails when the target exists; posix-rename replaces it, except for
 /// users who may upload (an upload renamed over an event would forge it).
 /// Readers rename files only: folders are where hookbridge writes.
-pub fn rename(ctx: &SessionCtx, from: &str, to: &str, replace: bool) -> OpResult<()> {
+pub async fn rename(
+    ctx: &SessionCtx,
+    from: &str,
+    to: &str,
+    replace: bool,
+) -> OpResult<(StoragePath, StoragePath)> {
     let a = ctx.resolve(from)?;
     let b = ctx.resolve(to)?;
     if a.is_root() || b.is_root() {
         // rename of or onto "/" in OpenSSH's chroot: EBUSY.
         return Err(errno(libc::EBUSY));
     }
-    let m = lstat(&a)?;
+    let m = ctx.storage.stat(&ctx.org, &a).await?;
     if m.is_dir() && !ctx.upload {
         return Err(OpError::Denied);
     }
-    if replace && ctx.upload && fs::symlink_metadata(&b.real).is_ok() {
-        return Err(OpError::Denied);
+    if replace && ctx.upload {
+        match ctx.storage.stat(&ctx.org, &b).await {
+            Err(StorageError::NotFound) => {}
+            Ok(_) => return Err(OpError::Denied),
+            Err(e) => return Err(e.into()),
+        }
     }
-    if replace {
-        fs::rename(&a.real, &b.real)?;
+    let mode = if replace {
+        RenameMode::Replace
     } else {
-        rename_noreplace(&a.real, &b.real)?;
+        RenameMode::NoReplace
+    };
+    ctx.storage.rename(&ctx.org, &a, &b, mode).await?;
+    if let Some(store) = &ctx.store {
+        // An ETL job that downloads, then moves files to `/done/`: still downloaded.
+        let (from, to) = (a.virtual_path(), b.virtual_path());
+        if let Err(e) = store.move_downloads(ctx.org.as_str(), &from, &to).await {
+            tracing::warn!(error = %e, "download records did not follow a rename");
+        }
     }
-    Ok(())
+    Ok((a, b))
 }
 
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-    };
-    let (f, t) = (c(from)?, c(to)?);
-    // renameat2(RENAME_NOREPLACE) checks and renames atomically.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
+/// What a SETSTAT asks to change, as storage attributes.
+pub fn set_attrs(a: &FileAttributes) -> SetAttrs {
+    let at = |s: u32| UNIX_EPOCH + Duration::from_secs(s as u64);
+    SetAttrs {
+        atime: a.atime.map(at),
+        mtime: a.mtime.map(at),
+        perm: a.permissions.map(|p| p & 0o7777),
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EINVAL) || err.raw_os_error() == Some(libc::ENOSYS) {
-        // File systems without RENAME_NOREPLACE: check, then rename.
-        if fs::symlink_metadata(to).is_ok() {
-            return Err(io::ErrorKind::AlreadyExists.into());
-        }
-        return fs::rename(from, to);
-    }
-    Err(err)
 }
 
 /// SETSTAT by path: only users who may upload may change anything, and only times and
 /// plain read/write modes (WinSCP, FileZilla, rclone and paramiko set them after an
 /// upload). Ownership and sizes are hookbridge's: a request to change them is refused,
 /// never answered OK without being applied.
-pub fn setstat(ctx: &SessionCtx, path: &str, a: &FileAttributes) -> OpResult<()> {
-    let r = ctx.resolve(path)?;
-    let m = lstat(&r)?;
+pub async fn setstat(ctx: &SessionCtx, path: &str, a: &FileAttributes) -> OpResult<()> {
+    let p = ctx.resolve(path)?;
+    let m = ctx.storage.stat(&ctx.org, &p).await?;
     check_setstat(ctx, &m, a, false)?;
-    let f = open_nofollow().read(true).open(&r.real)?;
-    set_mode(&f, &m, a)?;
-    set_times(&f, &m, a)
+    let changes = changed(&m, a);
+    if changes.is_empty() {
+        return Ok(());
+    }
+    Ok(ctx.storage.set_attrs(&ctx.org, &p, changes).await?)
 }
 
-/// Applies a mode `check_setstat` allowed.
-pub fn set_mode(f: &File, m: &Metadata, a: &FileAttributes) -> OpResult<()> {
-    use std::os::unix::fs::PermissionsExt;
-    match a.permissions {
-        Some(p) if p & 0o7777 != m.mode() & 0o7777 => {
-            f.set_permissions(fs::Permissions::from_mode(p & 0o7777))?;
-            Ok(())
-        }
-        _ => Ok(()),
+/// Only what differs from `m`: a client setting what is already there changes nothing,
+/// also on a storage that cannot set anything.
+pub fn changed(m: &Meta, a: &FileAttributes) -> SetAttrs {
+    let want = set_attrs(a);
+    SetAttrs {
+        atime: want.atime.filter(|&t| secs(t) != secs(m.atime)),
+        mtime: want.mtime.filter(|&t| secs(t) != secs(m.mtime)),
+        perm: want.perm.filter(|&p| p != m.perm & 0o7777),
     }
 }
 
@@ -441,17 +358,15 @@ pub fn set_mode(f: &File, m: &Metadata, a: &FileAttributes) -> OpResult<()> {
 /// Values equal to the current ones change nothing and are accepted.
 pub fn check_setstat(
     ctx: &SessionCtx,
-    m: &Metadata,
+    m: &Meta,
     a: &FileAttributes,
     own_upload: bool,
 ) -> OpResult<()> {
-    let changes_times = a.atime.is_some_and(|t| t as i64 != m.atime())
-        || a.mtime.is_some_and(|t| t as i64 != m.mtime());
-    let changes_size = a.size.is_some_and(|s| s != m.len());
-    let changes_mode = a
-        .permissions
-        .is_some_and(|p| p & 0o7777 != m.mode() & 0o7777);
-    let changes_owner = a.uid.is_some_and(|u| u != m.uid()) || a.gid.is_some_and(|g| g != m.gid());
+    let c = changed(m, a);
+    let changes_times = c.atime.is_some() || c.mtime.is_some();
+    let changes_size = a.size.is_some_and(|s| s != m.size);
+    let changes_mode = c.perm.is_some();
+    let changes_owner = a.uid.is_some_and(|u| u != m.uid) || a.gid.is_some_and(|g| g != m.gid);
     // WinSCP and FileZilla set 0644-like modes after an upload: plain read/write bits
     // that keep the owner's (hookbridge's) read and write; no exec or special bits.
     let mode_ok = a
@@ -469,125 +384,114 @@ pub fn check_setstat(
     }
 }
 
-pub fn set_times(f: &File, m: &Metadata, a: &FileAttributes) -> OpResult<()> {
-    if a.atime.is_none() && a.mtime.is_none() {
-        return Ok(());
-    }
-    let at = |s: u32| UNIX_EPOCH + Duration::from_secs(s as u64);
-    let times = fs::FileTimes::new()
-        .set_accessed(
-            a.atime
-                .map(at)
-                .unwrap_or(m.accessed().unwrap_or(SystemTime::now())),
-        )
-        .set_modified(
-            a.mtime
-                .map(at)
-                .unwrap_or(m.modified().unwrap_or(SystemTime::now())),
-        );
-    f.set_times(times)?;
-    Ok(())
-}
-
-pub fn statvfs(ctx: &SessionCtx, path: &str) -> OpResult<Statvfs> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let r = ctx.resolve(path)?;
-    lstat(&r)?;
-    let c = CString::new(r.real.as_os_str().as_bytes()).map_err(|_| OpError::BadMessage)?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(io::Error::last_os_error().into());
-    }
+pub async fn statvfs(ctx: &SessionCtx, path: &str) -> OpResult<Statvfs> {
+    let p = ctx.resolve(path)?;
+    ctx.storage.stat(&ctx.org, &p).await?;
+    let s = ctx.storage.space().await?;
     Ok(Statvfs {
-        block_size: s.f_bsize as u64,
-        fragment_size: s.f_frsize as u64,
-        blocks: s.f_blocks as u64,
-        blocks_free: s.f_bfree as u64,
-        blocks_avail: s.f_bavail as u64,
-        inodes: s.f_files as u64,
-        inodes_free: s.f_ffree as u64,
-        inodes_avail: s.f_favail as u64,
-        fs_id: s.f_fsid as u64,
-        flags: s.f_flag as u64,
-        name_max: s.f_namemax as u64,
+        block_size: s.block_size,
+        fragment_size: s.fragment_size,
+        blocks: s.blocks,
+        blocks_free: s.blocks_free,
+        blocks_avail: s.blocks_avail,
+        inodes: s.inodes,
+        inodes_free: s.inodes_free,
+        inodes_avail: s.inodes_avail,
+        fs_id: s.fs_id,
+        flags: s.flags,
+        name_max: s.name_max,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::local::LocalStorage;
 
-    fn ctx(upload: bool) -> (tempfile::TempDir, SessionCtx) {
+    async fn ctx(upload: bool) -> (tempfile::TempDir, SessionCtx) {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("org")).unwrap();
-        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        let s = LocalStorage::open(&dir.path().join("orgs"), &dir.path().join("tmp")).unwrap();
+        let org = OrgName::new("org").unwrap();
+        s.create_org(&org).await.unwrap();
         let c = SessionCtx {
             user: "u".into(),
-            org: "org".into(),
+            org,
             upload,
             ip: "127.0.0.1".parse().unwrap(),
-            jail: Jail::new(&dir.path().join("org")).unwrap(),
-            tmp_dir: dir.path().join("tmp"),
+            storage: Arc::new(s),
             max_upload: 1 << 20,
             max_handles: 4,
             budget: super::super::budget::HandleBudget::new(8, 16),
+            downloads: None,
+            store: None,
         };
         (dir, c)
     }
 
-    #[test]
-    fn readers_cannot_create_files() {
-        let (_d, c) = ctx(false);
-        let r = open(&c, "/x", OpenFlags::WRITE | OpenFlags::CREATE);
+    #[tokio::test]
+    async fn readers_cannot_create_files() {
+        let (_d, c) = ctx(false).await;
+        let r = open(&c, "/x", OpenFlags::WRITE | OpenFlags::CREATE).await;
         assert!(matches!(r, Err(OpError::Denied)));
     }
 
-    #[test]
-    fn uploads_appear_on_close_only() {
-        let (_d, c) = ctx(true);
-        let o = open(
+    #[tokio::test]
+    async fn uploads_appear_on_close_only() {
+        let (d, c) = ctx(true).await;
+        let (_, o) = open(
             &c,
             "/x",
             OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
         )
+        .await
         .unwrap();
-        o.file.write_all_at(b"hello", 0).unwrap();
-        assert!(!c.jail.root().join("x").exists());
-        finish_upload(&o.file, o.upload.as_ref().unwrap()).unwrap();
-        assert_eq!(std::fs::read(c.jail.root().join("x")).unwrap(), b"hello");
+        let Opened::Upload(up) = o else { panic!() };
+        up.write_at(0, bytes::Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        let x = d.path().join("orgs/org/x");
+        assert!(!x.exists());
+        up.commit().await.unwrap();
+        assert_eq!(std::fs::read(x).unwrap(), b"hello");
     }
 
-    #[test]
-    fn plain_rename_refuses_to_replace() {
-        let (_d, c) = ctx(false);
-        std::fs::write(c.jail.root().join("a"), "a").unwrap();
-        std::fs::write(c.jail.root().join("b"), "b").unwrap();
-        assert!(rename(&c, "/a", "/b", false).is_err());
-        rename(&c, "/a", "/b", true).unwrap();
-        assert_eq!(std::fs::read(c.jail.root().join("b")).unwrap(), b"a");
+    #[tokio::test]
+    async fn plain_rename_refuses_to_replace() {
+        let (d, c) = ctx(false).await;
+        let root = d.path().join("orgs/org");
+        std::fs::write(root.join("a"), "a").unwrap();
+        std::fs::write(root.join("b"), "b").unwrap();
+        assert!(rename(&c, "/a", "/b", false).await.is_err());
+        rename(&c, "/a", "/b", true).await.unwrap();
+        assert_eq!(std::fs::read(root.join("b")).unwrap(), b"a");
     }
 
     #[test]
     fn data_packet_layout() {
-        let (_d, c) = ctx(false);
-        std::fs::write(c.jail.root().join("f"), b"abcdef").unwrap();
-        let f = File::open(c.jail.root().join("f")).unwrap();
-        let p = read_packet(&f, 7, 2, 100).unwrap().unwrap();
+        let mut buf = bytes::BytesMut::zeroed(13);
+        buf.extend_from_slice(b"cdef");
+        let p = data_packet(buf, 13, 7).unwrap();
         assert_eq!(
             &p[..],
             &[0, 0, 0, 13, 103, 0, 0, 0, 7, 0, 0, 0, 4, b'c', b'd', b'e', b'f']
         );
-        assert!(read_packet(&f, 7, 6, 100).unwrap().is_none());
+        assert!(data_packet(bytes::BytesMut::zeroed(13), 13, 7).is_none());
     }
 
     #[test]
     fn longname_looks_like_ls() {
-        let (_d, c) = ctx(false);
-        std::fs::create_dir(c.jail.root().join("d")).unwrap();
-        let m = std::fs::metadata(c.jail.root().join("d")).unwrap();
+        let m = Meta {
+            kind: crate::storage::EntryKind::Dir,
+            size: 4096,
+            mtime: SystemTime::now(),
+            atime: SystemTime::now(),
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+        };
         let l = longname("d", &m, "u", "org");
-        assert!(l.starts_with("drwx"), "{l}");
+        assert!(l.starts_with("drwxr-xr-x"), "{l}");
         assert!(l.ends_with(" d"), "{l}");
     }
 }

@@ -18,7 +18,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::jail::Jail;
 use super::ops::SessionCtx;
 use super::per_ip::{IpSlot, PerIp};
 use crate::defender::Offence;
@@ -573,25 +572,24 @@ impl russh::server::Handler for Conn {
 
 impl Conn {
     async fn sftp_ctx(&self, user: &SftpUser) -> std::io::Result<SessionCtx> {
-        let root = self.shared.app.layout.org_dir(&user.org);
-        let tmp_dir = self.shared.app.layout.tmp_dir.clone();
-        let jail = tokio::task::spawn_blocking(move || {
-            // An org without events yet has no folder: give it an empty one.
-            std::fs::create_dir_all(&root)?;
-            Jail::new(&root)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        let org = crate::storage::OrgName::new(&user.org).map_err(std::io::Error::other)?;
+        let storage = self.shared.app.storage.clone();
+        // An org without events yet has no folder: give it an empty one.
+        storage
+            .create_org(&org)
+            .await
+            .map_err(std::io::Error::other)?;
         Ok(SessionCtx {
             user: user.name.clone(),
-            org: user.org.clone(),
+            org,
             upload: user.upload,
             ip: self.peer.ip(),
-            jail,
-            tmp_dir,
+            storage,
             max_upload: self.shared.app.config.sftp.max_upload_bytes,
             max_handles: self.shared.app.config.sftp.max_handles_per_session,
             budget: self.shared.handles.clone(),
+            downloads: Some(self.shared.app.downloads.clone()),
+            store: Some(self.shared.app.store.clone()),
         })
     }
 }

@@ -437,6 +437,16 @@ pub trait Store: Send + Sync + 'static {
         since: Option<DateTime<Utc>>,
     ) -> Result<u64>;
     async fn queue_stats(&self) -> Result<(u64, Option<DateTime<Utc>>)>;
+
+    // Downloads: retention keeps what no one downloaded, on any storage, without atime.
+    /// Records that these files (org, `/virtual/path`) were downloaded.
+    async fn record_downloads(&self, files: Vec<(String, String)>) -> Result<()>;
+    /// The downloaded files of an org still recorded.
+    async fn downloaded(&self, org: &str) -> Result<std::collections::HashSet<String>>;
+    /// Forgets files that are gone (deleted, swept).
+    async fn forget_downloads(&self, org: &str, paths: Vec<String>) -> Result<()>;
+    /// A rename moves the records of the file, or of everything under a folder.
+    async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()>;
 }
 
 pub const DEFAULT_PATH_TEMPLATE: &str = "/{type}/{date}/{timestamp}_{id}.json";

@@ -139,6 +139,15 @@ UPDATE attempts SET outcome = CASE
                              OR error LIKE 'webhook has no url%') THEN 'not_attempted'
     ELSE 'transport_error' END;
 "#,
+    // 5: downloads by file, so retention needs no atime (and works on S3).
+    r#"
+CREATE TABLE downloads (
+    org TEXT NOT NULL,
+    path TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (org, path)
+) WITHOUT ROWID;
+"#,
 ];
 
 fn open(path: &Path) -> Result<Connection> {
@@ -855,6 +864,72 @@ impl Store for SqliteStore {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             Ok((n as u64, oldest.and_then(from_micros)))
+        })
+        .await
+    }
+
+    async fn record_downloads(&self, files: Vec<(String, String)>) -> Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now().timestamp_micros();
+        self.with_writer(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO downloads (org, path, at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (org, path) DO UPDATE SET at = excluded.at",
+                )?;
+                for (org, path) in &files {
+                    st.execute(params![org, path, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn downloaded(&self, org: &str) -> Result<std::collections::HashSet<String>> {
+        let org = org.to_owned();
+        self.with_reader(move |c, _| {
+            let mut st = c.prepare_cached("SELECT path FROM downloads WHERE org = ?1")?;
+            let rows = st.query_map(params![org], |r| r.get::<_, String>(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn forget_downloads(&self, org: &str, paths: Vec<String>) -> Result<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let org = org.to_owned();
+        self.with_writer(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st =
+                    tx.prepare_cached("DELETE FROM downloads WHERE org = ?1 AND path = ?2")?;
+                for p in &paths {
+                    st.execute(params![org, p])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()> {
+        let (org, from, to) = (org.to_owned(), from.to_owned(), to.to_owned());
+        self.with_writer(move |c| {
+            // The file itself, or everything below the folder `from/`.
+            c.execute(
+                "UPDATE OR REPLACE downloads SET path = ?3 || substr(path, length(?2) + 1)
+                 WHERE org = ?1 AND (path = ?2 OR substr(path, 1, length(?2) + 1) = ?2 || '/')",
+                params![org, from, to],
+            )?;
+            Ok(())
         })
         .await
     }

@@ -50,6 +50,7 @@ fn config_reference_lists_every_key() {
         ("log.", "[log]".into()),
         ("defender.", "[defender]".into()),
         ("limits.", "[limits]".into()),
+        ("storage.", "[storage]".into()),
         ("orgs.", org.to_owned()),
         (
             "orgs.sftp_users.",

@@ -41,14 +41,13 @@ async fn each_type_becomes_exactly_one_file_with_the_exact_envelope() {
         let expected_path = format!("/{t}/2026-11-25/20261125T10150{i}.123456Z_evt_{t}.json");
         assert_eq!(ack["files"], json!([expected_path]));
         assert_eq!(ack["deliveries"], json!([]));
-        let on_disk = d
-            .org_dir("acme")
-            .join(expected_path.trim_start_matches('/'));
+        let files = d.org_files("acme").await;
         let mut want = body.clone();
         want["org"] = json!("acme");
-        assert_eq!(read_json(&on_disk), want, "{t}");
+        let stored: Value = serde_json::from_slice(&files[&expected_path]).unwrap();
+        assert_eq!(stored, want, "{t}");
     }
-    assert_eq!(files_under(&d.org_dir("acme")).len(), 8);
+    assert_eq!(d.org_files("acme").await.len(), 8);
 }
 
 #[tokio::test]
@@ -127,19 +126,20 @@ async fn concurrent_posts_are_all_durable_and_reposts_write_nothing() {
         }
     };
     let first = post_all(202).await;
-    let files = files_under(&d.org_dir("acme"));
+    let files = d.org_files("acme").await;
     assert_eq!(files.len(), 500);
     let ids: HashSet<String> = files
-        .iter()
-        .map(|f| read_json(f)["id"].as_str().unwrap().to_owned())
+        .values()
+        .map(|b| {
+            serde_json::from_slice::<Value>(b).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(ids.len(), 500);
     let again = post_all(200).await;
-    assert_eq!(
-        files_under(&d.org_dir("acme")),
-        files,
-        "reposts wrote nothing"
-    );
+    assert_eq!(d.org_files("acme").await, files, "reposts wrote nothing");
     // A repost answers with the first result.
     let by_id = |acks: &[Value]| -> std::collections::HashMap<String, Value> {
         acks.iter()
@@ -351,20 +351,16 @@ async fn kill_9_during_a_burst_loses_no_acknowledged_event() {
     d.kill9();
     let acked = burst.finish().await;
     d.spawn().await;
+    let files = d.org_files("acme").await;
     for ack in &acked {
-        let rel = ack["files"][0].as_str().unwrap().trim_start_matches('/');
-        let p = d.org_dir("acme").join(rel);
-        let v = read_json(&p);
+        let path = ack["files"][0].as_str().unwrap();
+        let v: Value = serde_json::from_slice(&files[path]).unwrap();
         assert_eq!(v["id"], ack["id"]);
     }
     // No temp file inside any org folder, and every file there parses.
-    for f in files_under(&d.data_dir().join("orgs")) {
-        assert!(
-            f.extension().is_some_and(|e| e == "json"),
-            "stray file {}",
-            f.display()
-        );
-        read_json(&f);
+    for (path, bytes) in &files {
+        assert!(path.ends_with(".json"), "stray file {path}");
+        serde_json::from_slice::<Value>(bytes).unwrap_or_else(|e| panic!("{path}: {e}"));
     }
     assert!(
         files_under(&d.data_dir().join("tmp")).is_empty(),

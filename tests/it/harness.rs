@@ -80,6 +80,8 @@ pub struct Daemon {
     pub delivery_config: String,
     /// Lines added to the generated `[http]` table (e.g. `metrics_listen = …`).
     pub http_extra: String,
+    /// The S3 server and key prefix of the org folders, when not on local disk.
+    pub s3: Option<(crate::seaweed::S3Server, String)>,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -96,6 +98,9 @@ pub struct Opts<'a> {
     pub data_dir: Option<PathBuf>,
     /// Lines added to the `[http]` table.
     pub http_extra: &'a str,
+    /// Org folders on this S3 server (under a prefix of the daemon's own) instead of
+    /// the local data dir. `HOOKBRIDGE_TEST_STORAGE=s3` sets it for every daemon.
+    pub s3: Option<crate::seaweed::S3Server>,
 }
 
 impl Default for Opts<'_> {
@@ -106,6 +111,7 @@ impl Default for Opts<'_> {
             delivery: DEFAULT_DELIVERY,
             data_dir: None,
             http_extra: "",
+            s3: None,
         }
     }
 }
@@ -147,6 +153,16 @@ impl Daemon {
         let (extra, sftp_extra, delivery, data_dir) =
             (o.extra, o.sftp_extra, o.delivery, o.data_dir);
         let http_extra = o.http_extra.to_owned();
+        let s3 = match o.s3 {
+            Some(s) => Some(s),
+            None if std::env::var("HOOKBRIDGE_TEST_STORAGE").is_ok_and(|v| v == "s3") => Some(
+                crate::seaweed::server()
+                    .await
+                    .expect("HOOKBRIDGE_TEST_STORAGE=s3 needs SeaweedFS"),
+            ),
+            None => None,
+        }
+        .map(|s| (s, crate::seaweed::unique_prefix("daemon")));
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -160,6 +176,7 @@ impl Daemon {
             sftp_extra: sftp_extra.to_owned(),
             delivery_config: delivery.to_owned(),
             http_extra,
+            s3,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -178,6 +195,36 @@ impl Daemon {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("hookbridge.toml")
+    }
+
+    /// The org folders as the daemon sees them, on whichever backend it runs, for tests to
+    /// check what is there without going through the daemon.
+    pub fn storage(&self) -> std::sync::Arc<dyn hookbridge::storage::Storage> {
+        match &self.s3 {
+            Some((s, prefix)) => std::sync::Arc::new(s.storage(prefix)),
+            None => std::sync::Arc::new(
+                hookbridge::storage::local::LocalStorage::open(
+                    &self.data_dir().join("orgs"),
+                    &self.dir.path().join("probe-tmp"),
+                )
+                .unwrap(),
+            ),
+        }
+    }
+
+    /// Every file of `org` (`/virtual/path` → bytes), read through [`Daemon::storage`]:
+    /// what a test asserts with it holds on either backend.
+    pub async fn org_files(&self, org: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+        let s = self.storage();
+        let org = hookbridge::storage::OrgName::new(org).unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for f in s.walk(&org).await.unwrap() {
+            let body = hookbridge::storage::read_small(&*s, &org, &f.path, 16 << 20)
+                .await
+                .unwrap();
+            out.insert(f.path.virtual_path(), body.to_vec());
+        }
+        out
     }
 
     pub fn org_dir(&self, org: &str) -> PathBuf {
@@ -202,8 +249,14 @@ token = "{ADMIN_TOKEN}"
 {delivery}
 [log]
 level = "info,hookbridge=debug"
+{storage}
 {extra}
 "#,
+            storage = self
+                .s3
+                .as_ref()
+                .map(|(s, prefix)| s.toml(prefix))
+                .unwrap_or_default(),
             data = self.data_dir().display(),
             http = self.http_port,
             sftp = self.sftp_port,
@@ -228,6 +281,8 @@ level = "info,hookbridge=debug"
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .env("NO_COLOR", "1")
+            .env("AWS_ACCESS_KEY_ID", crate::seaweed::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", crate::seaweed::SECRET_KEY)
             .spawn()
             .expect("start hookbridge");
         self.child = Some(child);

@@ -1,8 +1,10 @@
 //! One integration binary: every test starts the real daemon and uses real clients.
 
 mod harness;
+mod seaweed;
 
 mod e2e_admin;
+mod e2e_backends;
 mod e2e_badinput;
 mod e2e_cli;
 mod e2e_console;
@@ -21,4 +23,6 @@ mod e2e_rules;
 mod e2e_sftp;
 mod e2e_sftp_badinput;
 mod e2e_sftp_rules;
+mod e2e_storage;
+mod e2e_storage_jail;
 mod webdriver;

@@ -32,7 +32,7 @@ async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
         }
         Packet::RealPath(r) => {
             count_op("realpath");
-            let f = inline(move || ops::realpath(&ctx, &r.path)).await?;
+            let f = ops::realpath(&ctx, &r.path).await?;
             Packet::Name(protocol::Name {
                 id: r.id,
                 files: vec![f],
@@ -40,55 +40,67 @@ async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
         }
         Packet::Stat(s) => {
             count_op("stat");
-            let a = inline(move || ops::stat(&ctx, &s.path)).await?;
+            let a = ops::stat(&ctx, &s.path).await?;
             Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
         }
         Packet::Lstat(s) => {
             count_op("lstat");
-            let a = inline(move || ops::stat(&ctx, &s.path)).await?;
+            let a = ops::stat(&ctx, &s.path).await?;
             Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
         }
         Packet::Fstat(s) => {
             count_op("fstat");
             let f = file_handle(state, &s.handle)?;
-            let file = f.file.clone();
-            let a = inline(move || Ok(ops::attrs(&file.metadata()?))).await?;
+            let a = ops::attrs(&handle_meta(&f));
             Packet::Attrs(protocol::Attrs { id: s.id, attrs: a })
         }
         Packet::SetStat(s) => {
             count_op("setstat");
-            inline(move || ops::setstat(&ctx, &s.path, &s.attrs)).await?;
+            ops::setstat(&ctx, &s.path, &s.attrs).await?;
             ok(s.id)
         }
         Packet::FSetStat(s) => {
             count_op("fsetstat");
             let f = file_handle(state, &s.handle)?;
-            inline(move || {
-                let m = f.file.metadata()?;
-                let own_upload = f.upload.is_some();
-                ops::check_setstat(&ctx, &m, &s.attrs, own_upload)?;
-                if let (true, Some(size)) = (own_upload, s.attrs.size) {
-                    if size > ctx.max_upload {
-                        return Err(OpError::Failure(
-                            "upload larger than this server allows (sftp.max_upload_bytes)",
-                        ));
+            let m = handle_meta(&f);
+            match &f.file {
+                Opened::Upload(up) => {
+                    ops::check_setstat(&ctx, &m, &s.attrs, true)?;
+                    if let Some(size) = s.attrs.size {
+                        if size > ctx.max_upload {
+                            return Err(OpError::Failure(
+                                "upload larger than this server allows (sftp.max_upload_bytes)",
+                            ));
+                        }
+                        up.set_len(size).await?;
                     }
-                    f.file.set_len(size)?;
+                    // The file is published on close; its times and mode are set then.
+                    let want = ops::changed(&m, &s.attrs);
+                    if let Ok(mut p) = f.pending_attrs.lock() {
+                        p.atime = want.atime.or(p.atime);
+                        p.mtime = want.mtime.or(p.mtime);
+                        p.perm = want.perm.or(p.perm);
+                    }
                 }
-                ops::set_mode(&f.file, &m, &s.attrs)?;
-                ops::set_times(&f.file, &m, &s.attrs)
-            })
-            .await?;
+                Opened::Read(_) => {
+                    ops::check_setstat(&ctx, &m, &s.attrs, false)?;
+                    let want = ops::changed(&m, &s.attrs);
+                    if !want.is_empty() {
+                        ctx.storage.set_attrs(&ctx.org, &f.path, want).await?;
+                    }
+                }
+            }
             ok(s.id)
         }
         Packet::Open(o) => {
             count_op("open");
             let slot = state.reserve()?;
-            let opened = inline(move || ops::open(&ctx, &o.filename, o.pflags)).await?;
+            let (path, file) = ops::open(&ctx, &o.filename, o.pflags).await?;
             let fh = FileHandle {
-                file: Arc::new(opened.file),
-                virt: opened.virt,
-                upload: opened.upload,
+                file,
+                virt: path.virtual_path(),
+                path,
+                pending_attrs: Default::default(),
                 bytes_read: AtomicU64::new(0),
                 bytes_written: AtomicU64::new(0),
                 write_failed: Default::default(),
@@ -100,7 +112,7 @@ async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
         Packet::OpenDir(o) => {
             count_op("opendir");
             let slot = state.reserve()?;
-            let entries = inline(move || ops::list_dir(&ctx, &o.path)).await?;
+            let entries = ops::list_dir(&ctx, &o.path).await?;
             let handle = state.insert(Handle::Dir(Mutex::new(entries)), slot)?;
             Packet::Handle(protocol::Handle { id: o.id, handle })
         }
@@ -134,24 +146,24 @@ async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
         }
         Packet::Remove(r) => {
             count_op("remove");
-            let virt = inline(move || ops::remove(&ctx, &r.filename)).await?;
-            audit(&state.ctx, "delete", &virt, 0);
+            let path = ops::remove(&ctx, &r.filename).await?;
+            audit(&state.ctx, "delete", &path.virtual_path(), 0);
             ok(r.id)
         }
         Packet::MkDir(m) => {
             count_op("mkdir");
-            inline(move || ops::mkdir(&ctx, &m.path)).await?;
+            ops::mkdir(&ctx, &m.path).await?;
             ok(m.id)
         }
         Packet::RmDir(m) => {
             count_op("rmdir");
-            let virt = inline(move || ops::rmdir(&ctx, &m.path)).await?;
-            audit(&state.ctx, "delete", &virt, 0);
+            let path = ops::rmdir(&ctx, &m.path).await?;
+            audit(&state.ctx, "delete", &path.virtual_path(), 0);
             ok(m.id)
         }
         Packet::Rename(r) => {
             count_op("rename");
-            inline(move || ops::rename(&ctx, &r.oldpath, &r.newpath, false)).await?;
+            ops::rename(&ctx, &r.oldpath, &r.newpath, false).await?;
             ok(r.id)
         }
         Packet::Extended(e) => extended(state, e).await?,
@@ -166,6 +178,26 @@ async fn serve_control(state: &Arc<State>, p: Packet) -> OpResult<Packet> {
             )
         }
     })
+}
+
+/// FSTAT of a handle: the file as opened, or the upload as written so far.
+fn handle_meta(f: &FileHandle) -> crate::storage::Meta {
+    match &f.file {
+        Opened::Read(r) => r.meta().clone(),
+        Opened::Upload(up) => {
+            let now = std::time::SystemTime::now();
+            crate::storage::Meta {
+                kind: crate::storage::EntryKind::File,
+                size: up.size(),
+                mtime: now,
+                atime: now,
+                perm: 0o640,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+            }
+        }
+    }
 }
 
 fn file_handle(state: &State, handle: &str) -> OpResult<Arc<FileHandle>> {
@@ -209,14 +241,14 @@ async fn extended(state: &Arc<State>, e: protocol::Extended) -> OpResult<Packet>
             count_op("posix-rename");
             let p: TwoPaths =
                 russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
-            inline(move || ops::rename(&ctx, &p.oldpath, &p.newpath, true)).await?;
+            ops::rename(&ctx, &p.oldpath, &p.newpath, true).await?;
             ok(id)
         }
         "statvfs@openssh.com" => {
             count_op("statvfs");
             let p: russh_sftp::extensions::StatvfsExtension =
                 russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
-            let s = inline(move || ops::statvfs(&ctx, &p.path)).await?;
+            let s = ops::statvfs(&ctx, &p.path).await?;
             reply_data(russh_sftp::ser::to_bytes(&s).map_err(|_| OpError::Failure("encode"))?)
         }
         "fsync@openssh.com" => {
@@ -224,8 +256,9 @@ async fn extended(state: &Arc<State>, e: protocol::Extended) -> OpResult<Packet>
             let p: russh_sftp::extensions::FsyncExtension =
                 russh_sftp::de::from_bytes(&mut data).map_err(|_| OpError::BadMessage)?;
             // OpenSSH answers NO_SUCH_FILE to an fsync of an unknown handle.
-            let f = file_handle(state, &p.handle).map_err(|_| OpError::NoSuchFile)?;
-            inline(move || Ok(f.file.sync_all()?)).await?;
+            // Data is made durable when an upload is published on close (an upload is
+            // never visible before), so there is nothing to sync before that.
+            file_handle(state, &p.handle).map_err(|_| OpError::NoSuchFile)?;
             ok(id)
         }
         "limits@openssh.com" => {
@@ -251,21 +284,16 @@ async fn close(state: &Arc<State>, h: Arc<Handle>) -> OpResult<()> {
     let _exclusive = f.gate.clone().write_owned().await;
     let f = f.clone();
     let ctx = &state.ctx;
-    match &f.upload {
-        Some(_) => {
-            let f2 = f.clone();
-            let failed = f.write_failed.load(Ordering::Relaxed);
-            let res = inline(move || match &f2.upload {
-                Some(up) if failed => {
-                    ops::discard_upload(up);
-                    Err(OpError::Failure(
-                        "a write of this upload failed; nothing was kept",
-                    ))
-                }
-                Some(up) => ops::finish_upload(&f2.file, up),
-                None => Ok(()),
-            })
-            .await;
+    match &f.file {
+        Opened::Upload(up) => {
+            let res = if f.write_failed.load(Ordering::Relaxed) {
+                up.abort().await;
+                Err(OpError::Failure(
+                    "a write of this upload failed; nothing was kept",
+                ))
+            } else {
+                up.commit().await.map_err(OpError::from)
+            };
             if res.is_ok() {
                 audit(
                     ctx,
@@ -273,18 +301,30 @@ async fn close(state: &Arc<State>, h: Arc<Handle>) -> OpResult<()> {
                     &f.virt,
                     f.bytes_written.load(Ordering::Relaxed),
                 );
+                let attrs = f.pending_attrs.lock().map(|a| *a).unwrap_or_default();
+                if !attrs.is_empty() {
+                    // Published already: a storage that cannot set times keeps the file.
+                    if let Err(e) = ctx.storage.set_attrs(&ctx.org, &f.path, attrs).await {
+                        tracing::debug!(error = %e, path = %f.virt, "times/mode of an upload not applied");
+                    }
+                }
             }
             res
         }
-        None => {
-            audit(
-                ctx,
-                "download",
-                &f.virt,
-                f.bytes_read.load(Ordering::Relaxed),
-            );
+        Opened::Read(_) => {
+            finish_download(ctx, &f);
             Ok(())
         }
+    }
+}
+
+/// Audits a download and records it for retention (a file read at all counts, as a
+/// read moving atime did).
+fn finish_download(ctx: &SessionCtx, f: &FileHandle) {
+    let bytes = f.bytes_read.load(Ordering::Relaxed);
+    audit(ctx, "download", &f.virt, bytes);
+    if let (true, Some(log)) = (bytes > 0, &ctx.downloads) {
+        log.record(ctx.org.as_str(), f.virt.clone());
     }
 }
 
@@ -297,17 +337,12 @@ pub(super) async fn release_all(state: &Arc<State>) {
     for name in handles {
         let Some(h) = state.take(&name) else { continue };
         if let Handle::File(f) = &*h {
-            match &f.upload {
-                Some(up) => {
+            match &f.file {
+                Opened::Upload(up) => {
                     tracing::info!(user = %state.ctx.user, path = %f.virt, "upload abandoned; discarded");
-                    ops::discard_upload(up);
+                    up.abort().await;
                 }
-                None => audit(
-                    &state.ctx,
-                    "download",
-                    &f.virt,
-                    f.bytes_read.load(Ordering::Relaxed),
-                ),
+                Opened::Read(_) => finish_download(&state.ctx, f),
             }
         }
     }
