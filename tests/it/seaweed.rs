@@ -223,6 +223,17 @@ impl Drop for PrivateS3 {
     }
 }
 
+/// A free port for weed's admin server: its plugin worker dials the admin port + 10000
+/// whatever `-admin.port.grpc` says, so the port must stay below 55536.
+fn admin_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 55536 {
+            return p;
+        }
+    }
+}
+
 /// `weed mini` on free ports (every listener it opens), S3 on `s3`, the test bucket made
 /// at start; scripts/test uses the same flags.
 pub fn weed_args(dir: &Path, s3: u16) -> Vec<String> {
@@ -241,7 +252,7 @@ pub fn weed_args(dir: &Path, s3: u16) -> Vec<String> {
         format!("-volume.port.grpc={}", p("vg")),
         format!("-filer.port={}", p("f")),
         format!("-filer.port.grpc={}", p("fg")),
-        format!("-admin.port={}", p("a")),
+        format!("-admin.port={}", admin_port()),
         format!("-admin.port.grpc={}", p("ag")),
         "-admin.ui=false".into(),
         "-webdav=false".into(),
