@@ -183,7 +183,7 @@ impl Daemon {
                 .build()
                 .unwrap(),
         };
-        d.spawn().await;
+        d.spawn_first().await;
         d
     }
 
@@ -268,7 +268,31 @@ level = "info,hookbridge=debug"
         std::fs::write(self.config_path(), cfg).unwrap();
     }
 
+    /// The first start: the ports were only free when picked, so another process may have
+    /// taken one since; then pick new ones and start again.
+    async fn spawn_first(&mut self) {
+        for _ in 0..5 {
+            match self.try_spawn().await {
+                Ok(()) => return,
+                Err(log) if log.contains("Address already in use") => {
+                    let _ = std::fs::remove_file(self.dir.path().join("daemon.log"));
+                    self.http_port = free_port();
+                    self.sftp_port = free_port();
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("hookbridge found its ports taken 5 times in a row");
+    }
+
     pub async fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn().await {
+            panic!("{log}");
+        }
+    }
+
+    /// Starts the daemon and waits until it is healthy; `Err` with its log if it exited.
+    async fn try_spawn(&mut self) -> Result<(), String> {
         self.write_config();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -297,10 +321,11 @@ level = "info,hookbridge=debug"
                 }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
+                self.child = None;
+                return Err(format!(
                     "hookbridge exited with {status}: {}",
                     std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -308,6 +333,7 @@ level = "info,hookbridge=debug"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 
     pub fn log(&self) -> String {
