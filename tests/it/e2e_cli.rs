@@ -21,19 +21,14 @@ fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
-/// Like the other real-tool tests: absent tool = skip locally, failure under CI=true.
+/// Whether `tool` is on PATH ([`require_that`](crate::harness::require_that): a failure under
+/// `CI=true`, a skip elsewhere).
 fn have(tool: &str) -> bool {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !found && std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{tool} is not installed (scripts/test installs it)");
-    }
-    if !found {
-        eprintln!("SKIPPED: {tool} is not installed");
-    }
-    found
+    crate::harness::require_that(&format!("`{tool}`"), found)
 }
 
 #[test]
