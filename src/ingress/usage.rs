@@ -12,7 +12,7 @@ pub fn router() -> Router<App> {
     Router::new().route("/v1/orgs/{org}/usage", get(usage))
 }
 
-/// The org, its effective limits and a fresh count of its folder: the one path of the
+/// The org, its effective limits and its folder's usage: the one path of the
 /// admin API and the console.
 pub async fn org_usage(
     app: &App,
@@ -24,23 +24,16 @@ pub async fn org_usage(
 )> {
     let o = super::admin::require_org(&app.store, org).await?;
     let limits = app.current().limits.for_org(&o.limits);
-    // A fresh count, so that the answer reflects deletes made over SFTP a moment ago.
-    let name = crate::storage::OrgName::new(org)
-        .map_err(|e| Problem::internal("usage count failed", e))?;
-    let counted = crate::retention::sweep_org(
-        &*app.storage,
-        &name,
-        &crate::config::EffectiveLimits {
-            retention_days: 0,
-            ..limits
-        },
-        &Default::default(),
-        std::time::SystemTime::now(),
-    )
-    .await
-    .map_err(|e| Problem::internal("usage count failed", e))?;
-    app.usage.set(org, counted.usage);
-    Ok((o, limits, counted.usage))
+    // Counted in the store as files come and go (on every node); an org never counted
+    // yet is counted from a listing once.
+    let counted = match app.store.org_usage(org).await {
+        Ok(Some(u)) => u,
+        Ok(None) => crate::retention::recount(&*app.store, &*app.storage, org, false)
+            .await
+            .map_err(|e| Problem::internal("usage count failed", e))?,
+        Err(e) => return Err(Problem::internal("usage count failed", e)),
+    };
+    Ok((o, limits, counted))
 }
 
 async fn usage(
