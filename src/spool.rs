@@ -457,3 +457,7 @@ pub async fn recover(
         _ => Ok(n),
     }
 }
+
+#[cfg(test)]
+#[path = "spool_repair_tests.rs"]
+mod repair_tests;

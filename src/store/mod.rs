@@ -7,6 +7,15 @@ mod sqlite;
 #[cfg(test)]
 pub(crate) mod usage_cases;
 
+/// A SQLite store for the library's own tests (the module itself stays private).
+#[cfg(test)]
+pub(crate) fn sqlite_for_tests(
+    path: &std::path::Path,
+    secrets: std::sync::Arc<crate::secrets::SecretBox>,
+) -> Result<sqlite::SqliteStore> {
+    sqlite::SqliteStore::open(path, secrets)
+}
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
