@@ -135,6 +135,48 @@ async fn over_quota_gives_507_writes_nothing_and_recovers_when_files_go() {
 }
 
 #[tokio::test]
+async fn usage_is_counted_in_the_store_and_recounted_on_request() {
+    let d = Daemon::start().await;
+    d.org_with_sftp_hook("acme").await;
+    let r = d
+        .post_event("acme", &json!({"id": "u1", "type": "payment", "data": {}}))
+        .await;
+    assert_eq!(r.status(), 202);
+    let size = d.org_files("acme").await.values().next().unwrap().len() as u64;
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(
+        (u["files"].as_u64(), u["bytes"].as_u64()),
+        (Some(1), Some(size)),
+        "{u}"
+    );
+
+    // A file put there behind hookbridge's back is not counted as it happens...
+    let org = hookbridge::storage::OrgName::new("acme").unwrap();
+    let outside = hookbridge::storage::EventFile {
+        org: org.clone(),
+        path: hookbridge::storage::StoragePath::parse("/outside.json").unwrap(),
+        body: "{\"x\":1}\n".into(),
+    };
+    for r in d.storage().write_events(&[outside]).await {
+        r.unwrap();
+    }
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(u["files"], 1, "{u}");
+    // ... until the operator asks for a recount from a listing.
+    let (s, u) = d.admin("POST", "/v1/orgs/acme/usage/recount", None).await;
+    assert_eq!(s, 200, "{u}");
+    assert_eq!(
+        (u["files"].as_u64(), u["bytes"].as_u64()),
+        (Some(2), Some(size + 8)),
+        "{u}"
+    );
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(u["files"], 2, "{u}");
+    let (s, _) = d.admin("POST", "/v1/orgs/nobody/usage/recount", None).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
 async fn retention_removes_old_files_and_empty_day_folders() {
     let d = Daemon::start_with("[limits]\nretention_days = 1\nsweep_interval = \"200ms\"\n").await;
     d.org_with_sftp_hook("acme").await;
