@@ -48,7 +48,6 @@ pub struct App {
     /// The config as last (re)loaded; `config` is the one the process started with.
     pub live: Arc<std::sync::RwLock<Arc<Config>>>,
     /// What each org folder holds, for quotas.
-    pub usage: Arc<limits::Usage>,
     /// Per-org ingest token buckets.
     pub rate: Arc<limits::RateLimiter>,
     /// Makes the delivery scheduler poll the outbox (replays). New jobs need no wake-up:
@@ -207,13 +206,15 @@ pub async fn run_with_hook(
         );
     }
 
+    // Orgs with no usage count yet (first start on this store) are counted from a listing,
+    // after the repair above so that its files count too.
+    retention::count_uncounted(&*store, &*storage).await;
+
     let spool_cancel = CancellationToken::new();
-    let usage = Arc::new(limits::Usage::default());
     let (announcer, announced) = delivery::handoff();
     let (spool, spool_task) = Spool::start(
         store.clone(),
         storage.clone(),
-        usage.clone(),
         config.http.max_pending_events,
         announcer,
         spool_cancel.clone(),
@@ -228,7 +229,6 @@ pub async fn run_with_hook(
         secrets: Arc::new(secrets),
         metrics,
         live: Arc::new(std::sync::RwLock::new(config.clone())),
-        usage,
         rate: Arc::new(limits::RateLimiter::default()),
         delivery_wake: Arc::new(tokio::sync::Notify::new()),
         delivery: Arc::new(delivery),

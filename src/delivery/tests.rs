@@ -176,7 +176,6 @@ async fn sftp_test(
         files: vec![path.clone()],
         deliveries: Vec::new(),
         // An admin asked for this sample: it is not held back by the org quota.
-        defer_files: false,
         quota: None,
     };
     Ok(match app.spool.submit(new).await {

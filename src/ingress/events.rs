@@ -232,7 +232,6 @@ async fn ingest(
         envelope_json,
         files,
         deliveries,
-        defer_files: false,
         // Checked and reserved by the committer, atomically with the commit.
         quota: Some(crate::limits::Quota::from(&limits)),
     };

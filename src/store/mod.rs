@@ -7,6 +7,17 @@ pub mod health;
 mod rows;
 mod rules;
 mod sqlite;
+#[cfg(test)]
+pub(crate) mod usage_cases;
+
+/// A SQLite store for the library's own tests (the module itself stays private).
+#[cfg(test)]
+pub(crate) fn sqlite_for_tests(
+    path: &std::path::Path,
+    secrets: std::sync::Arc<crate::secrets::SecretBox>,
+) -> Result<sqlite::SqliteStore> {
+    sqlite::SqliteStore::open(path, secrets)
+}
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -137,11 +148,23 @@ pub struct NewEvent {
     pub files: Vec<String>,
     /// `(delivery id, webhook id)` for every subscribed http webhook.
     pub deliveries: Vec<(String, String)>,
-    /// Record the event but leave its files pending (the org is over quota). Set by the
-    /// committer when it cannot reserve room under `quota`, never by a request handler.
-    pub defer_files: bool,
-    /// The org's quota, reserved by the committer atomically with the commit.
+    /// The org's quota: the store charges the event's files to the org's usage in the
+    /// commit transaction, or records the event with its files deferred when they do not
+    /// fit. `None` charges without a limit (start-up repair, tests).
     pub quota: Option<crate::limits::Quota>,
+}
+
+impl NewEvent {
+    /// What the event's files add to the org's usage: (files, bytes).
+    pub fn usage(&self) -> (u64, u64) {
+        file_usage(self.files.len(), self.envelope_json.len())
+    }
+}
+
+/// Every file of an event holds its envelope and a newline.
+pub fn file_usage(files: usize, envelope_len: usize) -> (u64, u64) {
+    let files = files as u64;
+    (files, files * (envelope_len as u64 + 1))
 }
 
 /// What `POST …/events` answers; stored so that a repost answers the same.
@@ -163,6 +186,9 @@ pub enum CommitOutcome {
         result: IngestResult,
         pending_envelope: Option<String>,
     },
+    /// Recorded (new, or known and still deferred) but its files do not fit the org's
+    /// quota: nothing to write; `why` says what is full.
+    Deferred { result: IngestResult, why: String },
 }
 
 /// A pending event whose files may not be on disk yet (start-up recovery).
@@ -406,6 +432,8 @@ pub trait Store: Send + Sync + 'static {
         files_done: Vec<(String, String)>,
     ) -> Result<Vec<CommitOutcome>>;
     async fn mark_files_done(&self, done: Vec<(String, String)>) -> Result<()>;
+    /// Events whose files are charged but not marked written (crash, storage outage),
+    /// without paths recorded as taken; deferred events wait for their repost.
     async fn pending_files(&self) -> Result<Vec<PendingFiles>>;
 
     // Delivery queue
@@ -458,6 +486,29 @@ pub trait Store: Send + Sync + 'static {
     async fn forget_downloads(&self, org: &str, paths: Vec<String>) -> Result<()>;
     /// A rename moves the records of the file, or of everything under a folder.
     async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()>;
+
+    // ---- Org folder usage, counted in the store (issue 11 item 4) ----
+    // Event files are charged by `commit_events` itself (atomically with the quota check);
+    // everything else that adds or removes files reports it here, so that every node
+    // sharing the store sees one count.
+    /// The org's counted usage; `None` when nothing was counted yet (rebuild it from a
+    /// listing with `set_org_usage`).
+    async fn org_usage(&self, org: &str) -> Result<Option<crate::limits::OrgUsage>>;
+    /// Sets the count from a listing: `replace` overwrites it; otherwise only an org with
+    /// no count yet takes it (a node starting while another commits keeps the live count).
+    async fn set_org_usage(
+        &self,
+        org: &str,
+        usage: crate::limits::OrgUsage,
+        replace: bool,
+    ) -> Result<()>;
+    /// Files that came (+) or went (-) outside event commits: uploads, deletes, renames
+    /// over a file, retention. Never below zero.
+    async fn add_org_usage(&self, org: &str, files: i64, bytes: i64) -> Result<()>;
+    /// A user is about to remove (delete, or rename away) the file at `/path`: if an event
+    /// still pending lists it, the path is recorded as taken so that no repair writes it
+    /// again. Called BEFORE the object goes; `pending_files` leaves taken paths out.
+    async fn record_taken(&self, org: &str, path: &str) -> Result<()>;
 }
 
 pub const DEFAULT_PATH_TEMPLATE: &str = "/{type}/{date}/{timestamp}_{id}.json";

@@ -70,7 +70,13 @@ suite!(sqlite:
     queue_stats_counts_open_jobs,
     downloads,
     deleting_an_org_forgets_its_events,
+    usage_quota_and_taken_paths,
 );
+
+/// Usage counters, quota charged in the commit, taken paths (`usage_cases`).
+async fn usage_quota_and_taken_paths(s: S) {
+    super::usage_cases::run(&*s).await;
+}
 
 // ---------- helpers ----------
 
@@ -104,7 +110,6 @@ pub(super) fn event(org: &str, id: &str, files: &[&str], deliveries: &[(&str, &s
             .iter()
             .map(|(d, w)| (d.to_string(), w.to_string()))
             .collect(),
-        defer_files: false,
         quota: None,
     }
 }
