@@ -272,6 +272,16 @@ async fn commit_batch(
             usage.settle(&ev.org, files, bytes, placed);
         }
     };
+    // One accept time per batch, taken here rather than in the request handler, so that
+    // an event's roll-up partition is the one open when its line becomes durable.
+    let accepted = crate::clock::now();
+    for r in batch.iter_mut() {
+        let ev = &mut r.event;
+        ev.accepted_at = Some(accepted);
+        if let Some(kind) = ev.kind {
+            ev.lines = crate::rollups::stage(&ev.rollups, kind, accepted);
+        }
+    }
     let events: Vec<NewEvent> = batch.iter().map(|r| r.event.clone()).collect();
     let (files, owner) = event_files(&events);
     let (commit, staged) = tokio::join!(
@@ -341,6 +351,10 @@ async fn commit_batch(
                         deliveries: vec![],
                         defer_files: false,
                         quota: None,
+                        kind: None,
+                        rollups: vec![],
+                        lines: vec![],
+                        accepted_at: None,
                     },
                 ));
                 publish.push(i);
@@ -470,6 +484,10 @@ pub async fn recover(
             deliveries: vec![],
             defer_files: false,
             quota: None,
+            kind: None,
+            rollups: vec![],
+            lines: vec![],
+            accepted_at: None,
         })
         .collect();
     let (files, owner) = event_files(&events);

@@ -178,6 +178,10 @@ async fn sftp_test(
         // An admin asked for this sample: it is not held back by the org quota.
         defer_files: false,
         quota: None,
+        kind: None,
+        rollups: vec![],
+        lines: vec![],
+        accepted_at: None,
     };
     Ok(match app.spool.submit(new).await {
         Ok(Committed::New(_)) | Ok(Committed::Known(_)) => {

@@ -4,6 +4,7 @@
 pub mod health;
 mod rows;
 mod sqlite;
+mod sqlite_rollups;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -103,6 +104,11 @@ pub struct Webhook {
     /// `delivery.disable_after` is disabled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failing_since: Option<DateTime<Utc>>,
+    /// `sftp` only: one file per event (`json`) or roll-ups (`ndjson.gz`).
+    pub format: crate::rollups::Format,
+    /// Set exactly when `format` is `ndjson.gz`: `rollup`, `close_after`, `max_part_bytes`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub rollup: Option<crate::rollups::RollupSpec>,
 }
 
 impl Webhook {
@@ -131,6 +137,14 @@ pub struct NewEvent {
     pub defer_files: bool,
     /// The org's quota, reserved by the committer atomically with the commit.
     pub quota: Option<crate::limits::Quota>,
+    /// The event's type and the roll-up hooks it goes to (set by the request handler).
+    pub kind: Option<crate::event::EventType>,
+    pub rollups: Vec<crate::rollups::Target>,
+    /// Lines to stage with the event, in the same transaction; computed by the committer
+    /// from `rollups` and the batch's accept time. Staged only when the event is new.
+    pub lines: Vec<crate::rollups::StagedLine>,
+    /// The accept time the committer stamped (the roll-up partition clock).
+    pub accepted_at: Option<DateTime<Utc>>,
 }
 
 /// What `POST …/events` answers; stored so that a repost answers the same.
@@ -447,6 +461,49 @@ pub trait Store: Send + Sync + 'static {
     async fn forget_downloads(&self, org: &str, paths: Vec<String>) -> Result<()>;
     /// A rename moves the records of the file, or of everything under a folder.
     async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()>;
+
+    // Roll-ups (see `crate::rollups`). Lines are staged by `commit_events` from
+    // `NewEvent::lines`, in the transaction that records the event.
+    /// Partitions with staged lines whose close time is at or before `now` and that no one
+    /// holds a live lease on; at most `limit`, earliest close first.
+    async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>>;
+    /// Takes the lease on `p` until `until` if no one else holds a live one (a shared store
+    /// makes this one atomic conditional update, so only one node closes a partition).
+    async fn claim_partition(
+        &self,
+        p: &PartitionRef,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool>;
+    /// The staged lines of `p` in accept order: (accept sequence, accept time, envelope).
+    async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>>;
+    /// After its files are all written: records `p` as closed (events, bytes) and drops its
+    /// lines up to `through_seq`, and its lease, in one transaction.
+    async fn close_partition(
+        &self,
+        p: &PartitionRef,
+        through_seq: i64,
+        events: u64,
+        bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<()>;
+    /// Staged lines waiting, and the earliest close time among them (lag).
+    async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)>;
+}
+
+/// One roll-up partition of one hook: `partition` is its folder under `/rollups`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRef {
+    pub org: String,
+    pub hook: String,
+    pub partition: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StagedRow {
+    pub seq: i64,
+    pub accepted_at: DateTime<Utc>,
+    pub envelope: String,
 }
 
 pub const DEFAULT_PATH_TEMPLATE: &str = "/{type}/{date}/{timestamp}_{id}.json";

@@ -148,6 +148,9 @@ CREATE TABLE downloads (
     PRIMARY KEY (org, path)
 ) WITHOUT ROWID;
 "#,
+    // 6: roll-ups: a webhook's roll-up settings (JSON), lines staged with their event
+    // (seq is the accept order), and partitions' leases and close records.
+    super::sqlite_rollups::MIGRATION,
 ];
 
 fn open(path: &Path) -> Result<Connection> {
@@ -177,6 +180,12 @@ impl SqliteStore {
     pub fn open(path: &Path, secrets: Arc<SecretBox>) -> Result<Self> {
         let mut writer = open(path)?;
         migrate(&mut writer)?;
+        // One process owns this file: a roll-up lease left by a previous run (killed while
+        // closing) holds no one back.
+        writer.execute(
+            "UPDATE rollup_partitions SET lease_until = NULL WHERE lease_until IS NOT NULL",
+            [],
+        )?;
         seal_plain_secrets(&mut writer, &secrets)?;
         let readers = (0..READERS)
             .map(|_| open(path).map(Mutex::new))
@@ -190,7 +199,7 @@ impl SqliteStore {
         })
     }
 
-    async fn with_writer<T: Send + 'static>(
+    pub(super) async fn with_writer<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -205,7 +214,7 @@ impl SqliteStore {
         .map_err(|e| StoreError::Db(e.to_string()))?
     }
 
-    async fn with_reader<T: Send + 'static>(
+    pub(super) async fn with_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection, &Quarantine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -478,10 +487,10 @@ impl Store for SqliteStore {
             let events = serde_json::to_string(&h.events).unwrap_or_else(|_| "[]".into());
             c.execute(
                 &format!(
-                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL)
+                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL, ?11)
                      ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, url = excluded.url, events = excluded.events,
                        path_template = excluded.path_template, secret = excluded.secret, enabled = excluded.enabled,
-                       disabled_reason = excluded.disabled_reason,
+                       disabled_reason = excluded.disabled_reason, rollup = excluded.rollup,
                        failing_since = CASE WHEN excluded.enabled = 1 AND webhooks.enabled = 0 THEN NULL
                                             ELSE webhooks.failing_since END"
                 ),
@@ -495,7 +504,8 @@ impl Store for SqliteStore {
                     h.secret,
                     h.enabled,
                     h.disabled_reason,
-                    micros(h.created_at)
+                    micros(h.created_at),
+                    h.rollup.map(|r| serde_json::to_string(&r).unwrap_or_default())
                 ],
             )?;
             Ok(())
@@ -616,6 +626,7 @@ impl Store for SqliteStore {
                     for (did, wid) in &ev.deliveries {
                         ins_delivery.execute(params![did, ev.org, wid, ev.id, now])?;
                     }
+                    super::sqlite_rollups::stage_lines(&tx, &ev)?;
                     out.push(CommitOutcome::New(result));
                 }
             }
@@ -932,6 +943,38 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>> {
+        self.rollup_due(now, limit).await
+    }
+
+    async fn claim_partition(
+        &self,
+        p: &PartitionRef,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.rollup_claim(p, now, until).await
+    }
+
+    async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>> {
+        self.rollup_lines(p).await
+    }
+
+    async fn close_partition(
+        &self,
+        p: &PartitionRef,
+        through_seq: i64,
+        events: u64,
+        bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.rollup_close(p, through_seq, events, bytes, now).await
+    }
+
+    async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
+        self.rollup_backlog_stats().await
     }
 }
 
