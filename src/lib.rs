@@ -5,6 +5,7 @@
 //! and the delivery workers; on cancel it stops accepting, drains, and returns.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod console;
 pub mod defender;
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod provision;
 pub mod reload;
 pub mod retention;
+pub mod rollups;
 pub mod secrets;
 pub mod sftp;
 pub mod spool;
@@ -258,6 +260,11 @@ pub async fn run_with_hook(
         let app = app.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move { ("sweeper", retention::run(app, cancel).await) });
+    }
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move { ("rollups", rollups::closer::run(app, cancel).await) });
     }
     {
         let store = app.store.clone();

@@ -241,12 +241,22 @@ async fn repair_pending(
 async fn commit_batch(
     store: &Arc<dyn Store>,
     storage: &Arc<dyn Storage>,
-    batch: Vec<Request>,
+    mut batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
 ) -> (Vec<(String, String)>, bool) {
     let started = Instant::now();
     let n = batch.len();
+    // One accept time per batch, taken here rather than in the request handler, so that
+    // an event's roll-up partition is the one open when its line becomes durable.
+    let accepted = crate::clock::now();
+    for r in batch.iter_mut() {
+        let ev = &mut r.event;
+        ev.accepted_at = Some(accepted);
+        if let Some(kind) = ev.kind {
+            ev.lines = crate::rollups::stage(&ev.rollups, kind, accepted);
+        }
+    }
     let events: Vec<NewEvent> = batch.iter().map(|r| r.event.clone()).collect();
     // Staged while the store commits; the store charges each event to its org's quota in
     // the commit itself, and what it defers is dropped with the rest not published.
@@ -307,6 +317,10 @@ async fn commit_batch(
                         files: result.files.clone(),
                         deliveries: vec![],
                         quota: None,
+                        kind: None,
+                        rollups: vec![],
+                        lines: vec![],
+                        accepted_at: None,
                     },
                 ));
                 publish.push(i);
@@ -433,6 +447,10 @@ pub async fn recover(
             files: p.files,
             deliveries: vec![],
             quota: None,
+            kind: None,
+            rollups: vec![],
+            lines: vec![],
+            accepted_at: None,
         })
         .collect();
     let (files, owner) = event_files(&events);

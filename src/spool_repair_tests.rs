@@ -16,6 +16,7 @@ fn event(id: &str, files: &[&str]) -> NewEvent {
         files: files.iter().map(|f| f.to_string()).collect(),
         deliveries: vec![],
         quota: None,
+        ..Default::default()
     }
 }
 

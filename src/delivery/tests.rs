@@ -177,6 +177,10 @@ async fn sftp_test(
         deliveries: Vec::new(),
         // An admin asked for this sample: it is not held back by the org quota.
         quota: None,
+        kind: None,
+        rollups: vec![],
+        lines: vec![],
+        accepted_at: None,
     };
     Ok(match app.spool.submit(new).await {
         Ok(Committed::New(_)) | Ok(Committed::Known(_)) => {

@@ -125,6 +125,11 @@ pub struct Webhook {
     /// `delivery.disable_after` is disabled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failing_since: Option<DateTime<Utc>>,
+    /// `sftp` only: one file per event (`json`) or roll-ups (`ndjson.gz`).
+    pub format: crate::rollups::Format,
+    /// Set exactly when `format` is `ndjson.gz`: `rollup`, `close_after`, `max_part_bytes`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub rollup: Option<crate::rollups::RollupSpec>,
 }
 
 impl Webhook {
@@ -139,7 +144,7 @@ impl Webhook {
 }
 
 /// An event ready to commit: its envelope, the files it becomes and the deliveries it needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewEvent {
     pub org: String,
     pub id: String,
@@ -152,6 +157,14 @@ pub struct NewEvent {
     /// commit transaction, or records the event with its files deferred when they do not
     /// fit. `None` charges without a limit (start-up repair, tests).
     pub quota: Option<crate::limits::Quota>,
+    /// The event's type and the roll-up hooks it goes to (set by the request handler).
+    pub kind: Option<crate::event::EventType>,
+    pub rollups: Vec<crate::rollups::Target>,
+    /// Lines to stage with the event, in the same transaction; computed by the committer
+    /// from `rollups` and the batch's accept time. Staged only when the event is new.
+    pub lines: Vec<crate::rollups::StagedLine>,
+    /// The accept time the committer stamped (the roll-up partition clock).
+    pub accepted_at: Option<DateTime<Utc>>,
 }
 
 impl NewEvent {
@@ -509,6 +522,49 @@ pub trait Store: Send + Sync + 'static {
     /// still pending lists it, the path is recorded as taken so that no repair writes it
     /// again. Called BEFORE the object goes; `pending_files` leaves taken paths out.
     async fn record_taken(&self, org: &str, path: &str) -> Result<()>;
+
+    // Roll-ups (see `crate::rollups`). Lines are staged by `commit_events` from
+    // `NewEvent::lines`, in the transaction that records the event.
+    /// Partitions with staged lines whose close time is at or before `now` and that no one
+    /// holds a live lease on; at most `limit`, earliest close first.
+    async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>>;
+    /// Takes the lease on `p` until `until` if no one else holds a live one (a shared store
+    /// makes this one atomic conditional update, so only one node closes a partition).
+    async fn claim_partition(
+        &self,
+        p: &PartitionRef,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool>;
+    /// The staged lines of `p` in accept order: (accept sequence, accept time, envelope).
+    async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>>;
+    /// After its files are all written: records `p` as closed (events, bytes) and drops its
+    /// lines up to `through_seq`, and its lease, in one transaction.
+    async fn close_partition(
+        &self,
+        p: &PartitionRef,
+        through_seq: i64,
+        events: u64,
+        bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<()>;
+    /// Staged lines waiting, and the earliest close time among them (lag).
+    async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)>;
+}
+
+/// One roll-up partition of one hook: `partition` is its folder under `/rollups`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRef {
+    pub org: String,
+    pub hook: String,
+    pub partition: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StagedRow {
+    pub seq: i64,
+    pub accepted_at: DateTime<Utc>,
+    pub envelope: String,
 }
 
 pub const DEFAULT_PATH_TEMPLATE: &str = "/{type}/{date}/{timestamp}_{id}.json";

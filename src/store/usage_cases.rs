@@ -13,6 +13,7 @@ fn ev(id: &str, files: &[&str], quota: Option<Quota>) -> NewEvent {
         files: files.iter().map(|f| f.to_string()).collect(),
         deliveries: vec![],
         quota,
+        ..Default::default()
     }
 }
 

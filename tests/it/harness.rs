@@ -82,6 +82,8 @@ pub struct Daemon {
     pub http_extra: String,
     /// The S3 server and key prefix of the org folders, when not on local disk.
     pub s3: Option<(crate::seaweed::S3Server, String)>,
+    /// Environment variables of the daemon process (e.g. `HOOKBRIDGE_TEST_CLOCK`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -101,6 +103,8 @@ pub struct Opts<'a> {
     /// Org folders on this S3 server (under a prefix of the daemon's own) instead of
     /// the local data dir. `HOOKBRIDGE_TEST_STORAGE=s3` sets it for every daemon.
     pub s3: Option<crate::seaweed::S3Server>,
+    /// Environment variables of the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Opts<'_> {
@@ -112,6 +116,7 @@ impl Default for Opts<'_> {
             data_dir: None,
             http_extra: "",
             s3: None,
+            env: Vec::new(),
         }
     }
 }
@@ -177,6 +182,7 @@ impl Daemon {
             delivery_config: delivery.to_owned(),
             http_extra,
             s3,
+            env: o.env,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -305,6 +311,7 @@ level = "info,hookbridge=debug"
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("AWS_ACCESS_KEY_ID", crate::seaweed::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", crate::seaweed::SECRET_KEY)
             .spawn()

@@ -97,6 +97,8 @@ pub(super) fn http_hook(org: &str, id: &str) -> Webhook {
         disabled_reason: None,
         created_at: Utc::now(),
         failing_since: None,
+        format: crate::rollups::Format::Json,
+        rollup: None,
     }
 }
 
@@ -111,6 +113,7 @@ pub(super) fn event(org: &str, id: &str, files: &[&str], deliveries: &[(&str, &s
             .map(|(d, w)| (d.to_string(), w.to_string()))
             .collect(),
         quota: None,
+        ..Default::default()
     }
 }
 

@@ -16,6 +16,7 @@ use super::*;
 use crate::secrets::SecretBox;
 
 mod queue;
+mod rollups;
 mod schema;
 mod usage;
 
@@ -65,6 +66,12 @@ impl SqliteStore {
     pub fn open(path: &Path, secrets: Arc<SecretBox>) -> Result<Self> {
         let mut writer = open(path)?;
         migrate(&mut writer)?;
+        // One process owns this file: a roll-up lease left by a previous run (killed while
+        // closing) holds no one back.
+        writer.execute(
+            "UPDATE rollup_partitions SET lease_until = NULL WHERE lease_until IS NOT NULL",
+            [],
+        )?;
         seal_plain_secrets(&mut writer, &secrets)?;
         let readers = (0..READERS)
             .map(|_| open(path).map(Mutex::new))
@@ -78,7 +85,7 @@ impl SqliteStore {
         })
     }
 
-    async fn with_writer<T: Send + 'static>(
+    pub(super) async fn with_writer<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -93,7 +100,7 @@ impl SqliteStore {
         .map_err(|e| StoreError::Db(e.to_string()))?
     }
 
-    async fn with_reader<T: Send + 'static>(
+    pub(super) async fn with_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection, &Quarantine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -298,10 +305,11 @@ impl Store for SqliteStore {
             let events = serde_json::to_string(&h.events).unwrap_or_else(|_| "[]".into());
             tx.execute(
                 &format!(
-                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, url = excluded.url, events = excluded.events,
                        path_template = excluded.path_template, secret = excluded.secret, enabled = excluded.enabled,
-                       disabled_reason = excluded.disabled_reason, failing_since = excluded.failing_since"
+                       disabled_reason = excluded.disabled_reason, failing_since = excluded.failing_since,
+                       rollup = excluded.rollup"
                 ),
                 params![
                     h.id,
@@ -314,7 +322,8 @@ impl Store for SqliteStore {
                     h.enabled,
                     h.disabled_reason,
                     micros(h.created_at),
-                    failing_since.map(micros)
+                    failing_since.map(micros),
+                    h.rollup.map(|r| serde_json::to_string(&r).unwrap_or_default())
                 ],
             )?;
             tx.commit()?;
@@ -457,6 +466,7 @@ impl Store for SqliteStore {
                     for (did, wid) in &ev.deliveries {
                         ins_delivery.execute(params![did, ev.org, wid, ev.id, now])?;
                     }
+                    rollups::stage_lines(&tx, &ev)?;
                     out.push(match over {
                         Some(why) => CommitOutcome::Deferred { result, why },
                         None => CommitOutcome::New(result),
@@ -647,6 +657,38 @@ impl Store for SqliteStore {
 
     async fn record_taken(&self, org: &str, path: &str) -> Result<()> {
         self.taken(org, path).await
+    }
+
+    async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>> {
+        self.rollup_due(now, limit).await
+    }
+
+    async fn claim_partition(
+        &self,
+        p: &PartitionRef,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.rollup_claim(p, now, until).await
+    }
+
+    async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>> {
+        self.rollup_lines(p).await
+    }
+
+    async fn close_partition(
+        &self,
+        p: &PartitionRef,
+        through_seq: i64,
+        events: u64,
+        bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.rollup_close(p, through_seq, events, bytes, now).await
+    }
+
+    async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
+        self.rollup_backlog_stats().await
     }
 }
 

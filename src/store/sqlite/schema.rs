@@ -117,6 +117,9 @@ CREATE TABLE taken_files (
     PRIMARY KEY (org, path)
 ) WITHOUT ROWID;
 "#,
+    // 7: roll-ups: a webhook's roll-up settings (JSON), lines staged with their event
+    // (seq is the accept order), and partitions' leases and close records.
+    super::rollups::MIGRATION,
 ];
 
 pub(super) fn open(path: &Path) -> Result<Connection> {
