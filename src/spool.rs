@@ -443,12 +443,17 @@ async fn repair(
         })
         .collect();
     let (files, owner) = event_files(&events);
+    // Missing, there, or unknown (storage unreachable: that event stays pending).
     let mut missing = Vec::with_capacity(files.len());
+    let mut unknown: Vec<Option<StorageError>> = Vec::with_capacity(files.len());
     for f in &files {
-        missing.push(matches!(
-            storage.stat(&f.org, &f.path).await,
-            Err(StorageError::NotFound)
-        ));
+        let (m, u) = match storage.stat(&f.org, &f.path).await {
+            Ok(_) => (false, None),
+            Err(StorageError::NotFound) => (true, None),
+            Err(e) => (false, Some(e)),
+        };
+        missing.push(m);
+        unknown.push(u);
     }
     let to_write: Vec<EventFile> = files
         .iter()
@@ -459,12 +464,11 @@ async fn repair(
     let mut wrote = storage.write_events(&to_write).await.into_iter();
     let results: Vec<StorageResult<()>> = missing
         .iter()
-        .map(|m| {
-            if *m {
-                wrote.next().unwrap_or(Ok(()))
-            } else {
-                Ok(())
-            }
+        .zip(unknown)
+        .map(|(m, u)| match (m, u) {
+            (true, _) => wrote.next().unwrap_or(Ok(())),
+            (false, Some(e)) => Err(e),
+            (false, None) => Ok(()),
         })
         .collect();
     for (f, _) in files
