@@ -434,6 +434,18 @@ pub async fn recover(
     storage: &Arc<dyn Storage>,
 ) -> Result<usize, SpoolError> {
     let pending = store.pending_files().await?;
+    repair(store, storage, pending).await
+}
+
+/// Writes the missing files of `pending`, read from the store a moment ago. A user may
+/// take one of them (SFTP records the take, then deletes) between that read and the write:
+/// a file this repair created is checked against the takes after it is written, and
+/// removed again if taken. Files already there are not written at all.
+async fn repair(
+    store: &Arc<dyn Store>,
+    storage: &Arc<dyn Storage>,
+    pending: Vec<crate::store::PendingFiles>,
+) -> Result<usize, SpoolError> {
     if pending.is_empty() {
         return Ok(0);
     }
@@ -454,7 +466,51 @@ pub async fn recover(
         })
         .collect();
     let (files, owner) = event_files(&events);
-    let results = storage.write_events(&files).await;
+    // Missing, there, or unknown (storage unreachable: that event stays pending).
+    let mut missing = Vec::with_capacity(files.len());
+    let mut unknown: Vec<Option<StorageError>> = Vec::with_capacity(files.len());
+    for f in &files {
+        let (m, u) = match storage.stat(&f.org, &f.path).await {
+            Ok(_) => (false, None),
+            Err(StorageError::NotFound) => (true, None),
+            Err(e) => (false, Some(e)),
+        };
+        missing.push(m);
+        unknown.push(u);
+    }
+    let to_write: Vec<EventFile> = files
+        .iter()
+        .zip(&missing)
+        .filter(|(_, m)| **m)
+        .map(|(f, _)| f.clone())
+        .collect();
+    let mut wrote = storage.write_events(&to_write).await.into_iter();
+    let results: Vec<StorageResult<()>> = missing
+        .iter()
+        .zip(unknown)
+        .map(|(m, u)| match (m, u) {
+            (true, _) => wrote.next().unwrap_or(Ok(())),
+            (false, Some(e)) => Err(e),
+            (false, None) => Ok(()),
+        })
+        .collect();
+    for (f, _) in files
+        .iter()
+        .zip(missing.iter().zip(&results))
+        .filter(|(_, (m, r))| **m && r.is_ok())
+    {
+        let vpath = f.path.virtual_path();
+        let taken = store
+            .taken_paths(f.org.as_str(), vec![vpath.clone()])
+            .await?;
+        if !taken.is_empty() {
+            tracing::info!(org = %f.org.as_str(), path = %vpath, "a repair re-created a file a user took meanwhile; removing it");
+            match storage.delete(&f.org, &f.path).await {
+                Ok(()) | Err(StorageError::NotFound) => {}
+                Err(e) => return Err(SpoolError::from(e)),
+            }
+        }
+    }
     let failed = failures(&owner, results, events.len());
     let mut done = Vec::new();
     let mut first_err = None;

@@ -75,3 +75,59 @@ async fn a_file_taken_while_its_event_was_pending_never_comes_back() {
         "both events are done"
     );
 }
+
+/// The interleaving the take record alone cannot stop: a repair reads the pending list,
+/// then a user takes the file (record, delete), then the repair writes. The repair checks
+/// the takes after writing and removes what it re-created.
+#[tokio::test]
+async fn a_repair_that_read_the_list_before_the_take_removes_what_it_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [8u8; 32]);
+    let secrets = Arc::new(crate::secrets::SecretBox::from_base64(&key).unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(crate::store::sqlite_for_tests(&dir.path().join("state.db"), secrets).unwrap());
+    let storage: Arc<dyn Storage> =
+        Arc::new(LocalStorage::open(&dir.path().join("orgs"), &dir.path().join("tmp")).unwrap());
+    let org = OrgName::new("acme").unwrap();
+    store.put_org("acme", "Acme").await.unwrap();
+    storage.create_org(&org).await.unwrap();
+    let events = vec![event("e1", &["/p/e1.json"])];
+    store.commit_events(events.clone(), vec![]).await.unwrap();
+    let (files, _) = event_files(&events);
+    for r in storage.write_events(&files).await {
+        r.unwrap();
+    }
+
+    // The repair on another node reads the list now...
+    let stale = store.pending_files().await.unwrap();
+    assert_eq!(stale[0].files, ["/p/e1.json"]);
+    // ... the ETL job takes the file ...
+    let p = StoragePath::parse("/p/e1.json").unwrap();
+    store.record_taken("acme", "/p/e1.json").await.unwrap();
+    storage.delete(&org, &p).await.unwrap();
+    // ... and the repair writes from its stale list.
+    repair(&store, &storage, stale).await.unwrap();
+    assert!(
+        matches!(storage.stat(&org, &p).await, Err(StorageError::NotFound)),
+        "the taken file is gone again"
+    );
+    assert!(store.pending_files().await.unwrap().is_empty());
+
+    // A repair whose file is simply there writes nothing and marks the event done.
+    let events = vec![event("e2", &["/p/e2.json"])];
+    store.commit_events(events.clone(), vec![]).await.unwrap();
+    let (files, _) = event_files(&events);
+    for r in storage.write_events(&files).await {
+        r.unwrap();
+    }
+    recover(&store, &storage).await.unwrap();
+    let names: Vec<String> = storage
+        .walk(&org)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.path.virtual_path())
+        .collect();
+    assert_eq!(names, ["/p/e2.json"]);
+    assert!(store.pending_files().await.unwrap().is_empty());
+}

@@ -522,6 +522,9 @@ pub trait Store: Send + Sync + 'static {
     /// still pending lists it, the path is recorded as taken so that no repair writes it
     /// again. Called BEFORE the object goes; `pending_files` leaves taken paths out.
     async fn record_taken(&self, org: &str, path: &str) -> Result<()>;
+    /// Which of `paths` (`/virtual/path`) are recorded as taken in `org`: a repair that
+    /// re-created one of them (it read the pending list before the take) removes it again.
+    async fn taken_paths(&self, org: &str, paths: Vec<String>) -> Result<Vec<String>>;
 
     // Roll-ups (see `crate::rollups`). Lines are staged by `commit_events` from
     // `NewEvent::lines`, in the transaction that records the event.

@@ -100,21 +100,30 @@ pub async fn run(s: &dyn Store) {
             ("e3".to_string(), vec!["/a/3.json".to_string()])
         ]
     );
-    // Once written, the record goes: a later event may use the path again.
+    assert_eq!(
+        s.taken_paths(
+            "acme",
+            vec!["/a/1.json".into(), "/a/2.json".into(), "/a/3.json".into()]
+        )
+        .await
+        .unwrap(),
+        ["/a/2.json"]
+    );
+    // The record outlives the event's pending state: a repair that read the list before
+    // the take still finds it after it wrote.
     s.mark_files_done(vec![
         ("acme".into(), "e2".into()),
         ("acme".into(), "e3".into()),
     ])
     .await
     .unwrap();
-    let out = s
-        .commit_events(vec![ev("e4", &["/a/2.json"], None)], vec![])
-        .await
-        .unwrap();
-    assert!(matches!(out[0], CommitOutcome::New(_)));
-    let p = s.pending_files().await.unwrap();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].files, ["/a/2.json"]);
+    assert!(s.pending_files().await.unwrap().is_empty());
+    assert_eq!(
+        s.taken_paths("acme", vec!["/a/2.json".into()])
+            .await
+            .unwrap(),
+        ["/a/2.json"]
+    );
 
     // Never below zero; a listing fills a missing count only, unless it replaces.
     s.add_org_usage("acme", -100, -1000).await.unwrap();

@@ -129,14 +129,10 @@ impl SqliteStore {
 fn mark_done(tx: &rusqlite::Transaction<'_>, done: &[(String, String)]) -> Result<()> {
     let mut st =
         tx.prepare_cached("UPDATE events SET files_pending = 0 WHERE org = ?1 AND id = ?2")?;
-    // Written: its taken paths need no guard any more.
-    let mut untake = tx.prepare_cached(
-        "DELETE FROM taken_files WHERE org = ?1 AND path IN
-         (SELECT j.value FROM events e, json_each(e.result, '$.files') j WHERE e.org = ?1 AND e.id = ?2)",
-    )?;
+    // Taken paths stay recorded: a repair that read the pending list earlier checks them
+    // after it wrote (paths hold the event id, so no other event reuses them).
     for (org, id) in done {
         st.execute(params![org, id])?;
-        untake.execute(params![org, id])?;
     }
     Ok(())
 }
@@ -657,6 +653,10 @@ impl Store for SqliteStore {
 
     async fn record_taken(&self, org: &str, path: &str) -> Result<()> {
         self.taken(org, path).await
+    }
+
+    async fn taken_paths(&self, org: &str, paths: Vec<String>) -> Result<Vec<String>> {
+        self.which_taken(org, paths).await
     }
 
     async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>> {

@@ -99,6 +99,22 @@ impl SqliteStore {
         self.with_writer(move |c| add(c, &org, files, bytes)).await
     }
 
+    pub(super) async fn which_taken(&self, org: &str, paths: Vec<String>) -> Result<Vec<String>> {
+        let org = org.to_owned();
+        self.with_reader(move |c, _| {
+            let mut st =
+                c.prepare_cached("SELECT 1 FROM taken_files WHERE org = ?1 AND path = ?2")?;
+            let mut out = Vec::new();
+            for p in paths {
+                if st.exists(params![org, p])? {
+                    out.push(p);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub(super) async fn taken(&self, org: &str, path: &str) -> Result<()> {
         let (org, path) = (org.to_owned(), path.to_owned());
         self.with_writer(move |c| {
