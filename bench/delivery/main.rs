@@ -537,6 +537,9 @@ fn callgrind(args: &[&str], pid: u32) {
             .arg(pid.to_string())
             .stdout(Stdio::null())
             .status();
-        assert!(ok.is_ok_and(|s| s.success()), "callgrind_control {args:?} failed");
+        assert!(
+            ok.is_ok_and(|s| s.success()),
+            "callgrind_control {args:?} failed"
+        );
     }
 }
