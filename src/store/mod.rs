@@ -447,6 +447,46 @@ pub trait Store: Send + Sync + 'static {
     async fn forget_downloads(&self, org: &str, paths: Vec<String>) -> Result<()>;
     /// A rename moves the records of the file, or of everything under a folder.
     async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()>;
+
+    // Nodes: what several hookbridge nodes on one store share (health, bans, repair,
+    // keys). SQLite implements them too, so one node behaves as a service of one.
+
+    /// A cheap round trip to the store, for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+    /// Records a ban of `ban.ip`; an existing ban of the address keeps the later end.
+    async fn put_ban(&self, ban: &Ban) -> Result<()>;
+    /// Bans still running at `now` (expired ones are dropped as a side effect).
+    async fn active_bans(&self, now: DateTime<Utc>) -> Result<Vec<Ban>>;
+    /// Like [`Store::pending_files`], only for events accepted before `before`: what a
+    /// periodic repair may take over without racing a live committer's batch.
+    async fn stale_pending_files(&self, before: DateTime<Utc>) -> Result<Vec<PendingFiles>>;
+
+    // Shared secrets: keys every node must serve alike (SSH host key, webhook signing
+    // keys). Values are stored as given (not encrypted at rest).
+
+    /// Stores `value` under `name` unless a value is there; returns the one that won.
+    async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret>;
+    async fn shared_secret_get(&self, name: &str) -> Result<Option<SharedSecret>>;
+    /// Replaces the value (a rotation); the version goes up by one.
+    async fn shared_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret>;
+}
+
+/// A source address refused by the SFTP defender until `until`, on every node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    pub ip: std::net::IpAddr,
+    pub until: DateTime<Utc>,
+    pub reason: String,
+    /// The node that banned it.
+    pub node: String,
+}
+
+/// A secret shared by the nodes; `version` goes up at each rotation, so a node can tell
+/// that its copy is stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedSecret {
+    pub value: String,
+    pub version: i64,
 }
 
 pub const DEFAULT_PATH_TEMPLATE: &str = "/{type}/{date}/{timestamp}_{id}.json";

@@ -15,6 +15,8 @@ use super::rows::*;
 use super::*;
 use crate::secrets::SecretBox;
 
+mod nodes;
+
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
@@ -146,6 +148,20 @@ CREATE TABLE downloads (
     path TEXT NOT NULL,
     at INTEGER NOT NULL,
     PRIMARY KEY (org, path)
+) WITHOUT ROWID;
+"#,
+    // 6: state shared by the nodes of a scaled-out service (bans, keys).
+    r#"
+CREATE TABLE bans (
+    ip TEXT PRIMARY KEY,
+    until INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    node TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE shared_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    version INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
 ];
@@ -639,34 +655,7 @@ impl Store for SqliteStore {
     }
 
     async fn pending_files(&self) -> Result<Vec<PendingFiles>> {
-        self.with_reader(|c, q| {
-            let mut st =
-                c.prepare("SELECT org, id, envelope, result FROM events WHERE files_pending = 1")?;
-            let rows = st
-                .query_map([], |r| {
-                    keyed("events", r, 1, |r| {
-                        let result: String = r.get(3)?;
-                        let files = serde_json::from_str::<IngestResult>(&result)
-                            .map(|r| r.files)
-                            .map_err(|e| {
-                                rusqlite::Error::FromSqlConversionFailure(
-                                    3,
-                                    rusqlite::types::Type::Text,
-                                    format!("result: {e}").into(),
-                                )
-                            })?;
-                        Ok(PendingFiles {
-                            org: r.get(0)?,
-                            id: r.get(1)?,
-                            envelope_json: r.get(2)?,
-                            files,
-                        })
-                    })
-                })?
-                .rows(q)?;
-            Ok(rows)
-        })
-        .await
+        self.pending_files_before(None).await
     }
 
     async fn due_jobs(
@@ -920,6 +909,34 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.nodes_ping().await
+    }
+
+    async fn put_ban(&self, ban: &Ban) -> Result<()> {
+        self.nodes_put_ban(ban).await
+    }
+
+    async fn active_bans(&self, now: DateTime<Utc>) -> Result<Vec<Ban>> {
+        self.nodes_active_bans(now).await
+    }
+
+    async fn stale_pending_files(&self, before: DateTime<Utc>) -> Result<Vec<PendingFiles>> {
+        self.pending_files_before(Some(before.timestamp_micros())).await
+    }
+
+    async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret> {
+        self.nodes_secret_init(name, value).await
+    }
+
+    async fn shared_secret_get(&self, name: &str) -> Result<Option<SharedSecret>> {
+        self.nodes_secret_get(name).await
+    }
+
+    async fn shared_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret> {
+        self.nodes_secret_set(name, value).await
+    }
+
     async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()> {
         let (org, from, to) = (org.to_owned(), from.to_owned(), to.to_owned());
         self.with_writer(move |c| {
@@ -930,6 +947,47 @@ impl Store for SqliteStore {
                 params![org, from, to],
             )?;
             Ok(())
+        })
+        .await
+    }
+}
+
+
+impl SqliteStore {
+    /// Events whose files are still pending; with `before`, only those accepted before it
+    /// (so a periodic repair leaves the batches a live committer is still writing alone).
+    pub(super) async fn pending_files_before(
+        &self,
+        before: Option<i64>,
+    ) -> Result<Vec<PendingFiles>> {
+        self.with_reader(move |c, q| {
+            let mut st = c.prepare(
+                "SELECT org, id, envelope, result FROM events
+                 WHERE files_pending = 1 AND created_at < ?1",
+            )?;
+            let rows = st
+                .query_map([before.unwrap_or(i64::MAX)], |r| {
+                    keyed("events", r, 1, |r| {
+                        let result: String = r.get(3)?;
+                        let files = serde_json::from_str::<IngestResult>(&result)
+                            .map(|r| r.files)
+                            .map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(
+                                    3,
+                                    rusqlite::types::Type::Text,
+                                    format!("result: {e}").into(),
+                                )
+                            })?;
+                        Ok(PendingFiles {
+                            org: r.get(0)?,
+                            id: r.get(1)?,
+                            envelope_json: r.get(2)?,
+                            files,
+                        })
+                    })
+                })?
+                .rows(q)?;
+            Ok(rows)
         })
         .await
     }

@@ -80,6 +80,8 @@ pub struct Daemon {
     pub delivery_config: String,
     /// Lines added to the generated `[http]` table (e.g. `metrics_listen = …`).
     pub http_extra: String,
+    /// Top-level keys of the generated config (before its first table).
+    pub top_config: String,
     /// The S3 server and key prefix of the org folders, when not on local disk.
     pub s3: Option<(crate::seaweed::S3Server, String)>,
     child: Option<Child>,
@@ -101,6 +103,11 @@ pub struct Opts<'a> {
     /// Org folders on this S3 server (under a prefix of the daemon's own) instead of
     /// the local data dir. `HOOKBRIDGE_TEST_STORAGE=s3` sets it for every daemon.
     pub s3: Option<crate::seaweed::S3Server>,
+    /// The key prefix on `s3`; several daemons given the same one share their org folders
+    /// (the nodes of one service). Unset: a prefix of the daemon's own.
+    pub s3_prefix: Option<String>,
+    /// Top-level TOML keys written before any table (e.g. `node_id = "a"`).
+    pub top: &'a str,
 }
 
 impl Default for Opts<'_> {
@@ -112,6 +119,8 @@ impl Default for Opts<'_> {
             data_dir: None,
             http_extra: "",
             s3: None,
+            s3_prefix: None,
+            top: "",
         }
     }
 }
@@ -162,7 +171,13 @@ impl Daemon {
             ),
             None => None,
         }
-        .map(|s| (s, crate::seaweed::unique_prefix("daemon")));
+        .map(|s| {
+            let prefix = o
+                .s3_prefix
+                .clone()
+                .unwrap_or_else(|| crate::seaweed::unique_prefix("daemon"));
+            (s, prefix)
+        });
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -176,6 +191,7 @@ impl Daemon {
             sftp_extra: sftp_extra.to_owned(),
             delivery_config: delivery.to_owned(),
             http_extra,
+            top_config: o.top.to_owned(),
             s3,
             child: None,
             client: reqwest::Client::builder()
@@ -234,6 +250,7 @@ impl Daemon {
     pub fn write_config(&self) {
         let cfg = format!(
             r#"data_dir = "{data}"
+{top}
 [http]
 listen = "127.0.0.1:{http}"
 {http_extra}
@@ -258,6 +275,7 @@ level = "info,hookbridge=debug"
                 .map(|(s, prefix)| s.toml(prefix))
                 .unwrap_or_default(),
             data = self.data_dir().display(),
+            top = self.top_config,
             http = self.http_port,
             sftp = self.sftp_port,
             extra = self.extra_config,

@@ -26,3 +26,4 @@ mod e2e_sftp_rules;
 mod e2e_storage;
 mod e2e_storage_jail;
 mod webdriver;
+mod e2e_nodes;

@@ -1,0 +1,87 @@
+//! Nodes: the node id in logs, metrics and `/readyz`; readiness following the store and
+//! the object store; state the nodes of one service share through the store (bans,
+//! keys); and two real daemons on one PostgreSQL database and one S3 prefix.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::{wait_for, Daemon, Opts};
+
+async fn readyz(d: &Daemon) -> (u16, Value) {
+    let r = d.client.get(d.url("/readyz")).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_id_is_in_every_log_line_in_metrics_and_in_readyz() {
+    let d = Daemon::start_opts(Opts {
+        top: r#"node_id = "node-a.eu_1""#,
+        ..Default::default()
+    })
+    .await;
+    let (status, body) = readyz(&d).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["node_id"], "node-a.eu_1", "{body}");
+    assert_eq!(body["store"], true, "{body}");
+    assert_eq!(body["storage"], true, "{body}");
+    let m = d.metrics().await;
+    assert!(
+        m.lines()
+            .any(|l| l.trim() == r#"hookbridge_node_info{node_id="node-a.eu_1"} 1"#),
+        "no node info metric in:\n{m}"
+    );
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() > 3, "{log}");
+    for l in &lines {
+        assert!(l.starts_with("node_id=node-a.eu_1 "), "line without the node id: {l}");
+    }
+}
+
+#[test]
+fn a_bad_node_id_stops_the_start_with_the_key_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookbridge"))
+        .args(["check-config"])
+        .current_dir(dir.path())
+        .env("HOOKBRIDGE_NODE_ID", "a b")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string()
+        + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("node_id"), "{text}");
+}
+
+/// `/readyz` answers 503 naming the storage while the object store is down, so a load
+/// balancer takes the node out, and 200 again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_the_object_store_is_down_and_recovers() {
+    let Some(mut s3) = crate::seaweed::PrivateS3::start().await else {
+        return;
+    };
+    let d = Daemon::start_opts(Opts {
+        s3: Some(s3.server.clone()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(readyz(&d).await.0, 200);
+    s3.stop();
+    let body = wait_for("readyz to fail", Duration::from_secs(30), || async {
+        let (s, b) = readyz(&d).await;
+        (s == 503).then_some(b)
+    })
+    .await;
+    assert_eq!(body["status"], 503, "{body}");
+    assert_eq!(body["storage"], false, "{body}");
+    assert_eq!(body["store"], true, "{body}");
+    assert!(body["down"]["storage"].is_string(), "{body}");
+    assert!(d.log().contains("not ready: the org storage does not answer"));
+    s3.resume().await;
+    wait_for("readyz to recover", Duration::from_secs(30), || async {
+        (readyz(&d).await.0 == 200).then_some(())
+    })
+    .await;
+}
