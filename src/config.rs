@@ -553,8 +553,7 @@ impl Config {
             return Err(invalid("data_dir", "must not be empty"));
         }
         let id_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
-        if self.node_id.is_empty() || self.node_id.len() > 64 || !self.node_id.chars().all(id_ok)
-        {
+        if self.node_id.is_empty() || self.node_id.len() > 64 || !self.node_id.chars().all(id_ok) {
             return Err(invalid(
                 "node_id",
                 format!(

@@ -43,6 +43,9 @@ pub enum SpoolError {
     ShuttingDown,
     #[error("store: {0}")]
     Store(String),
+    /// The state store cannot be reached (PostgreSQL down): retry later.
+    #[error("state store unavailable: {0}")]
+    StoreUnavailable(String),
     /// The org storage cannot be reached (S3 down): retry later.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -54,6 +57,7 @@ impl From<StoreError> for SpoolError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::DiskFull => SpoolError::DiskFull,
+            StoreError::Unavailable(m) => SpoolError::StoreUnavailable(m),
             other => SpoolError::Store(other.to_string()),
         }
     }
@@ -403,6 +407,7 @@ fn clone_err(e: &SpoolError) -> SpoolError {
         SpoolError::Overloaded => SpoolError::Overloaded,
         SpoolError::ShuttingDown => SpoolError::ShuttingDown,
         SpoolError::Store(s) => SpoolError::Store(s.clone()),
+        SpoolError::StoreUnavailable(s) => SpoolError::StoreUnavailable(s.clone()),
         SpoolError::Unavailable(s) => SpoolError::Unavailable(s.clone()),
         SpoolError::Io(s) => SpoolError::Io(s.clone()),
     }

@@ -92,11 +92,15 @@ pub fn init_tracing(log: &LogConfig, node_id: &str) {
     let node = node_id.to_owned();
     let ok = match log.format {
         LogFormat::Json => registry
-            .with(fmt.json().flatten_event(true).map_event_format(|inner| WithNode {
-                inner,
-                node,
-                json: true,
-            }))
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .map_event_format(|inner| WithNode {
+                        inner,
+                        node,
+                        json: true,
+                    }),
+            )
             .try_init()
             .is_ok(),
         LogFormat::Human => registry

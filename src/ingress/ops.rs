@@ -45,7 +45,11 @@ async fn readyz(State(app): State<App>) -> Response {
     if !down.is_empty() {
         let what: Vec<&str> = down.keys().map(String::as_str).collect();
         return Problem::unavailable(
-            format!("node {} is not ready: {} down", app.config.node_id, what.join(" and ")),
+            format!(
+                "node {} is not ready: {} down",
+                app.config.node_id,
+                what.join(" and ")
+            ),
             5,
         )
         .with("node_id", &app.config.node_id)

@@ -96,7 +96,13 @@ impl From<StoreError> for Problem {
             StoreError::DiskFull => {
                 Problem::unavailable("the disk holding hookbridge's state is full", 30)
             }
-            StoreError::Db(m) => Problem::internal("state store failed", m),
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "state store unavailable; request refused with 503");
+                Problem::unavailable("the state store cannot be reached; retry later", 5)
+            }
+            e @ (StoreError::Db(_) | StoreError::SchemaTooNew { .. }) => {
+                Problem::internal("state store failed", e)
+            }
         }
     }
 }
@@ -116,6 +122,14 @@ impl From<SpoolError> for Problem {
             }
             SpoolError::ShuttingDown => {
                 Problem::unavailable("hookbridge is shutting down; retry shortly", 5)
+            }
+            SpoolError::StoreUnavailable(why) => {
+                tracing::warn!(error = %why, "state store unavailable; events refused with 503");
+                metrics::counter!("hookbridge_ingest_store_unavailable_total").increment(1);
+                Problem::unavailable(
+                    "the state store cannot be reached; nothing was acknowledged, retry later",
+                    5,
+                )
             }
             SpoolError::Unavailable(why) => {
                 tracing::warn!(error = %why, "org storage unavailable; events refused with 503");

@@ -1,8 +1,11 @@
 //! State: orgs, SFTP users, webhooks, processed events (idempotency) and delivery jobs.
 //! One trait so that a PostgreSQL implementation can sit beside SQLite.
 
+#[cfg(test)]
+mod conformance;
 pub mod health;
 mod rows;
+mod rules;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -11,6 +14,7 @@ use serde::Serialize;
 
 use crate::event::EventType;
 
+pub use rules::{failing_since_on_put, DELETED_WEBHOOK_ERROR, DELETED_WEBHOOK_JOB_STATE};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +27,13 @@ pub enum StoreError {
     DiskFull,
     #[error("database: {0}")]
     Db(String),
+    /// The database cannot be reached now (a shared store down or restarting): callers
+    /// answer 503 and retry, nothing acknowledged is lost.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The schema was migrated by a newer hookbridge; this binary refuses to run on it.
+    #[error("the state schema is at version {found}, newer than this binary knows ({known}); run the newer hookbridge or restore a backup")]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 impl From<rusqlite::Error> for StoreError {

@@ -36,7 +36,10 @@ async fn node_id_is_in_every_log_line_in_metrics_and_in_readyz() {
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(lines.len() > 3, "{log}");
     for l in &lines {
-        assert!(l.starts_with("node_id=node-a.eu_1 "), "line without the node id: {l}");
+        assert!(
+            l.starts_with("node_id=node-a.eu_1 "),
+            "line without the node id: {l}"
+        );
     }
 }
 
@@ -49,8 +52,8 @@ fn a_bad_node_id_stops_the_start_with_the_key_name() {
         .env("HOOKBRIDGE_NODE_ID", "a b")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).to_string()
-        + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("node_id"), "{text}");
 }
@@ -78,7 +81,9 @@ async fn readyz_fails_while_the_object_store_is_down_and_recovers() {
     assert_eq!(body["storage"], false, "{body}");
     assert_eq!(body["store"], true, "{body}");
     assert!(body["down"]["storage"].is_string(), "{body}");
-    assert!(d.log().contains("not ready: the org storage does not answer"));
+    assert!(d
+        .log()
+        .contains("not ready: the org storage does not answer"));
     s3.resume().await;
     wait_for("readyz to recover", Duration::from_secs(30), || async {
         (readyz(&d).await.0 == 200).then_some(())

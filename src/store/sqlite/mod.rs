@@ -10,12 +10,16 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::health::{AttemptRecord, HookEffect};
+use super::health::AttemptRecord;
 use super::rows::*;
 use super::*;
 use crate::secrets::SecretBox;
 
 mod nodes;
+mod queue;
+mod schema;
+
+use schema::{migrate, open};
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -55,138 +59,6 @@ fn seal_plain_secrets(conn: &mut Connection, sb: &SecretBox) -> Result<()> {
 
 /// WAL readers never block each other or the writer.
 const READERS: usize = 4;
-
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE orgs (
-    name TEXT PRIMARY KEY,
-    display_name TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE sftp_users (
-    name TEXT PRIMARY KEY,
-    org TEXT NOT NULL REFERENCES orgs(name) ON DELETE CASCADE,
-    password_hash TEXT,
-    public_keys TEXT NOT NULL DEFAULT '[]',
-    upload INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX sftp_users_org ON sftp_users(org);
-CREATE TABLE webhooks (
-    id TEXT PRIMARY KEY,
-    org TEXT NOT NULL REFERENCES orgs(name) ON DELETE CASCADE,
-    kind TEXT NOT NULL,
-    url TEXT,
-    events TEXT NOT NULL,
-    path_template TEXT,
-    secret TEXT,
-    enabled INTEGER NOT NULL DEFAULT 1,
-    disabled_reason TEXT,
-    created_at INTEGER NOT NULL
-);
-CREATE INDEX webhooks_org ON webhooks(org);
-CREATE TABLE custom_value_endpoints (
-    org TEXT PRIMARY KEY REFERENCES orgs(name) ON DELETE CASCADE,
-    url TEXT NOT NULL
-);
-CREATE TABLE events (
-    org TEXT NOT NULL,
-    id TEXT NOT NULL,
-    envelope TEXT NOT NULL,
-    result TEXT NOT NULL,
-    files_pending INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    PRIMARY KEY (org, id)
-);
-CREATE INDEX events_files_pending ON events(files_pending) WHERE files_pending = 1;
-CREATE TABLE deliveries (
-    id TEXT PRIMARY KEY,
-    org TEXT NOT NULL,
-    webhook_id TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at INTEGER,
-    last_status INTEGER,
-    last_error TEXT,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-);
-CREATE INDEX deliveries_due ON deliveries(next_attempt_at) WHERE status IN ('pending', 'failed');
-CREATE INDEX deliveries_webhook ON deliveries(org, webhook_id, created_at);
-CREATE TABLE attempts (
-    delivery_id TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    status INTEGER,
-    latency_ms INTEGER NOT NULL,
-    error TEXT,
-    response_excerpt TEXT
-);
-CREATE INDEX attempts_delivery ON attempts(delivery_id, at);
-"#,
-    // 2: when a webhook started failing without a success since (for `disable_after`).
-    r#"
-ALTER TABLE webhooks ADD COLUMN failing_since INTEGER;
-"#,
-    // 3: per-org overrides of [limits] (quota, retention, ingest rate), as JSON.
-    "ALTER TABLE orgs ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';",
-    // 4: what each attempt did (`AttemptResult`), instead of guessing from status and latency.
-    // Old rows: an answer is an HTTP error unless 2xx without error; no answer is a transport
-    // error unless it is one of the "nothing sent" reasons the worker wrote.
-    r#"
-ALTER TABLE attempts ADD COLUMN outcome TEXT NOT NULL DEFAULT 'transport_error';
-UPDATE attempts SET outcome = CASE
-    WHEN status BETWEEN 200 AND 299 AND error IS NULL THEN 'delivered'
-    WHEN status IS NOT NULL THEN 'http_error'
-    WHEN latency_ms = 0 AND (error LIKE 'webhook deleted%' OR error LIKE 'webhook disabled%'
-                             OR error LIKE 'webhook has no url%') THEN 'not_attempted'
-    ELSE 'transport_error' END;
-"#,
-    // 5: downloads by file, so retention needs no atime (and works on S3).
-    r#"
-CREATE TABLE downloads (
-    org TEXT NOT NULL,
-    path TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    PRIMARY KEY (org, path)
-) WITHOUT ROWID;
-"#,
-    // 6: state shared by the nodes of a scaled-out service (bans, keys).
-    r#"
-CREATE TABLE bans (
-    ip TEXT PRIMARY KEY,
-    until INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    node TEXT NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE shared_secrets (
-    name TEXT PRIMARY KEY,
-    value TEXT NOT NULL,
-    version INTEGER NOT NULL
-) WITHOUT ROWID;
-"#,
-];
-
-fn open(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // FULL: the WAL is fsync'd at every commit, which is what a 202 promises.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    Ok(conn)
-}
-
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction()?;
-        tx.execute_batch(m)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
-        tracing::info!(version = i + 1, "applied state migration");
-    }
-    Ok(())
-}
 
 impl SqliteStore {
     /// Opens (and migrates) the database; webhook secrets are sealed with `secrets`.
@@ -244,90 +116,6 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Db(e.to_string()))?
-    }
-}
-
-impl SqliteStore {
-    /// Due jobs outside `busy`, oldest first; with `only` (a JSON array of ids), just those.
-    async fn jobs(
-        &self,
-        now: DateTime<Utc>,
-        limit: usize,
-        busy: Busy,
-        only: Option<String>,
-    ) -> Result<Vec<DeliveryJob>> {
-        let sb = self.secrets.clone();
-        self.with_reader(move |c, q| {
-            let mut busy = busy;
-            busy.deliveries.extend(q.keys("deliveries"));
-            let (ids, hooks) = busy.to_json();
-            let hook_cols = HOOK_COLS
-                .split(", ")
-                .map(|c| format!("w.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut st = c.prepare_cached(&format!(
-                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
-                 FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
-                 LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
-                 WHERE {only} d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
-                   AND d.id NOT IN (SELECT value FROM json_each(?3))
-                   AND d.webhook_id NOT IN (SELECT value FROM json_each(?4))
-                 {order} LIMIT ?2",
-                // Announced ids: looked up by primary key, in the order given.
-                // (Polls bind ?5 to '' too: one parameter list for both.)
-                only = if only.is_some() { "d.id IN (SELECT value FROM json_each(?5)) AND" } else { "?5 = '' AND" },
-                order = if only.is_some() { "" } else { "ORDER BY d.next_attempt_at" },
-            ))?;
-            // Jobs of one webhook share its row: parse it once per query.
-            let mut hooks_seen: std::collections::HashMap<(String, String), Webhook> =
-                Default::default();
-            let rows = st
-                .query_map(params![micros(now), limit as i64, ids, hooks, only.unwrap_or_default()], |r| {
-                    // A job whose own row or webhook row is corrupt is skipped, and kept
-                    // out of later queries under its own id.
-                    keyed("deliveries", r, 0, |r| {
-                    let webhook = if r.get::<_, bool>(7)? {
-                        let id: (String, String) = (r.get(9)?, r.get(8)?);
-                        match hooks_seen.get(&id) {
-                            Some(h) => Some(h.clone()),
-                            None => {
-                                let h = hook_row_at(r, 8, &sb)?;
-                                hooks_seen.insert(id, h.clone());
-                                Some(h)
-                            }
-                        }
-                    } else {
-                        None
-                    };
-                    Ok(DeliveryJob {
-                        id: r.get(0)?,
-                        org: r.get(1)?,
-                        webhook_id: r.get(2)?,
-                        event_id: r.get(3)?,
-                        payload: r.get(4)?,
-                        attempts: r.get(5)?,
-                        created_at: time(r, 6)?,
-                        webhook,
-                    })
-                    })
-                    .map_err(|e| match as_corrupt(&e) {
-                        Some(c) if c.table != "deliveries" => {
-                            q.report(c);
-                            let key = r.get::<_, String>(0).unwrap_or_default();
-                            rusqlite::Error::FromSqlConversionFailure(
-                                0,
-                                rusqlite::types::Type::Null,
-                                Box::new(Corrupt { table: "deliveries", key, why: c.to_string() }),
-                            )
-                        }
-                        _ => e,
-                    })
-                })?
-                .rows(q)?;
-            Ok(rows)
-        })
-        .await
     }
 }
 
@@ -486,20 +274,26 @@ impl Store for SqliteStore {
             h.secret = Some(self.secrets.seal(&h.id, plain).map_err(StoreError::Db)?);
         }
         self.with_writer(move |c| {
-            let other: Option<String> =
-                c.query_row("SELECT org FROM webhooks WHERE id = ?1", [&h.id], |r| r.get(0)).optional()?;
-            if other.as_deref().is_some_and(|o| o != h.org) {
+            let tx = c.transaction()?;
+            let other: Option<(String, bool, Option<i64>)> = tx
+                .query_row("SELECT org, enabled, failing_since FROM webhooks WHERE id = ?1", [&h.id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            if other.as_ref().is_some_and(|(o, ..)| o != &h.org) {
                 return Err(StoreError::Conflict(format!("webhook id {:?} belongs to another org", h.id)));
             }
+            let failing_since = failing_since_on_put(
+                other.map(|(_, enabled, since)| (enabled, since.and_then(from_micros))),
+                h.enabled,
+            );
             let events = serde_json::to_string(&h.events).unwrap_or_else(|_| "[]".into());
-            c.execute(
+            tx.execute(
                 &format!(
-                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL)
+                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, url = excluded.url, events = excluded.events,
                        path_template = excluded.path_template, secret = excluded.secret, enabled = excluded.enabled,
-                       disabled_reason = excluded.disabled_reason,
-                       failing_since = CASE WHEN excluded.enabled = 1 AND webhooks.enabled = 0 THEN NULL
-                                            ELSE webhooks.failing_since END"
+                       disabled_reason = excluded.disabled_reason, failing_since = excluded.failing_since"
                 ),
                 params![
                     h.id,
@@ -511,9 +305,11 @@ impl Store for SqliteStore {
                     h.secret,
                     h.enabled,
                     h.disabled_reason,
-                    micros(h.created_at)
+                    micros(h.created_at),
+                    failing_since.map(micros)
                 ],
             )?;
+            tx.commit()?;
             Ok(())
         })
         .await
@@ -552,12 +348,22 @@ impl Store for SqliteStore {
         let (org, id) = (org.to_owned(), id.to_owned());
         self.with_writer(move |c| {
             let tx = c.transaction()?;
-            let n = tx.execute("DELETE FROM webhooks WHERE org = ?1 AND id = ?2", [&org, &id])?;
-            // Pending jobs of a deleted webhook have nowhere to go.
+            let n = tx.execute(
+                "DELETE FROM webhooks WHERE org = ?1 AND id = ?2",
+                [&org, &id],
+            )?;
+            // The rule (`rules::DELETED_WEBHOOK_*`) decides what its open jobs become.
+            let open = serde_json::to_string(&DeliveryStatus::OPEN.map(|s| s.as_str()))
+                .map_err(|e| StoreError::Db(e.to_string()))?;
             tx.execute(
-                "UPDATE deliveries SET status = 'dead', next_attempt_at = NULL, last_error = 'webhook deleted'
-                 WHERE webhook_id = ?1 AND status IN ('pending', 'failed')",
-                [&id],
+                "UPDATE deliveries SET status = ?2, next_attempt_at = NULL, last_error = ?3
+                 WHERE webhook_id = ?1 AND status IN (SELECT value FROM json_each(?4))",
+                params![
+                    id,
+                    DELETED_WEBHOOK_JOB_STATE.as_str(),
+                    DELETED_WEBHOOK_ERROR,
+                    open
+                ],
             )?;
             tx.commit()?;
             Ok(n == 1)
@@ -664,7 +470,7 @@ impl Store for SqliteStore {
         limit: usize,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>> {
-        self.jobs(now, limit, busy, None).await
+        queue::due_jobs(self, now, limit, busy).await
     }
 
     async fn claim_announced(
@@ -673,109 +479,15 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let n = ids.len();
-        // The claim itself is the caller's in-flight set (one process owns this file):
-        // here only the jobs still due, with their payload and webhook, in one read.
-        let only = serde_json::to_string(&ids).map_err(|e| StoreError::Db(e.to_string()))?;
-        self.jobs(now, n, busy, Some(only)).await
+        queue::claim_announced(self, ids, now, busy).await
     }
 
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>> {
-        self.with_reader(move |c, q| {
-            let mut busy = busy;
-            busy.deliveries.extend(q.keys("deliveries"));
-            let (ids, hooks) = busy.to_json();
-            let v: Option<i64> = c.query_row(
-                "SELECT MIN(next_attempt_at) FROM deliveries WHERE status IN ('pending', 'failed')
-                   AND id NOT IN (SELECT value FROM json_each(?1))
-                   AND webhook_id NOT IN (SELECT value FROM json_each(?2))",
-                params![ids, hooks],
-                |r| r.get(0),
-            )?;
-            Ok(v.and_then(from_micros))
-        })
-        .await
+        queue::next_due_at(self, busy).await
     }
 
     async fn record_attempts(&self, batch: Vec<AttemptRecord>) -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.with_writer(move |c| {
-            let tx = c.transaction()?;
-            let now = micros(Utc::now());
-            {
-                let mut ins = tx.prepare_cached(
-                    "INSERT INTO attempts (delivery_id, at, status, latency_ms, error, response_excerpt, outcome)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?;
-                let mut upd = tx.prepare_cached(
-                    "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3, last_status = ?4,
-                       last_error = ?5, updated_at = ?6 WHERE id = ?1",
-                )?;
-                let mut ok_hook = tx.prepare_cached(
-                    "UPDATE webhooks SET failing_since = NULL WHERE id = ?1 AND failing_since IS NOT NULL",
-                )?;
-                let mut failing_hook = tx.prepare_cached(
-                    "UPDATE webhooks SET failing_since = ?2 WHERE id = ?1 AND failing_since IS NULL",
-                )?;
-                let mut disable = tx.prepare_cached(
-                    "UPDATE webhooks SET enabled = 0, disabled_reason = ?2 WHERE id = ?1",
-                )?;
-                // The effect last applied per webhook in this batch: applying "healthy" or
-                // "failing since (if unset)" again right after changes nothing, so it is
-                // skipped (one statement per webhook, not per job). The rule deciding the
-                // effect is `health::hook_effect`, not this code.
-                let mut last: std::collections::HashMap<&str, u8> = Default::default();
-                const OK: u8 = 1;
-                const FAILING: u8 = 2;
-                const DISABLED: u8 = 3;
-                for rec in &batch {
-                    let (job, a) = (&rec.job, &rec.attempt);
-                    ins.execute(params![
-                        job.id,
-                        micros(a.at),
-                        a.status(),
-                        a.latency_ms as i64,
-                        a.error,
-                        a.response_excerpt,
-                        a.result.as_str()
-                    ])?;
-                    let (status, next) = match &rec.outcome {
-                        AttemptOutcome::Delivered => (DeliveryStatus::Delivered, None),
-                        AttemptOutcome::Retry { at } => (DeliveryStatus::Failed, Some(micros(*at))),
-                        AttemptOutcome::Dead | AttemptOutcome::DisableWebhook { .. } => {
-                            (DeliveryStatus::Dead, None)
-                        }
-                    };
-                    upd.execute(params![job.id, status.as_str(), next, a.status(), a.error, now])?;
-                    let hook = job.webhook_id.as_str();
-                    match &rec.hook {
-                        HookEffect::Healthy => {
-                            if last.insert(hook, OK) != Some(OK) {
-                                ok_hook.execute([hook])?;
-                            }
-                        }
-                        HookEffect::Disable { reason } => {
-                            disable.execute(params![hook, reason])?;
-                            last.insert(hook, DISABLED);
-                        }
-                        HookEffect::Failing { at } => {
-                            if last.insert(hook, FAILING) != Some(FAILING) {
-                                failing_hook.execute(params![hook, micros(*at)])?;
-                            }
-                        }
-                        HookEffect::None => {}
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        queue::record_attempts(self, batch).await
     }
 
     async fn list_deliveries(
@@ -785,33 +497,7 @@ impl Store for SqliteStore {
         status: Option<DeliveryStatus>,
         limit: usize,
     ) -> Result<Vec<Delivery>> {
-        let (org, wid) = (org.to_owned(), webhook_id.to_owned());
-        self.with_reader(move |c, q| {
-            let sql = match status {
-                // "failed" in the API means every delivery that has not succeeded yet after trying.
-                Some(DeliveryStatus::Failed) => format!(
-                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE org = ?1 AND webhook_id = ?2 AND status IN ('failed', 'dead') ORDER BY created_at DESC LIMIT ?4"
-                ),
-                Some(_) => format!(
-                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE org = ?1 AND webhook_id = ?2 AND status = ?3 ORDER BY created_at DESC LIMIT ?4"
-                ),
-                None => format!(
-                    "SELECT {DELIVERY_COLS} FROM deliveries WHERE org = ?1 AND webhook_id = ?2 AND ?3 IS NULL ORDER BY created_at DESC LIMIT ?4"
-                ),
-            };
-            let mut st = c.prepare(&sql)?;
-            let mut rows = st
-                .query_map(params![org, wid, status.map(|s| s.as_str()), limit as i64], delivery_row)?
-                .rows(q)?;
-            let mut at = c.prepare_cached(
-                "SELECT delivery_id, at, status, latency_ms, error, response_excerpt, outcome FROM attempts WHERE delivery_id = ?1 ORDER BY at",
-            )?;
-            for d in &mut rows {
-                d.attempt_log = at.query_map([&d.id], attempt_row)?.rows(q)?;
-            }
-            Ok(rows)
-        })
-        .await
+        queue::list_deliveries(self, org, webhook_id, status, limit).await
     }
 
     async fn replay(
@@ -821,42 +507,12 @@ impl Store for SqliteStore {
         delivery_id: Option<&str>,
         since: Option<DateTime<Utc>>,
     ) -> Result<u64> {
-        let (org, wid, did) = (
-            org.to_owned(),
-            webhook_id.to_owned(),
-            delivery_id.map(str::to_owned),
-        );
-        self.with_writer(move |c| {
-            let now = micros(Utc::now());
-            let n = match did {
-                Some(did) => c.execute(
-                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?4, updated_at = ?4
-                     WHERE org = ?1 AND webhook_id = ?2 AND id = ?3",
-                    params![org, wid, did, now],
-                )?,
-                None => c.execute(
-                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?4, updated_at = ?4
-                     WHERE org = ?1 AND webhook_id = ?2 AND created_at >= ?3",
-                    params![org, wid, since.map(micros).unwrap_or(0), now],
-                )?,
-            };
-            Ok(n as u64)
-        })
-        .await
+        queue::replay(self, org, webhook_id, delivery_id, since).await
     }
 
     async fn queue_stats(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
-        self.with_reader(|c, _| {
-            let (n, oldest): (i64, Option<i64>) = c.query_row(
-                "SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status IN ('pending', 'failed')",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            Ok((n as u64, oldest.and_then(from_micros)))
-        })
-        .await
+        queue::queue_stats(self).await
     }
-
     async fn record_downloads(&self, files: Vec<(String, String)>) -> Result<()> {
         if files.is_empty() {
             return Ok(());
@@ -922,7 +578,8 @@ impl Store for SqliteStore {
     }
 
     async fn stale_pending_files(&self, before: DateTime<Utc>) -> Result<Vec<PendingFiles>> {
-        self.pending_files_before(Some(before.timestamp_micros())).await
+        self.pending_files_before(Some(before.timestamp_micros()))
+            .await
     }
 
     async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret> {
@@ -951,7 +608,6 @@ impl Store for SqliteStore {
         .await
     }
 }
-
 
 impl SqliteStore {
     /// Events whose files are still pending; with `before`, only those accepted before it

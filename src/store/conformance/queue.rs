@@ -1,0 +1,480 @@
+//! Conformance cases for ingest and the delivery queue.
+
+use chrono::{Duration, Utc};
+
+use super::super::health::AttemptRecord;
+use super::*;
+
+pub(super) async fn ingest_is_idempotent(s: S) {
+    with_jobs(&s, 0).await;
+    let first = event("acme", "e1", &["/a/e1.json"], &[("d1", "wh")]);
+    let out = s.commit_events(vec![first], vec![]).await.unwrap();
+    let CommitOutcome::New(r) = &out[0] else {
+        panic!("first commit is New")
+    };
+    assert_eq!(
+        (r.files.clone(), r.deliveries.clone()),
+        (vec!["/a/e1.json".to_string()], vec!["d1".to_string()])
+    );
+
+    // A repost, with other delivery ids and files (as a second request would make), and
+    // the same id twice in one batch: the first result is answered, nothing new is queued.
+    let again = event("acme", "e1", &["/b/e1.json"], &[("d2", "wh")]);
+    let out = s
+        .commit_events(vec![again.clone(), again], vec![])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    for o in out {
+        let CommitOutcome::Known {
+            result,
+            pending_envelope,
+        } = o
+        else {
+            panic!("Known")
+        };
+        assert_eq!(&result, r);
+        assert_eq!(
+            pending_envelope.as_deref(),
+            Some(r#"{"id":"e1"}"#),
+            "files not done yet"
+        );
+    }
+    assert_eq!(ids(&due(&s).await), ["d1"]);
+    // The same id in another org is another event.
+    org(&s, "beta").await;
+    let out = s
+        .commit_events(vec![event("beta", "e1", &[], &[])], vec![])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], CommitOutcome::New(_)));
+}
+
+pub(super) async fn pending_files_until_done(s: S) {
+    org(&s, "acme").await;
+    let batch = vec![
+        event("acme", "e1", &["/x/e1.json"], &[]),
+        event("acme", "e2", &["/x/e2.json"], &[]),
+        event("acme", "e3", &[], &[]),
+    ];
+    s.commit_events(batch, vec![]).await.unwrap();
+    let mut p: Vec<_> = s
+        .pending_files()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    p.sort();
+    assert_eq!(p, ["e1", "e2"], "an event without files is never pending");
+    s.mark_files_done(vec![("acme".into(), "e1".into())])
+        .await
+        .unwrap();
+    // Files done can also ride on the next group commit.
+    s.commit_events(vec![], vec![("acme".into(), "e2".into())])
+        .await
+        .unwrap();
+    assert!(s.pending_files().await.unwrap().is_empty());
+    let out = s
+        .commit_events(vec![event("acme", "e1", &["/x/e1.json"], &[])], vec![])
+        .await
+        .unwrap();
+    let CommitOutcome::Known {
+        pending_envelope, ..
+    } = &out[0]
+    else {
+        panic!()
+    };
+    assert!(
+        pending_envelope.is_none(),
+        "files done: nothing to write again"
+    );
+}
+
+pub(super) async fn deferred_files_stay_pending(s: S) {
+    org(&s, "acme").await;
+    let mut ev = event("acme", "e1", &["/x/e1.json"], &[]);
+    ev.defer_files = true;
+    ev.quota = Some(crate::limits::Quota { files: 1, bytes: 0 });
+    let out = s.commit_events(vec![ev], vec![]).await.unwrap();
+    assert!(
+        matches!(out[0], CommitOutcome::New(_)),
+        "the event is recorded"
+    );
+    let p = s.pending_files().await.unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!((p[0].org.as_str(), p[0].id.as_str()), ("acme", "e1"));
+    assert_eq!(p[0].files, ["/x/e1.json"]);
+    assert_eq!(p[0].envelope_json, r#"{"id":"e1"}"#);
+}
+
+pub(super) async fn due_jobs_and_busy(s: S) {
+    with_jobs(&s, 3).await;
+    assert_eq!(ids(&due(&s).await), ["d0", "d1", "d2"]);
+    let past = Utc::now() - Duration::hours(1);
+    assert!(
+        s.due_jobs(past, 100, Busy::default())
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due yet"
+    );
+    let job = &due(&s).await[0];
+    assert_eq!(job.payload, format!(r#"{{"id":"{}"}}"#, job.event_id));
+    assert_eq!(
+        job.webhook.as_ref().unwrap().secret.as_deref(),
+        Some("whsec_test")
+    );
+    assert_eq!(job.attempts, 0);
+
+    let busy = Busy {
+        deliveries: vec!["d0".into()],
+        webhooks: vec![],
+    };
+    assert_eq!(
+        ids(&s.due_jobs(Utc::now(), 100, busy.clone()).await.unwrap()),
+        ["d1", "d2"]
+    );
+    assert_eq!(
+        s.due_jobs(Utc::now(), 1, Busy::default())
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "limit"
+    );
+    let all_busy = Busy {
+        deliveries: vec![],
+        webhooks: vec!["wh".into()],
+    };
+    assert!(s
+        .due_jobs(Utc::now(), 100, all_busy.clone())
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s.next_due_at(all_busy).await.unwrap().is_none());
+    let next = s.next_due_at(Busy::default()).await.unwrap().unwrap();
+    assert!(next <= Utc::now());
+}
+
+pub(super) async fn claim_announced_takes_only_the_named_due_jobs(s: S) {
+    with_jobs(&s, 3).await;
+    let got = s
+        .claim_announced(
+            vec!["d2".into(), "d0".into(), "nope".into()],
+            Utc::now(),
+            Busy::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), ["d0", "d2"]);
+    let busy = Busy {
+        deliveries: vec!["d0".into()],
+        webhooks: vec![],
+    };
+    let got = s
+        .claim_announced(vec!["d0".into()], Utc::now(), busy)
+        .await
+        .unwrap();
+    assert!(got.is_empty(), "a busy job is not handed out");
+    assert!(s
+        .claim_announced(vec![], Utc::now(), Busy::default())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub(super) async fn attempts_and_health(s: S) {
+    with_jobs(&s, 4).await;
+    let jobs = due(&s).await;
+    let job = |id: &str| jobs.iter().find(|j| j.id == id).unwrap().clone();
+    let later = Utc::now() + Duration::hours(1);
+
+    // A refused connection is a failure: the job waits, the webhook is failing.
+    record(
+        &s,
+        &job("d0"),
+        AttemptResult::Transport(TransportError::Connect),
+        AttemptOutcome::Retry { at: later },
+    )
+    .await;
+    let d0 = delivery(&s, "d0").await;
+    assert_eq!((d0.status, d0.attempts), (DeliveryStatus::Failed, 1));
+    assert!(d0.next_attempt_at.unwrap() > Utc::now());
+    assert_eq!(d0.attempt_log.len(), 1);
+    assert_eq!(
+        d0.attempt_log[0].result,
+        AttemptResult::Transport(TransportError::Connect)
+    );
+    assert!(
+        !ids(&due(&s).await).contains(&"d0".to_string()),
+        "not due before its retry time"
+    );
+    let since = s
+        .get_webhook("acme", "wh")
+        .await
+        .unwrap()
+        .unwrap()
+        .failing_since
+        .unwrap();
+
+    // A second failure keeps the first failure time.
+    record(
+        &s,
+        &job("d1"),
+        AttemptResult::HttpError { status: 503 },
+        AttemptOutcome::Retry { at: later },
+    )
+    .await;
+    let h = s.get_webhook("acme", "wh").await.unwrap().unwrap();
+    assert_eq!(h.failing_since, Some(since));
+    assert_eq!(delivery(&s, "d1").await.last_status, Some(503));
+
+    // Nothing sent says nothing about the endpoint.
+    record(
+        &s,
+        &job("d2"),
+        AttemptResult::NotAttempted,
+        AttemptOutcome::Dead,
+    )
+    .await;
+    assert_eq!(
+        s.get_webhook("acme", "wh")
+            .await
+            .unwrap()
+            .unwrap()
+            .failing_since,
+        Some(since)
+    );
+    assert_eq!(delivery(&s, "d2").await.status, DeliveryStatus::Dead);
+
+    // A success heals.
+    record(
+        &s,
+        &job("d3"),
+        AttemptResult::Delivered { status: 204 },
+        AttemptOutcome::Delivered,
+    )
+    .await;
+    let h = s.get_webhook("acme", "wh").await.unwrap().unwrap();
+    assert!(h.failing_since.is_none() && h.enabled);
+    let d3 = delivery(&s, "d3").await;
+    assert_eq!(
+        (d3.status, d3.last_status, d3.next_attempt_at),
+        (DeliveryStatus::Delivered, Some(204), None)
+    );
+
+    // 410 Gone disables the webhook with its reason, and the job is dead.
+    let disable = AttemptOutcome::DisableWebhook {
+        reason: "410 Gone".into(),
+    };
+    record(
+        &s,
+        &job("d0"),
+        AttemptResult::HttpError { status: 410 },
+        disable,
+    )
+    .await;
+    let h = s.get_webhook("acme", "wh").await.unwrap().unwrap();
+    assert!(!h.enabled);
+    assert_eq!(h.disabled_reason.as_deref(), Some("410 Gone"));
+    let d0 = delivery(&s, "d0").await;
+    assert_eq!(
+        (d0.status, d0.attempts, d0.attempt_log.len()),
+        (DeliveryStatus::Dead, 2, 2)
+    );
+
+    // Several records in one group commit.
+    let recs = vec![
+        AttemptRecord::new(
+            job("d1"),
+            attempt(AttemptResult::HttpError { status: 500 }),
+            AttemptOutcome::Retry { at: later },
+        ),
+        AttemptRecord::new(
+            job("d1"),
+            attempt(AttemptResult::Delivered { status: 200 }),
+            AttemptOutcome::Delivered,
+        ),
+    ];
+    s.record_attempts(recs).await.unwrap();
+    let d1 = delivery(&s, "d1").await;
+    assert_eq!(
+        (d1.status, d1.attempts),
+        (DeliveryStatus::Delivered, 3),
+        "applied in order"
+    );
+    s.record_attempts(vec![]).await.unwrap();
+}
+
+pub(super) async fn list_deliveries_filters(s: S) {
+    with_jobs(&s, 3).await;
+    let jobs = due(&s).await;
+    let later = Utc::now() + Duration::hours(1);
+    record(
+        &s,
+        &jobs[0],
+        AttemptResult::HttpError { status: 500 },
+        AttemptOutcome::Retry { at: later },
+    )
+    .await;
+    record(
+        &s,
+        &jobs[1],
+        AttemptResult::HttpError { status: 500 },
+        AttemptOutcome::Dead,
+    )
+    .await;
+    let list = |st| {
+        let s = s.clone();
+        async move {
+            let mut v: Vec<String> = s
+                .list_deliveries("acme", "wh", st, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| d.id)
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let (a, b, c) = (jobs[0].id.clone(), jobs[1].id.clone(), jobs[2].id.clone());
+    assert_eq!(list(Some(DeliveryStatus::Failed)).await, {
+        let mut v = vec![a.clone(), b.clone()];
+        v.sort();
+        v
+    });
+    assert_eq!(list(Some(DeliveryStatus::Dead)).await, [b]);
+    assert_eq!(list(Some(DeliveryStatus::Pending)).await, [c]);
+    assert_eq!(list(None).await.len(), 3);
+    assert_eq!(
+        s.list_deliveries("acme", "wh", None, 2)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "limit"
+    );
+    assert!(s
+        .list_deliveries("acme", "other", None, 100)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub(super) async fn replay_resets_jobs(s: S) {
+    with_jobs(&s, 2).await;
+    for j in due(&s).await {
+        record(
+            &s,
+            &j,
+            AttemptResult::HttpError { status: 500 },
+            AttemptOutcome::Dead,
+        )
+        .await;
+    }
+    assert!(due(&s).await.is_empty());
+    assert_eq!(s.replay("acme", "wh", Some("d0"), None).await.unwrap(), 1);
+    let d0 = delivery(&s, "d0").await;
+    assert_eq!((d0.status, d0.attempts), (DeliveryStatus::Pending, 0));
+    assert_eq!(ids(&due(&s).await), ["d0"]);
+    assert_eq!(s.replay("acme", "wh", Some("nope"), None).await.unwrap(), 0);
+    let future = Utc::now() + Duration::hours(1);
+    assert_eq!(
+        s.replay("acme", "wh", None, Some(future)).await.unwrap(),
+        0,
+        "nothing created since"
+    );
+    assert_eq!(s.replay("acme", "wh", None, None).await.unwrap(), 2);
+    assert_eq!(ids(&due(&s).await), ["d0", "d1"]);
+}
+
+pub(super) async fn queue_stats_counts_open_jobs(s: S) {
+    assert_eq!(s.queue_stats().await.unwrap(), (0, None));
+    with_jobs(&s, 3).await;
+    let (n, oldest) = s.queue_stats().await.unwrap();
+    assert_eq!(n, 3);
+    assert!(oldest.unwrap() <= Utc::now());
+    let j = due(&s).await.remove(0);
+    let later = Utc::now() + Duration::hours(1);
+    record(
+        &s,
+        &j,
+        AttemptResult::HttpError { status: 500 },
+        AttemptOutcome::Retry { at: later },
+    )
+    .await;
+    assert_eq!(
+        s.queue_stats().await.unwrap().0,
+        3,
+        "a job waiting for its retry is open"
+    );
+    record(
+        &s,
+        &j,
+        AttemptResult::Delivered { status: 200 },
+        AttemptOutcome::Delivered,
+    )
+    .await;
+    assert_eq!(s.queue_stats().await.unwrap().0, 2);
+}
+
+pub(super) async fn downloads(s: S) {
+    org(&s, "acme").await;
+    let files = [
+        "/in/a.json",
+        "/in/sub/b.json",
+        "/inbox.json",
+        "/other/c.json",
+    ];
+    s.record_downloads(
+        files
+            .iter()
+            .map(|f| ("acme".to_string(), f.to_string()))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    s.record_downloads(vec![("acme".into(), "/in/a.json".into())])
+        .await
+        .unwrap();
+    assert_eq!(s.downloaded("acme").await.unwrap().len(), 4);
+    assert!(s.downloaded("beta").await.unwrap().is_empty());
+    // A folder rename moves what is below it, not its look-alike siblings.
+    s.move_downloads("acme", "/in", "/done").await.unwrap();
+    let got = s.downloaded("acme").await.unwrap();
+    for f in [
+        "/done/a.json",
+        "/done/sub/b.json",
+        "/inbox.json",
+        "/other/c.json",
+    ] {
+        assert!(got.contains(f), "{f} in {got:?}");
+    }
+    s.move_downloads("acme", "/other/c.json", "/other/d.json")
+        .await
+        .unwrap();
+    s.forget_downloads("acme", vec!["/done/a.json".into(), "/nope".into()])
+        .await
+        .unwrap();
+    let got = s.downloaded("acme").await.unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got.contains("/other/d.json") && !got.contains("/done/a.json"));
+}
+
+pub(super) async fn deleting_an_org_forgets_its_events(s: S) {
+    with_jobs(&s, 1).await;
+    assert!(s.delete_org("acme").await.unwrap());
+    assert!(due(&s).await.is_empty());
+    assert_eq!(s.queue_stats().await.unwrap().0, 0);
+    org(&s, "acme").await;
+    let out = s
+        .commit_events(vec![event("acme", "e0", &[], &[])], vec![])
+        .await
+        .unwrap();
+    assert!(
+        matches!(out[0], CommitOutcome::New(_)),
+        "a re-created org starts afresh"
+    );
+}
