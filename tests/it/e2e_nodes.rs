@@ -90,3 +90,55 @@ async fn readyz_fails_while_the_object_store_is_down_and_recovers() {
     })
     .await;
 }
+
+/// Two nodes on one store (here one SQLite database both open; the scale-out runs below
+/// use PostgreSQL): an address banned on A is refused by B within seconds, others are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_on_one_node_refuses_the_address_on_the_other() {
+    let defender = "[defender]\nthreshold = 1\n";
+    let a = Daemon::start_opts(Opts {
+        top: r#"node_id = "a""#,
+        extra: defender,
+        ..Default::default()
+    })
+    .await;
+    let b = Daemon::start_opts(Opts {
+        top: r#"node_id = "b""#,
+        extra: defender,
+        data_dir: Some(a.data_dir()),
+        ..Default::default()
+    })
+    .await;
+    let (_, ok) = crate::e2e_preauth::banner_from("127.0.0.7", b.sftp_port).await;
+    assert!(ok, "B refused an address before any ban: {}", b.log());
+    // A protocol error on A: not SSH at all.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.7:0".parse().unwrap()).unwrap();
+    let mut s = sock
+        .connect(format!("127.0.0.1:{}", a.sftp_port).parse().unwrap())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut sink)).await;
+    wait_for("A to ban 127.0.0.7", Duration::from_secs(30), || async {
+        a.metrics()
+            .await
+            .contains("hookbridge_defender_bans_total 1")
+            .then_some(())
+    })
+    .await;
+    wait_for("B to refuse 127.0.0.7", Duration::from_secs(30), || async {
+        let (_, ok) = crate::e2e_preauth::banner_from("127.0.0.7", b.sftp_port).await;
+        (!ok).then_some(())
+    })
+    .await;
+    assert!(
+        b.log().contains("address banned by another node"),
+        "{}",
+        b.log()
+    );
+    let (_, ok) = crate::e2e_preauth::banner_from("127.0.0.8", b.sftp_port).await;
+    assert!(ok, "B refused an address nobody banned");
+}
