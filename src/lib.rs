@@ -276,6 +276,17 @@ pub async fn run_with_hook(
         let cancel = cancel.clone();
         tasks.spawn(async move { ("reload", reload::run(app, cancel).await) });
     }
+    {
+        let (store, storage) = (app.store.clone(), app.storage.clone());
+        let timeout = config.http.request_timeout.0;
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            (
+                "repair",
+                spool::repair_stale(store, storage, timeout, cancel).await,
+            )
+        });
+    }
     if let Some(listener) = listeners.metrics {
         tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening (no auth: keep this address private)");
         let router = ingress::metrics_router(app.clone());

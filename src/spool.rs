@@ -461,6 +461,57 @@ pub async fn recover(
     storage: &Arc<dyn Storage>,
 ) -> Result<usize, SpoolError> {
     let pending = store.pending_files().await?;
+    write_pending(store, storage, pending).await
+}
+
+/// How often [`repair_stale`] looks, and how old a pending event must be before any node
+/// takes it over: older than any request of the node that accepted it can still run, so
+/// a live committer's batch is never raced.
+pub fn stale_after(request_timeout: std::time::Duration) -> std::time::Duration {
+    (request_timeout * 2).max(std::time::Duration::from_secs(2))
+}
+
+/// Crash repair by any node: every so often, writes the files of events some node
+/// accepted and did not finish (it died, or lost the object store) once they are older
+/// than [`stale_after`]. Writes are create-only, so two nodes repairing at once, or a
+/// node finishing late, leave one copy.
+pub async fn repair_stale(
+    store: Arc<dyn Store>,
+    storage: Arc<dyn Storage>,
+    request_timeout: std::time::Duration,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    let age = stale_after(request_timeout);
+    let every = (age / 2).min(std::time::Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+        let before =
+            chrono::Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+        let pending = match store.stale_pending_files(before).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "crash repair: cannot list pending event files; retrying");
+                continue;
+            }
+        };
+        if pending.is_empty() {
+            continue;
+        }
+        tracing::warn!(events = pending.len(), older_than = ?age, "crash repair: writing files of events a node accepted but did not finish");
+        if let Err(e) = write_pending(&store, &storage, pending).await {
+            tracing::warn!(error = %e, "crash repair: pending event files still cannot be written; retrying");
+        }
+    }
+}
+
+async fn write_pending(
+    store: &Arc<dyn Store>,
+    storage: &Arc<dyn Storage>,
+    pending: Vec<crate::store::PendingFiles>,
+) -> Result<usize, SpoolError> {
     if pending.is_empty() {
         return Ok(0);
     }

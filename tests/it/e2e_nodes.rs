@@ -142,3 +142,77 @@ async fn a_ban_on_one_node_refuses_the_address_on_the_other() {
     let (_, ok) = crate::e2e_preauth::banner_from("127.0.0.8", b.sftp_port).await;
     assert!(ok, "B refused an address nobody banned");
 }
+
+/// Crash repair by a live node: an event some node committed to the store and died before
+/// writing its file (made here with the store the daemon uses, as that node would have
+/// left it) is written by another running node once it is older than twice the request
+/// timeout, with no restart of anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_node_writes_the_files_of_events_another_node_left_pending() {
+    let d = Daemon::start_opts(Opts {
+        top: r#"node_id = "survivor""#,
+        http_extra: r#"request_timeout = "1s""#,
+        ..Default::default()
+    })
+    .await;
+    let (s, _) = d
+        .admin("PUT", "/v1/orgs/acme", Some(serde_json::json!({})))
+        .await;
+    assert!(s == 200 || s == 201, "{s}");
+    let cfg = hookbridge::config::Config {
+        data_dir: d.data_dir(),
+        ..Default::default()
+    };
+    let sealer = hookbridge::secrets::SecretBox::load_or_create(&cfg).unwrap();
+    let dead_node = hookbridge::store::SqliteStore::open(
+        &d.data_dir().join("state.db"),
+        std::sync::Arc::new(sealer),
+    )
+    .unwrap();
+    use hookbridge::store::Store;
+    let envelope = r#"{"id":"evt_left","type":"payment","data":{"n":1}}"#;
+    dead_node
+        .commit_events(
+            vec![hookbridge::store::NewEvent {
+                org: "acme".into(),
+                id: "evt_left".into(),
+                envelope_json: envelope.into(),
+                files: vec!["/left/evt_left.json".into()],
+                deliveries: vec![],
+                defer_files: false,
+                quota: None,
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
+    drop(dead_node);
+    let files = wait_for(
+        "the survivor to write the file",
+        Duration::from_secs(30),
+        || async {
+            let f = d.org_files("acme").await;
+            f.contains_key("/left/evt_left.json").then_some(f)
+        },
+    )
+    .await;
+    assert_eq!(
+        files["/left/evt_left.json"],
+        format!("{envelope}\n").into_bytes()
+    );
+    wait_for(
+        "the event to be marked written",
+        Duration::from_secs(30),
+        || async {
+            d.log()
+                .contains("wrote files of events accepted before the last stop")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        d.log().contains("crash repair: writing files"),
+        "{}",
+        d.log()
+    );
+}
