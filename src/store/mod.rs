@@ -4,6 +4,7 @@
 #[cfg(test)]
 mod conformance;
 pub mod health;
+mod postgres;
 mod rows;
 mod rules;
 mod sqlite;
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 use crate::event::EventType;
 
+pub use postgres::PostgresStore;
 pub use rules::{failing_since_on_put, DELETED_WEBHOOK_ERROR, DELETED_WEBHOOK_JOB_STATE};
 pub use sqlite::SqliteStore;
 
