@@ -172,6 +172,10 @@ suite!(postgres:
     queue_stats_counts_open_jobs,
     downloads,
     deleting_an_org_forgets_its_events,
+    ping_answers,
+    bans_keep_the_later_end_and_expire,
+    stale_pending_files_are_the_older_ones,
+    shared_secrets_first_writer_wins_and_rotations_count,
 );
 
 #[tokio::test]

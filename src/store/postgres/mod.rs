@@ -18,6 +18,7 @@ use super::rows::{from_micros, micros};
 use super::*;
 use crate::secrets::SecretBox;
 
+mod nodes;
 mod queue;
 mod schema;
 
@@ -438,6 +439,34 @@ impl Store for PostgresStore {
 
     async fn pending_files(&self) -> Result<Vec<PendingFiles>> {
         queue::pending_files(self).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        nodes::ping(self).await
+    }
+
+    async fn put_ban(&self, ban: &Ban) -> Result<()> {
+        nodes::put_ban(self, ban).await
+    }
+
+    async fn active_bans(&self, now: DateTime<Utc>) -> Result<Vec<Ban>> {
+        nodes::active_bans(self, now).await
+    }
+
+    async fn stale_pending_files(&self, before: DateTime<Utc>) -> Result<Vec<PendingFiles>> {
+        nodes::stale_pending_files(self, before).await
+    }
+
+    async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret> {
+        nodes::secret_init(self, name, value).await
+    }
+
+    async fn shared_secret_get(&self, name: &str) -> Result<Option<SharedSecret>> {
+        nodes::secret_get(self, name).await
+    }
+
+    async fn shared_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret> {
+        nodes::secret_set(self, name, value).await
     }
 
     async fn due_jobs(
