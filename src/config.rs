@@ -49,6 +49,9 @@ impl<'de> Deserialize<'de> for Dur {
 pub struct Config {
     /// Where state (SQLite), keys, org folders and temp files live. Default `./data`.
     pub data_dir: PathBuf,
+    /// This node's name in logs, `/metrics` and `/readyz` (env `HOOKBRIDGE_NODE_ID`).
+    /// Default: the host name. Give each node of a scaled-out service its own.
+    pub node_id: String,
     pub http: HttpConfig,
     pub sftp: SftpConfig,
     pub ingress: IngressConfig,
@@ -376,10 +379,24 @@ pub struct WebhookDecl {
     pub max_part_bytes: Option<u64>,
 }
 
+/// The host name, the default node id; `node` when it cannot be read or is not a valid id.
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(ok) {
+        "node".to_owned()
+    } else {
+        name
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data"),
+            node_id: hostname(),
             http: HttpConfig::default(),
             sftp: SftpConfig::default(),
             ingress: IngressConfig::default(),
@@ -508,6 +525,9 @@ impl Config {
         if let Some(v) = get("HOOKBRIDGE_DATA_DIR") {
             self.data_dir = v.into();
         }
+        if let Some(v) = get("HOOKBRIDGE_NODE_ID") {
+            self.node_id = v;
+        }
         if let Some(v) = get("HOOKBRIDGE_INGRESS_JWT_SECRET") {
             self.ingress.jwt_hs256_secret = Some(v);
         }
@@ -543,6 +563,16 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        let id_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+        if self.node_id.is_empty() || self.node_id.len() > 64 || !self.node_id.chars().all(id_ok) {
+            return Err(invalid(
+                "node_id",
+                format!(
+                    "{:?}: 1 to 64 of A-Z a-z 0-9 . - _ (it names the node in logs and metrics)",
+                    self.node_id
+                ),
+            ));
         }
         if let Err((key, message)) = self.storage.validate() {
             return Err(invalid(key, message));

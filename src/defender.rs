@@ -3,6 +3,11 @@
 //! time add points; an IP reaching the threshold within the observation window is banned for a
 //! while. A clean close before authentication (a health check, a banner read, a key scan)
 //! scores nothing. Allow-listed networks are never banned.
+//!
+//! Bans are shared by every node on the store: a ban is written to the store as it is
+//! made, and [`sync`] reads the running bans back about every second, so an address banned
+//! on one node is refused by all of them within seconds. Scores stay per node (a
+//! spray across nodes needs the threshold on one of them): only the verdict is shared.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -82,10 +87,21 @@ pub struct Defender {
     cfg: DefenderConfig,
     allow: Vec<Net>,
     hosts: Mutex<HashMap<IpAddr, Entry>>,
+    /// This node's id, recorded with the bans it makes.
+    node: String,
+    /// Bans read from the store (made by any node), until when.
+    shared: Mutex<HashMap<IpAddr, Instant>>,
+    /// Bans made here and not yet written to the store.
+    outbox: Mutex<Vec<crate::store::Ban>>,
+    wake: tokio::sync::Notify,
 }
 
 impl Defender {
     pub fn new(cfg: &DefenderConfig) -> Defender {
+        Self::for_node(cfg, "")
+    }
+
+    pub fn for_node(cfg: &DefenderConfig, node: &str) -> Defender {
         let allow = cfg
             .allow_list
             .iter()
@@ -95,6 +111,10 @@ impl Defender {
             cfg: cfg.clone(),
             allow,
             hosts: Mutex::new(HashMap::new()),
+            node: node.to_owned(),
+            shared: Mutex::new(HashMap::new()),
+            outbox: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -106,6 +126,15 @@ impl Defender {
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         if !self.cfg.enabled || self.allowed(ip) {
             return false;
+        }
+        if self
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .is_some_and(|&t| Instant::now() < t)
+        {
+            return true;
         }
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = hosts.get_mut(&ip) else {
@@ -157,6 +186,18 @@ impl Defender {
             e.banned_until = Some(now + self.cfg.ban_time.0);
             metrics::counter!("hookbridge_defender_bans_total").increment(1);
             tracing::warn!(%ip, score = e.score, ban = ?self.cfg.ban_time.0, ?offence, "address banned for repeated failures");
+            let until = chrono::Utc::now()
+                + chrono::Duration::from_std(self.cfg.ban_time.0).unwrap_or(chrono::Duration::MAX);
+            self.outbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(crate::store::Ban {
+                    ip,
+                    until,
+                    reason: format!("{offence:?}, score {}", e.score),
+                    node: self.node.clone(),
+                });
+            self.wake.notify_one();
             return true;
         }
         false
@@ -169,6 +210,59 @@ impl Defender {
             .values()
             .filter(|e| e.banned_until.is_some_and(|t| now < t))
             .count()
+    }
+}
+
+/// How often a node reads the bans of the others from the store.
+pub const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes this node's new bans to the store at once and reads every running ban back each
+/// [`SYNC_EVERY`]. A store that does not answer only delays sharing: local bans hold.
+pub async fn sync(
+    defender: std::sync::Arc<Defender>,
+    store: std::sync::Arc<dyn crate::store::Store>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    if !defender.cfg.enabled {
+        return;
+    }
+    loop {
+        let new = std::mem::take(&mut *defender.outbox.lock().unwrap_or_else(|p| p.into_inner()));
+        for (i, ban) in new.iter().enumerate() {
+            if let Err(e) = store.put_ban(ban).await {
+                tracing::warn!(ip = %ban.ip, error = %e, "ban not yet shared with the other nodes; retrying");
+                defender
+                    .outbox
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&new[i..]);
+                break;
+            }
+        }
+        match store.active_bans(chrono::Utc::now()).await {
+            Ok(bans) => {
+                let now_utc = chrono::Utc::now();
+                let now = Instant::now();
+                let mut shared = defender.shared.lock().unwrap_or_else(|p| p.into_inner());
+                let mut next = HashMap::with_capacity(bans.len());
+                for b in bans {
+                    let left = (b.until - now_utc).to_std().unwrap_or_default();
+                    if !shared.contains_key(&b.ip) && b.node != defender.node {
+                        tracing::info!(ip = %b.ip, by = %b.node, reason = %b.reason, "address banned by another node");
+                    }
+                    next.insert(b.ip, now + left);
+                }
+                *shared = next;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the bans of the other nodes; retrying")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = defender.wake.notified() => {}
+            _ = tokio::time::sleep(SYNC_EVERY) => {}
+        }
     }
 }
 

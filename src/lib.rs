@@ -198,6 +198,8 @@ pub async fn run_with_hook(
     >,
 ) -> Result<(), StartError> {
     let config = Arc::new(config);
+    metrics::gauge!("hookbridge_node_info", "node_id" => config.node_id.clone()).set(1.0);
+    tracing::info!(node_id = %config.node_id, "starting");
     let (store, storage, secrets) = build_state(&config).await?;
     let delivery = delivery::Delivery::new(&config).map_err(StartError::Secrets)?;
     let recovered = spool::recover(&store, &storage).await?;

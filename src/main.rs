@@ -272,7 +272,7 @@ fn check_storage(cfg: &Config) -> anyhow::Result<()> {
 
 fn serve(path: Option<PathBuf>, demo: bool) -> anyhow::Result<()> {
     let cfg = Config::load(path.as_deref())?;
-    hookbridge::telemetry::init_tracing(&cfg.log);
+    hookbridge::telemetry::init_tracing(&cfg.log, &cfg.node_id);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -60,7 +60,7 @@ pub fn live_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 /// Keys only a restart can change.
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut v = Vec::new();
-    changed!(v, old, new, "", [data_dir]);
+    changed!(v, old, new, "", [data_dir, node_id]);
     changed!(
         v,
         old.http,
@@ -156,6 +156,7 @@ fn every_key_is_sorted(c: &Config) {
     use crate::config::*;
     let Config {
         data_dir: _,
+        node_id: _,
         http,
         sftp,
         ingress,

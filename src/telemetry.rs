@@ -39,7 +39,48 @@ type ReloadHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscr
 
 static FILTER: std::sync::OnceLock<ReloadHandle> = std::sync::OnceLock::new();
 
-pub fn init_tracing(log: &LogConfig) {
+/// Puts this node's id on every log line, whatever task or span it comes from (spans do
+/// not follow `tokio::spawn`, so a root span would miss most lines): `node_id=…` first on
+/// a human line, a `"node_id"` member first in a JSON object.
+struct WithNode<F> {
+    inner: F,
+    node: String,
+    json: bool,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithNode<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if !self.json {
+            write!(writer, "node_id={} ", self.node)?;
+            return self.inner.format_event(ctx, writer, event);
+        }
+        let mut line = String::new();
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        match line.strip_prefix('{') {
+            Some(rest) => {
+                let id = serde_json::to_string(&self.node).map_err(|_| std::fmt::Error)?;
+                write!(writer, "{{\"node_id\":{id},{rest}")
+            }
+            None => writer.write_str(&line),
+        }
+    }
+}
+
+pub fn init_tracing(log: &LogConfig, node_id: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env()
@@ -48,12 +89,28 @@ pub fn init_tracing(log: &LogConfig) {
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let node = node_id.to_owned();
     let ok = match log.format {
         LogFormat::Json => registry
-            .with(fmt.json().flatten_event(true))
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .map_event_format(|inner| WithNode {
+                        inner,
+                        node,
+                        json: true,
+                    }),
+            )
             .try_init()
             .is_ok(),
-        LogFormat::Human => registry.with(fmt).try_init().is_ok(),
+        LogFormat::Human => registry
+            .with(fmt.map_event_format(|inner| WithNode {
+                inner,
+                node,
+                json: false,
+            }))
+            .try_init()
+            .is_ok(),
     };
     if ok {
         let _ = FILTER.set(handle);
@@ -93,4 +150,44 @@ pub fn spawn_watchdog(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_node_id_as_a_member() {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .json()
+            .flatten_event(true)
+            .map_event_format(|inner| WithNode {
+                inner,
+                node: "n\"1".into(),
+                json: true,
+            })
+            .finish();
+        tracing::subscriber::with_default(sub, || tracing::info!(k = 3, "hello"));
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["node_id"], "n\"1", "{text}");
+        assert_eq!(v["message"], "hello", "{text}");
+        assert_eq!(v["k"], 3, "{text}");
+    }
 }

@@ -1,7 +1,7 @@
 //! Health, readiness and metrics for operators and load balancers.
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -25,22 +25,60 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
-/// Ready when the state store and the org storage answer.
-async fn readyz(State(app): State<App>) -> impl IntoResponse {
-    let store_ok = app.store.list_orgs().await.is_ok();
-    let tmp_ok = app.storage.ready().await.is_ok();
-    let status = if store_ok && tmp_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(
-            json!({"status": if status == StatusCode::OK { "ready" } else { "not ready" },
-        "store": store_ok, "data_dir": tmp_ok}),
-        ),
-    )
+/// Ready when the state store and the org storage answer within [`READY_TIMEOUT`], so a
+/// load balancer stops sending work to a node that lost either. The body names this node
+/// and what is down; a hung store counts as down rather than hanging the health check.
+async fn readyz(State(app): State<App>) -> Response {
+    let (store, storage) = tokio::join!(
+        within(async { app.store.ping().await.map_err(|e| e.to_string()) }),
+        within(async { app.storage.ready().await.map_err(|e| e.to_string()) }),
+    );
+    let mut down = serde_json::Map::new();
+    if let Some(e) = &store {
+        tracing::warn!(error = %e, "not ready: the state store does not answer");
+        down.insert("store".into(), json!(e));
+    }
+    if let Some(e) = &storage {
+        tracing::warn!(error = %e, storage = %app.storage.describe(), "not ready: the org storage does not answer");
+        down.insert("storage".into(), json!(e));
+    }
+    if !down.is_empty() {
+        let what: Vec<&str> = down.keys().map(String::as_str).collect();
+        return Problem::unavailable(
+            format!(
+                "node {} is not ready: {} down",
+                app.config.node_id,
+                what.join(" and ")
+            ),
+            5,
+        )
+        .with("node_id", &app.config.node_id)
+        .with("store", store.is_none())
+        .with("storage", storage.is_none())
+        .with("data_dir", storage.is_none())
+        .with("down", down)
+        .into_response();
+    }
+    Json(json!({
+        "status": "ready",
+        "node_id": app.config.node_id,
+        "store": true,
+        // `data_dir` is the older name of `storage`, kept for existing checks.
+        "storage": true,
+        "data_dir": true,
+    }))
+    .into_response()
+}
+
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What went wrong with one readiness check, if anything.
+async fn within(f: impl std::future::Future<Output = Result<(), String>>) -> Option<String> {
+    match tokio::time::timeout(READY_TIMEOUT, f).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(format!("no answer within {READY_TIMEOUT:?}")),
+    }
 }
 
 /// `/metrics` on the API address: it names every org and counts their files, auth

@@ -36,7 +36,7 @@ struct Shared {
     cancel: CancellationToken,
     /// Verified when the user is unknown, so both cases cost the same time.
     dummy_hash: String,
-    defender: crate::defender::Defender,
+    defender: Arc<crate::defender::Defender>,
     /// Connections that have not authenticated yet (MaxStartups)...
     unauthenticated: Arc<Semaphore>,
     /// ...and their share per source IP (PerSourceMaxStartups).
@@ -93,6 +93,15 @@ pub async fn serve(
     .await
     .map_err(std::io::Error::other)?
     .map_err(std::io::Error::other)?;
+    let defender = Arc::new(crate::defender::Defender::for_node(
+        &app.config.defender,
+        &app.config.node_id,
+    ));
+    tokio::spawn(crate::defender::sync(
+        defender.clone(),
+        app.store.clone(),
+        cancel.clone(),
+    ));
     let shared = Arc::new(Shared {
         ssh: Arc::new(ssh),
         sessions: Arc::new(Semaphore::new(cfg.max_sessions)),
@@ -100,7 +109,7 @@ pub async fn serve(
         tracker: TaskTracker::new(),
         cancel: cancel.clone(),
         dummy_hash,
-        defender: crate::defender::Defender::new(&app.config.defender),
+        defender: defender.clone(),
         unauthenticated: Arc::new(Semaphore::new(app.config.defender.max_unauthenticated)),
         unauthenticated_per_ip: PerIp::default(),
         verifier: crate::auth::Verifier::new(

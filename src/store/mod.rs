@@ -4,6 +4,7 @@
 #[cfg(test)]
 mod conformance;
 pub mod health;
+mod postgres;
 mod rows;
 mod rules;
 mod sqlite;
@@ -25,6 +26,7 @@ use serde::Serialize;
 
 use crate::event::EventType;
 
+pub use postgres::PostgresStore;
 pub use rules::{failing_since_on_put, DELETED_WEBHOOK_ERROR, DELETED_WEBHOOK_JOB_STATE};
 pub use sqlite::SqliteStore;
 
@@ -553,6 +555,43 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     /// Staged lines waiting, and the earliest close time among them (lag).
     async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)>;
+
+    // Nodes: what several hookbridge nodes on one store share (health, bans, repair,
+    // keys). SQLite implements them too, so one node behaves as a service of one.
+
+    /// A cheap round trip to the store, for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+    /// Records a ban of `ban.ip`; an existing ban of the address keeps the later end.
+    async fn put_ban(&self, ban: &Ban) -> Result<()>;
+    /// Bans still running at `now` (expired ones are dropped as a side effect).
+    async fn active_bans(&self, now: DateTime<Utc>) -> Result<Vec<Ban>>;
+
+    // Shared secrets: keys every node must serve alike (SSH host key, webhook signing
+    // keys). Values are stored as given (not encrypted at rest).
+
+    /// Stores `value` under `name` unless a value is there; returns the one that won.
+    async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret>;
+    async fn shared_secret_get(&self, name: &str) -> Result<Option<SharedSecret>>;
+    /// Replaces the value (a rotation); the version goes up by one.
+    async fn shared_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret>;
+}
+
+/// A source address refused by the SFTP defender until `until`, on every node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ban {
+    pub ip: std::net::IpAddr,
+    pub until: DateTime<Utc>,
+    pub reason: String,
+    /// The node that banned it.
+    pub node: String,
+}
+
+/// A secret shared by the nodes; `version` goes up at each rotation, so a node can tell
+/// that its copy is stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedSecret {
+    pub value: String,
+    pub version: i64,
 }
 
 /// One roll-up partition of one hook: `partition` is its folder under `/rollups`.

@@ -13,7 +13,7 @@ use crate::harness::*;
 
 /// Connects from `src` and reads what the server says first: its SSH banner line when the
 /// connection was admitted, nothing (EOF) when it was refused.
-async fn banner_from(src: &str, port: u16) -> (TcpStream, bool) {
+pub(crate) async fn banner_from(src: &str, port: u16) -> (TcpStream, bool) {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
     let mut s = sock

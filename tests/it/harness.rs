@@ -80,6 +80,8 @@ pub struct Daemon {
     pub delivery_config: String,
     /// Lines added to the generated `[http]` table (e.g. `metrics_listen = …`).
     pub http_extra: String,
+    /// Top-level keys of the generated config (before its first table).
+    pub top_config: String,
     /// The S3 server and key prefix of the org folders, when not on local disk.
     pub s3: Option<(crate::seaweed::S3Server, String)>,
     /// Environment variables of the daemon process (e.g. `HOOKBRIDGE_TEST_CLOCK`).
@@ -105,6 +107,11 @@ pub struct Opts<'a> {
     pub s3: Option<crate::seaweed::S3Server>,
     /// Environment variables of the daemon process.
     pub env: Vec<(String, String)>,
+    /// The key prefix on `s3`; several daemons given the same one share their org folders
+    /// (the nodes of one service). Unset: a prefix of the daemon's own.
+    pub s3_prefix: Option<String>,
+    /// Top-level TOML keys written before any table (e.g. `node_id = "a"`).
+    pub top: &'a str,
 }
 
 impl Default for Opts<'_> {
@@ -117,6 +124,8 @@ impl Default for Opts<'_> {
             http_extra: "",
             s3: None,
             env: Vec::new(),
+            s3_prefix: None,
+            top: "",
         }
     }
 }
@@ -167,7 +176,13 @@ impl Daemon {
             ),
             None => None,
         }
-        .map(|s| (s, crate::seaweed::unique_prefix("daemon")));
+        .map(|s| {
+            let prefix = o
+                .s3_prefix
+                .clone()
+                .unwrap_or_else(|| crate::seaweed::unique_prefix("daemon"));
+            (s, prefix)
+        });
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -181,6 +196,7 @@ impl Daemon {
             sftp_extra: sftp_extra.to_owned(),
             delivery_config: delivery.to_owned(),
             http_extra,
+            top_config: o.top.to_owned(),
             s3,
             env: o.env,
             child: None,
@@ -240,6 +256,7 @@ impl Daemon {
     pub fn write_config(&self) {
         let cfg = format!(
             r#"data_dir = "{data}"
+{top}
 [http]
 listen = "127.0.0.1:{http}"
 {http_extra}
@@ -264,6 +281,7 @@ level = "info,hookbridge=debug"
                 .map(|(s, prefix)| s.toml(prefix))
                 .unwrap_or_default(),
             data = self.data_dir().display(),
+            top = self.top_config,
             http = self.http_port,
             sftp = self.sftp_port,
             extra = self.extra_config,

@@ -13,7 +13,9 @@ use super::*;
 use crate::event::EventType;
 use crate::secrets::SecretBox;
 
+mod nodes;
 mod queue;
+use nodes::*;
 use queue::*;
 
 type S = Arc<dyn Store>;
@@ -22,6 +24,27 @@ type S = Arc<dyn Store>;
 pub(super) struct Backend {
     pub store: S,
     _keep: Box<dyn std::any::Any + Send>,
+    /// A database made for this test, dropped after it (PostgreSQL).
+    drop_db: Option<(String, String)>,
+}
+
+impl Backend {
+    async fn done(self) {
+        let Backend { store, drop_db, .. } = self;
+        drop(store);
+        if let Some((admin, db)) = drop_db {
+            drop_database(&admin, &db).await;
+        }
+    }
+}
+
+async fn drop_database(admin: &str, db: &str) {
+    if let Ok((c, conn)) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await {
+        tokio::spawn(conn);
+        let _ = c
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await;
+    }
 }
 
 fn secrets() -> Arc<SecretBox> {
@@ -29,13 +52,67 @@ fn secrets() -> Arc<SecretBox> {
     Arc::new(SecretBox::from_base64("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap())
 }
 
-pub(super) async fn sqlite() -> Backend {
+pub(super) async fn sqlite() -> Option<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("state.db"), secrets()).unwrap();
-    Backend {
+    Some(Backend {
         store: Arc::new(store),
         _keep: Box::new(dir),
-    }
+        drop_db: None,
+    })
+}
+
+/// A fresh database on the PostgreSQL named by `HOOKBRIDGE_TEST_PG_URL` (an admin URL),
+/// or `None` (the case is skipped, said aloud) when it is unset outside CI.
+pub(crate) async fn fresh_pg_database() -> Option<(String, String, String)> {
+    let Ok(admin) = std::env::var("HOOKBRIDGE_TEST_PG_URL") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "HOOKBRIDGE_TEST_PG_URL is not set: the PostgreSQL store cannot be tested"
+        );
+        eprintln!("skipped: HOOKBRIDGE_TEST_PG_URL is not set (PostgreSQL half of the store conformance suite)");
+        return None;
+    };
+    let db = format!("hb_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let (c, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect to HOOKBRIDGE_TEST_PG_URL");
+    tokio::spawn(conn);
+    c.batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let mut cfg: tokio_postgres::Config = admin.parse().unwrap();
+    cfg.dbname(&db);
+    let url = pg_url(&cfg);
+    Some((admin, db, url))
+}
+
+/// A `postgres://` URL for `cfg` (host, port, user and database only: the tests use trust).
+fn pg_url(cfg: &tokio_postgres::Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("postgres");
+    let pw = cfg
+        .get_password()
+        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    format!(
+        "postgres://{user}{pw}@{host}:{port}/{}",
+        cfg.get_dbname().unwrap_or("postgres")
+    )
+}
+
+pub(super) async fn postgres() -> Option<Backend> {
+    let (admin, db, url) = fresh_pg_database().await?;
+    let store = PostgresStore::open(&url, secrets()).await.unwrap();
+    Some(Backend {
+        store: Arc::new(store),
+        _keep: Box::new(()),
+        drop_db: Some((admin, db)),
+    })
 }
 
 macro_rules! suite {
@@ -44,8 +121,9 @@ macro_rules! suite {
             $(
                 #[tokio::test]
                 async fn $case() {
-                    let b = super::$backend().await;
+                    let Some(b) = super::$backend().await else { return };
                     super::$case(b.store.clone()).await;
+                    b.done().await;
                 }
             )*
         }
@@ -76,6 +154,82 @@ suite!(sqlite:
 /// Usage counters, quota charged in the commit, taken paths (`usage_cases`).
 async fn usage_quota_and_taken_paths(s: S) {
     super::usage_cases::run(&*s).await;
+    ping_answers,
+    bans_keep_the_later_end_and_expire,
+    shared_secrets_first_writer_wins_and_rotations_count,
+);
+
+suite!(postgres:
+    orgs,
+    sftp_users,
+    webhooks,
+    deleting_a_webhook_kills_its_open_jobs,
+    reenabling_a_webhook_heals_it,
+    custom_value_endpoint,
+    ingest_is_idempotent,
+    pending_files_until_done,
+    deferred_files_stay_pending,
+    due_jobs_and_busy,
+    claim_announced_takes_only_the_named_due_jobs,
+    attempts_and_health,
+    list_deliveries_filters,
+    replay_resets_jobs,
+    queue_stats_counts_open_jobs,
+    downloads,
+    deleting_an_org_forgets_its_events,
+    ping_answers,
+    bans_keep_the_later_end_and_expire,
+    shared_secrets_first_writer_wins_and_rotations_count,
+);
+
+#[tokio::test]
+async fn postgres_refuses_a_newer_schema() {
+    let Some((admin, db, url)) = fresh_pg_database().await else {
+        return;
+    };
+    let b = postgres_at(&url).await;
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let ahead = super::postgres::known_migrations() + 1;
+    c.execute("UPDATE schema_version SET version = $1", &[&ahead])
+        .await
+        .unwrap();
+    drop(c);
+    match PostgresStore::open(&url, secrets()).await {
+        Err(StoreError::SchemaTooNew { found, known }) => {
+            assert_eq!((found, known), (ahead, ahead - 1))
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+    drop(b);
+    drop_database(&admin, &db).await;
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    drop(SqliteStore::open(&path, secrets()).unwrap());
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let v: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    c.pragma_update(None, "user_version", v + 1).unwrap();
+    drop(c);
+    match SqliteStore::open(&path, secrets()) {
+        Err(StoreError::SchemaTooNew { found, known }) => assert_eq!((found, known), (v + 1, v)),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+}
+
+async fn postgres_at(url: &str) -> PostgresStore {
+    PostgresStore::open(url, secrets())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 // ---------- helpers ----------

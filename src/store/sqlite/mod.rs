@@ -15,6 +15,7 @@ use super::rows::*;
 use super::*;
 use crate::secrets::SecretBox;
 
+mod nodes;
 mod queue;
 mod rollups;
 mod schema;
@@ -620,6 +621,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.nodes_ping().await
+    }
+
+    async fn put_ban(&self, ban: &Ban) -> Result<()> {
+        self.nodes_put_ban(ban).await
+    }
+
+    async fn active_bans(&self, now: DateTime<Utc>) -> Result<Vec<Ban>> {
+        self.nodes_active_bans(now).await
+    }
+
+
+    async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret> {
+        self.nodes_secret_init(name, value).await
+    }
+
+    async fn shared_secret_get(&self, name: &str) -> Result<Option<SharedSecret>> {
+        self.nodes_secret_get(name).await
+    }
+
+    async fn shared_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret> {
+        self.nodes_secret_set(name, value).await
+    }
+
     async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()> {
         let (org, from, to) = (org.to_owned(), from.to_owned(), to.to_owned());
         self.with_writer(move |c| {
@@ -691,6 +717,7 @@ impl Store for SqliteStore {
         self.rollup_backlog_stats().await
     }
 }
+
 
 /// `.rows(q)`: collects query rows, skipping and reporting corrupt ones.
 trait Rows<T> {

@@ -120,6 +120,20 @@ CREATE TABLE taken_files (
     // 7: roll-ups: a webhook's roll-up settings (JSON), lines staged with their event
     // (seq is the accept order), and partitions' leases and close records.
     super::rollups::MIGRATION,
+    // 8: state shared by the nodes of a scaled-out service (bans, keys).
+    r#"
+CREATE TABLE bans (
+    ip TEXT PRIMARY KEY,
+    until INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    node TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE shared_secrets (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 pub(super) fn open(path: &Path) -> Result<Connection> {

@@ -1,0 +1,446 @@
+//! Ingest and the delivery queue on PostgreSQL.
+
+use chrono::{DateTime, Utc};
+
+use super::super::health::{AttemptRecord, HookEffect};
+use super::super::rows::micros;
+use super::super::*;
+use super::{get, hook_row, opt_time_at, time_at, to_json, PostgresStore};
+
+pub(super) async fn commit_events(
+    s: &PostgresStore,
+    batch: Vec<NewEvent>,
+    files_done: Vec<(String, String)>,
+) -> Result<Vec<CommitOutcome>> {
+    let mut c = s.conn().await?;
+    let tx = c.transaction().await?;
+    mark_done(&tx, &files_done).await?;
+    let now = micros(Utc::now());
+    let ins_event = tx
+        .prepare_cached(
+            "INSERT INTO events (org, id, envelope, result, files_pending, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (org, id) DO NOTHING",
+        )
+        .await?;
+    let find = tx
+        .prepare_cached(
+            "SELECT result, files_pending, envelope FROM events WHERE org = $1 AND id = $2",
+        )
+        .await?;
+    let ins_delivery = tx
+        .prepare_cached(
+            "INSERT INTO deliveries (id, org, webhook_id, event_id, status, attempts, next_attempt_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $6, $6)",
+        )
+        .await?;
+    let pending = DeliveryStatus::Pending.as_str();
+    let mut out = Vec::with_capacity(batch.len());
+    for ev in batch {
+        let result = IngestResult {
+            id: ev.id.clone(),
+            files: ev.files.clone(),
+            deliveries: ev.deliveries.iter().map(|(d, _)| d.clone()).collect(),
+        };
+        let result_json = to_json(&result)?;
+        // Idempotency is the primary key: a concurrent insert of the same id on another
+        // node waits for that commit and then inserts nothing.
+        let inserted = tx
+            .execute(
+                &ins_event,
+                &[
+                    &ev.org,
+                    &ev.id,
+                    &ev.envelope_json,
+                    &result_json,
+                    &!ev.files.is_empty(),
+                    &now,
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            let r = tx.query_one(&find, &[&ev.org, &ev.id]).await?;
+            let text: String = get(&r, 0)?;
+            let result: IngestResult =
+                serde_json::from_str(&text).map_err(|e| StoreError::Db(e.to_string()))?;
+            let files_pending: bool = get(&r, 1)?;
+            let pending_envelope = if files_pending {
+                Some(get(&r, 2)?)
+            } else {
+                None
+            };
+            out.push(CommitOutcome::Known {
+                result,
+                pending_envelope,
+            });
+            continue;
+        }
+        for (did, wid) in &ev.deliveries {
+            tx.execute(&ins_delivery, &[did, &ev.org, wid, &ev.id, &pending, &now])
+                .await?;
+        }
+        out.push(CommitOutcome::New(result));
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn mark_done(
+    tx: &deadpool_postgres::Transaction<'_>,
+    done: &[(String, String)],
+) -> Result<()> {
+    if done.is_empty() {
+        return Ok(());
+    }
+    let (orgs, ids): (Vec<&str>, Vec<&str>) =
+        done.iter().map(|(o, i)| (o.as_str(), i.as_str())).unzip();
+    tx.execute(
+        "UPDATE events e SET files_pending = FALSE FROM unnest($1::text[], $2::text[]) AS d(org, id)
+         WHERE e.org = d.org AND e.id = d.id AND e.files_pending",
+        &[&orgs, &ids],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn mark_files_done(s: &PostgresStore, done: Vec<(String, String)>) -> Result<()> {
+    if done.is_empty() {
+        return Ok(());
+    }
+    let mut c = s.conn().await?;
+    let tx = c.transaction().await?;
+    mark_done(&tx, &done).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn pending_files(s: &PostgresStore) -> Result<Vec<PendingFiles>> {
+    let c = s.conn().await?;
+    let rows = c
+        .query(
+            "SELECT org, id, envelope, result FROM events WHERE files_pending",
+            &[],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let result: String = get(r, 3)?;
+            let files = serde_json::from_str::<IngestResult>(&result)
+                .map_err(|e| StoreError::Db(format!("event result: {e}")))?
+                .files;
+            Ok(PendingFiles {
+                org: get(r, 0)?,
+                id: get(r, 1)?,
+                envelope_json: get(r, 2)?,
+                files,
+            })
+        })
+        .collect()
+}
+
+/// Due jobs outside `busy`, oldest first; with `only`, just those ids.
+pub(super) async fn jobs(
+    s: &PostgresStore,
+    now: DateTime<Utc>,
+    limit: usize,
+    busy: Busy,
+    only: Option<Vec<String>>,
+) -> Result<Vec<DeliveryJob>> {
+    let hook_cols = super::HOOK_COLS
+        .split(", ")
+        .map(|c| format!("w.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let c = s.conn().await?;
+    // The status literals match the partial index `deliveries_due` (DeliveryStatus::OPEN).
+    let sql = format!(
+        "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
+         FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
+         LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
+         WHERE ($5::text[] IS NULL OR d.id = ANY($5))
+           AND d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1
+           AND NOT (d.id = ANY($3)) AND NOT (d.webhook_id = ANY($4))
+         ORDER BY d.next_attempt_at LIMIT $2"
+    );
+    let rows = c
+        .query(
+            &sql,
+            &[
+                &micros(now),
+                &(limit as i64),
+                &busy.deliveries,
+                &busy.webhooks,
+                &only,
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let has_hook: bool = get(r, 7)?;
+            Ok(DeliveryJob {
+                id: get(r, 0)?,
+                org: get(r, 1)?,
+                webhook_id: get(r, 2)?,
+                event_id: get(r, 3)?,
+                payload: get(r, 4)?,
+                attempts: get::<i32>(r, 5)? as u32,
+                created_at: time_at(r, 6)?,
+                webhook: if has_hook {
+                    Some(hook_row(r, 8, &s.secrets)?)
+                } else {
+                    None
+                },
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn next_due_at(s: &PostgresStore, busy: Busy) -> Result<Option<DateTime<Utc>>> {
+    let c = s.conn().await?;
+    let r = c
+        .query_one(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE status IN ('pending', 'failed')
+               AND NOT (id = ANY($1)) AND NOT (webhook_id = ANY($2))",
+            &[&busy.deliveries, &busy.webhooks],
+        )
+        .await?;
+    opt_time_at(&r, 0)
+}
+
+pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut c = s.conn().await?;
+    let tx = c.transaction().await?;
+    let now = micros(Utc::now());
+    let ins = tx
+        .prepare_cached(
+            "INSERT INTO attempts (delivery_id, at, status, latency_ms, error, response_excerpt, outcome)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await?;
+    let upd = tx
+        .prepare_cached(
+            "UPDATE deliveries SET status = $2, attempts = attempts + 1, next_attempt_at = $3, last_status = $4,
+               last_error = $5, updated_at = $6 WHERE id = $1",
+        )
+        .await?;
+    let ok_hook = tx
+        .prepare_cached(
+            "UPDATE webhooks SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
+        )
+        .await?;
+    let failing_hook = tx
+        .prepare_cached(
+            "UPDATE webhooks SET failing_since = $2 WHERE id = $1 AND failing_since IS NULL",
+        )
+        .await?;
+    let disable = tx
+        .prepare_cached("UPDATE webhooks SET enabled = FALSE, disabled_reason = $2 WHERE id = $1")
+        .await?;
+    // As on SQLite: an effect just applied to a webhook is not applied again in this batch.
+    let mut last: std::collections::HashMap<&str, u8> = Default::default();
+    const OK: u8 = 1;
+    const FAILING: u8 = 2;
+    const DISABLED: u8 = 3;
+    for rec in &batch {
+        let (job, a) = (&rec.job, &rec.attempt);
+        let status = a.status().map(i32::from);
+        tx.execute(
+            &ins,
+            &[
+                &job.id,
+                &micros(a.at),
+                &status,
+                &(a.latency_ms as i64),
+                &a.error,
+                &a.response_excerpt,
+                &a.result.as_str(),
+            ],
+        )
+        .await?;
+        let (st, next) = rec.outcome.job_state();
+        tx.execute(
+            &upd,
+            &[
+                &job.id,
+                &st.as_str(),
+                &next.map(micros),
+                &status,
+                &a.error,
+                &now,
+            ],
+        )
+        .await?;
+        let hook = job.webhook_id.as_str();
+        match &rec.hook {
+            HookEffect::Healthy => {
+                if last.insert(hook, OK) != Some(OK) {
+                    tx.execute(&ok_hook, &[&hook]).await?;
+                }
+            }
+            HookEffect::Disable { reason } => {
+                tx.execute(&disable, &[&hook, reason]).await?;
+                last.insert(hook, DISABLED);
+            }
+            HookEffect::Failing { at } => {
+                if last.insert(hook, FAILING) != Some(FAILING) {
+                    tx.execute(&failing_hook, &[&hook, &micros(*at)]).await?;
+                }
+            }
+            HookEffect::None => {}
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn list_deliveries(
+    s: &PostgresStore,
+    org: &str,
+    webhook_id: &str,
+    status: Option<DeliveryStatus>,
+    limit: usize,
+) -> Result<Vec<Delivery>> {
+    let selected: Option<Vec<&str>> =
+        DeliveryStatus::selected_by(status).map(|v| v.iter().map(|s| s.as_str()).collect());
+    let c = s.conn().await?;
+    let rows = c
+        .query(
+            "SELECT id, org, webhook_id, event_id, status, attempts, next_attempt_at, last_status, last_error, created_at, updated_at
+             FROM deliveries WHERE org = $1 AND webhook_id = $2 AND ($3::text[] IS NULL OR status = ANY($3))
+             ORDER BY created_at DESC LIMIT $4",
+            &[&org, &webhook_id, &selected, &(limit as i64)],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    let at = c
+        .prepare_cached(
+            "SELECT at, status, latency_ms, error, response_excerpt, outcome FROM attempts
+             WHERE delivery_id = $1 ORDER BY at, seq",
+        )
+        .await?;
+    for r in &rows {
+        let st: String = get(r, 4)?;
+        let id: String = get(r, 0)?;
+        let log = c.query(&at, &[&id]).await?;
+        let attempt_log = log
+            .iter()
+            .map(|a| {
+                let outcome: String = get(a, 5)?;
+                let status = get::<Option<i32>>(a, 1)?.map(|s| s as u16);
+                Ok(Attempt {
+                    at: time_at(a, 0)?,
+                    result: AttemptResult::parse(&outcome, status).ok_or_else(|| {
+                        StoreError::Db(format!(
+                            "attempt outcome {outcome:?} with status {status:?}"
+                        ))
+                    })?,
+                    latency_ms: get::<i64>(a, 2)?.max(0) as u64,
+                    error: get(a, 3)?,
+                    response_excerpt: get(a, 4)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.push(Delivery {
+            org: get(r, 1)?,
+            webhook_id: get(r, 2)?,
+            event_id: get(r, 3)?,
+            status: DeliveryStatus::parse(&st)
+                .ok_or_else(|| StoreError::Db(format!("delivery {id}: unknown status {st:?}")))?,
+            attempts: get::<i32>(r, 5)? as u32,
+            next_attempt_at: opt_time_at(r, 6)?,
+            last_status: get::<Option<i32>>(r, 7)?.map(|s| s as u16),
+            last_error: get(r, 8)?,
+            created_at: time_at(r, 9)?,
+            updated_at: time_at(r, 10)?,
+            attempt_log,
+            id,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) async fn replay(
+    s: &PostgresStore,
+    org: &str,
+    webhook_id: &str,
+    delivery_id: Option<&str>,
+    since: Option<DateTime<Utc>>,
+) -> Result<u64> {
+    let c = s.conn().await?;
+    let now = micros(Utc::now());
+    let pending = DeliveryStatus::Pending.as_str();
+    let n = match delivery_id {
+        Some(did) => {
+            c.execute(
+                "UPDATE deliveries SET status = $5, attempts = 0, next_attempt_at = $4, updated_at = $4
+                 WHERE org = $1 AND webhook_id = $2 AND id = $3",
+                &[&org, &webhook_id, &did, &now, &pending],
+            )
+            .await?
+        }
+        None => {
+            c.execute(
+                "UPDATE deliveries SET status = $5, attempts = 0, next_attempt_at = $4, updated_at = $4
+                 WHERE org = $1 AND webhook_id = $2 AND created_at >= $3",
+                &[&org, &webhook_id, &since.map(micros).unwrap_or(0), &now, &pending],
+            )
+            .await?
+        }
+    };
+    Ok(n)
+}
+
+pub(super) async fn record_downloads(
+    s: &PostgresStore,
+    files: Vec<(String, String)>,
+) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let now = micros(Utc::now());
+    let mut seen = std::collections::HashSet::new();
+    // ON CONFLICT cannot touch one row twice in a statement: one entry per file.
+    let (orgs, paths): (Vec<&str>, Vec<&str>) = files
+        .iter()
+        .filter(|f| seen.insert((f.0.as_str(), f.1.as_str())))
+        .map(|(o, p)| (o.as_str(), p.as_str()))
+        .unzip();
+    let c = s.conn().await?;
+    c.execute(
+        "INSERT INTO downloads (org, path, at) SELECT org, path, $3 FROM unnest($1::text[], $2::text[]) AS f(org, path)
+         ON CONFLICT (org, path) DO UPDATE SET at = excluded.at",
+        &[&orgs, &paths, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn move_downloads(
+    s: &PostgresStore,
+    org: &str,
+    from: &str,
+    to: &str,
+) -> Result<()> {
+    let mut c = s.conn().await?;
+    let tx = c.transaction().await?;
+    // The file itself, or everything below the folder `from/`; a record already at the
+    // target is replaced (as SQLite's UPDATE OR REPLACE does).
+    let below = format!("{from}/");
+    tx.execute(
+        "DELETE FROM downloads WHERE org = $1 AND path IN (
+            SELECT $3 || substr(path, length($2) + 1) FROM downloads
+            WHERE org = $1 AND (path = $2 OR substr(path, 1, length($4)) = $4))",
+        &[&org, &from, &to, &below],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE downloads SET path = $3 || substr(path, length($2) + 1)
+         WHERE org = $1 AND (path = $2 OR substr(path, 1, length($4)) = $4)",
+        &[&org, &from, &to, &below],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Numbered migrations, embedded in the binary. `schema_version` holds the number applied;
+//! nodes starting together serialise on an advisory lock, and a node refuses a schema a
+//! newer binary migrated (it would not know its tables).
+
+use super::super::{Result, StoreError};
+
+const MIGRATIONS: &[&str] = &[include_str!("001_init.sql"), include_str!("002_nodes.sql")];
+
+/// An arbitrary constant: the advisory lock all hookbridge nodes take to migrate.
+const MIGRATION_LOCK: i64 = 0x686f_6f6b_6272_6467;
+
+pub(super) async fn migrate(c: &mut deadpool_postgres::Object) -> Result<()> {
+    let tx = c.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .await?;
+    let version: i64 = match tx
+        .query_opt("SELECT version FROM schema_version", &[])
+        .await?
+    {
+        Some(r) => r.get(0),
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[])
+                .await?;
+            0
+        }
+    };
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::SchemaTooNew {
+            found: version,
+            known,
+        });
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(m).await?;
+        tx.execute("UPDATE schema_version SET version = $1", &[&(i as i64 + 1)])
+            .await?;
+        tracing::info!(version = i + 1, "applied PostgreSQL state migration");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The number of migrations this binary knows (tests set a database ahead of it).
+#[cfg(test)]
+pub(crate) fn known() -> i64 {
+    MIGRATIONS.len() as i64
+}
