@@ -82,6 +82,8 @@ pub struct Daemon {
     pub http_extra: String,
     /// The S3 server and key prefix of the org folders, when not on local disk.
     pub s3: Option<(crate::seaweed::S3Server, String)>,
+    /// The daemon's own PostgreSQL database (`HOOKBRIDGE_TEST_STORE=postgres`), else SQLite.
+    pub store_url: Option<String>,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -163,6 +165,10 @@ impl Daemon {
             None => None,
         }
         .map(|s| (s, crate::seaweed::unique_prefix("daemon")));
+        let store_url = match std::env::var("HOOKBRIDGE_TEST_STORE").as_deref() {
+            Ok("postgres") => Some(fresh_pg_database().await),
+            _ => None,
+        };
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -177,6 +183,7 @@ impl Daemon {
             delivery_config: delivery.to_owned(),
             http_extra,
             s3,
+            store_url,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -299,7 +306,12 @@ level = "info,hookbridge=debug"
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hookbridge"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hookbridge"));
+        match &self.store_url {
+            Some(url) => cmd.env("HOOKBRIDGE_STORE_URL", url),
+            None => cmd.env_remove("HOOKBRIDGE_STORE_URL"),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(self.config_path())
             .stdout(Stdio::null())
@@ -543,4 +555,23 @@ impl Burst {
         while self.tasks.join_next().await.is_some() {}
         self.acked.lock().unwrap().clone()
     }
+}
+
+/// A new, empty database on the PostgreSQL of `HOOKBRIDGE_TEST_PG_URL` (an admin URL), and
+/// its URL: each daemon gets its own, so no test sees another's state.
+pub async fn fresh_pg_database() -> String {
+    let admin = std::env::var("HOOKBRIDGE_TEST_PG_URL")
+        .expect("HOOKBRIDGE_TEST_STORE=postgres needs HOOKBRIDGE_TEST_PG_URL (an admin URL)");
+    let db = format!("hb_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let (c, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect to HOOKBRIDGE_TEST_PG_URL");
+    tokio::spawn(conn);
+    c.batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("HOOKBRIDGE_TEST_PG_URL is postgres://…/database");
+    format!("{base}/{db}")
 }

@@ -70,6 +70,34 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// Reaches the database without changing it: what `check-config` shows. A schema
+    /// newer than this binary is an error, as at start.
+    pub async fn check(url: &str) -> Result<String> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Db(format!("not a PostgreSQL URL: {e}")))?;
+        cfg.connect_timeout(WAIT);
+        let (c, conn) = cfg.connect(NoTls).await?;
+        tokio::spawn(conn);
+        let server: String = c.query_one("SHOW server_version", &[]).await?.get(0);
+        let version = schema::applied(&c).await?;
+        let known = schema::known();
+        if version > known {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                known,
+            });
+        }
+        Ok(format!(
+            "server {server}, schema version {version} of {known}{}",
+            if version < known {
+                ", migrated at start"
+            } else {
+                ""
+            }
+        ))
+    }
+
     async fn conn(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
     }
@@ -97,11 +125,17 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
             _ => StoreError::Db(format!("PostgreSQL: {db}")),
         };
     }
-    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    let source = std::error::Error::source(&e);
+    let io = source.is_some_and(|s| s.is::<std::io::Error>());
+    // "error connecting to server" alone does not say why: add the cause (refused, timeout).
+    let why = match source {
+        Some(s) => format!("PostgreSQL: {e}: {s}"),
+        None => format!("PostgreSQL: {e}"),
+    };
     if e.is_closed() || io || e.to_string().starts_with("error connecting") {
-        StoreError::Unavailable(format!("PostgreSQL: {e}"))
+        StoreError::Unavailable(why)
     } else {
-        StoreError::Db(format!("PostgreSQL: {e}"))
+        StoreError::Db(why)
     }
 }
 
