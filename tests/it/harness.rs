@@ -103,6 +103,8 @@ pub struct Opts<'a> {
     /// Org folders on this S3 server (under a prefix of the daemon's own) instead of
     /// the local data dir. `HOOKBRIDGE_TEST_STORAGE=s3` sets it for every daemon.
     pub s3: Option<crate::seaweed::S3Server>,
+    /// The state in this PostgreSQL database instead of SQLite.
+    pub store_url: Option<String>,
 }
 
 impl Default for Opts<'_> {
@@ -114,6 +116,7 @@ impl Default for Opts<'_> {
             data_dir: None,
             http_extra: "",
             s3: None,
+            store_url: None,
         }
     }
 }
@@ -165,8 +168,12 @@ impl Daemon {
             None => None,
         }
         .map(|s| (s, crate::seaweed::unique_prefix("daemon")));
-        let store_url = match std::env::var("HOOKBRIDGE_TEST_STORE").as_deref() {
-            Ok("postgres") => Some(fresh_pg_database().await),
+        let store_url = match (
+            o.store_url,
+            std::env::var("HOOKBRIDGE_TEST_STORE").as_deref(),
+        ) {
+            (Some(u), _) => Some(u),
+            (None, Ok("postgres")) => Some(fresh_pg_database().await),
             _ => None,
         };
         let dir = tempfile::Builder::new()
