@@ -365,6 +365,18 @@ pub struct WebhookDecl {
     pub events: Vec<String>,
     #[serde(default)]
     pub path_template: Option<String>,
+    /// `json` (one file per event, default) or `ndjson.gz` (roll-ups).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// `hour` or `day`, with `format = "ndjson.gz"`.
+    #[serde(default)]
+    pub rollup: Option<String>,
+    /// Grace after a roll-up period before its partition closes. Default `5m`.
+    #[serde(default)]
+    pub close_after: Option<String>,
+    /// Most NDJSON bytes in one roll-up part. Default 128 MiB.
+    #[serde(default)]
+    pub max_part_bytes: Option<u64>,
 }
 
 impl Default for Config {

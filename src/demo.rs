@@ -41,6 +41,10 @@ pub async fn setup(app: &App) -> Result<String, String> {
             events: vec!["*".into()],
             path_template: None,
             enabled: None,
+            format: None,
+            rollup: None,
+            close_after: None,
+            max_part_bytes: None,
         };
         let hook = provision::build_webhook(
             DEMO_ORG,

@@ -5,6 +5,7 @@
 //! and the delivery workers; on cancel it stops accepting, drains, and returns.
 
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod console;
 pub mod defender;
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod provision;
 pub mod reload;
 pub mod retention;
+pub mod rollups;
 pub mod secrets;
 pub mod sftp;
 pub mod spool;
@@ -48,7 +50,6 @@ pub struct App {
     /// The config as last (re)loaded; `config` is the one the process started with.
     pub live: Arc<std::sync::RwLock<Arc<Config>>>,
     /// What each org folder holds, for quotas.
-    pub usage: Arc<limits::Usage>,
     /// Per-org ingest token buckets.
     pub rate: Arc<limits::RateLimiter>,
     /// Makes the delivery scheduler poll the outbox (replays). New jobs need no wake-up:
@@ -210,13 +211,15 @@ pub async fn run_with_hook(
         );
     }
 
+    // Orgs with no usage count yet (first start on this store) are counted from a listing,
+    // after the repair above so that its files count too.
+    retention::count_uncounted(&*store, &*storage).await;
+
     let spool_cancel = CancellationToken::new();
-    let usage = Arc::new(limits::Usage::default());
     let (announcer, announced) = delivery::handoff();
     let (spool, spool_task) = Spool::start(
         store.clone(),
         storage.clone(),
-        usage.clone(),
         config.http.max_pending_events,
         announcer,
         spool_cancel.clone(),
@@ -231,7 +234,6 @@ pub async fn run_with_hook(
         secrets: Arc::new(secrets),
         metrics,
         live: Arc::new(std::sync::RwLock::new(config.clone())),
-        usage,
         rate: Arc::new(limits::RateLimiter::default()),
         delivery_wake: Arc::new(tokio::sync::Notify::new()),
         delivery: Arc::new(delivery),
@@ -261,6 +263,11 @@ pub async fn run_with_hook(
         let app = app.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move { ("sweeper", retention::run(app, cancel).await) });
+    }
+    {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move { ("rollups", rollups::closer::run(app, cancel).await) });
     }
     {
         let store = app.store.clone();

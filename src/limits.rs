@@ -1,4 +1,5 @@
-//! Per-org ingest rate limits (token buckets) and folder usage for quotas.
+//! Per-org ingest rate limits (token buckets) and the quota rule. Folder usage itself is
+//! counted in the store (`Store::org_usage`), so that every node sees one count.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -48,22 +49,6 @@ pub struct OrgUsage {
     pub bytes: u64,
 }
 
-/// What each org folder holds (recounted by the sweeper, bumped by the spool in between),
-/// plus what batches being committed have reserved. Reservations are taken by the
-/// committer under one lock, so concurrent posts cannot all pass the same quota check.
-#[derive(Default)]
-pub struct Usage {
-    by_org: Mutex<HashMap<String, Counted>>,
-}
-
-#[derive(Default)]
-struct Counted {
-    /// On disk, as last counted plus what was placed since.
-    held: OrgUsage,
-    /// Reserved by events whose files are being written.
-    reserved: OrgUsage,
-}
-
 /// An org's quota as the committer checks it; 0 = no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Quota {
@@ -77,68 +62,6 @@ impl From<&EffectiveLimits> for Quota {
             files: l.quota_files,
             bytes: l.quota_bytes,
         }
-    }
-}
-
-impl Usage {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Counted>> {
-        self.by_org.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// On disk plus reserved.
-    pub fn get(&self, org: &str) -> OrgUsage {
-        self.lock()
-            .get(org)
-            .map(|c| OrgUsage {
-                files: c.held.files + c.reserved.files,
-                bytes: c.held.bytes + c.reserved.bytes,
-            })
-            .unwrap_or_default()
-    }
-
-    pub fn add(&self, org: &str, files: u64, bytes: u64) {
-        let mut map = self.lock();
-        let u = &mut map.entry(org.to_owned()).or_default().held;
-        u.files += files;
-        u.bytes += bytes;
-    }
-
-    /// Reserves room for `files`/`bytes` if `quota` allows it, atomically with the check;
-    /// otherwise says why not.
-    pub fn reserve(&self, org: &str, quota: Quota, files: u64, bytes: u64) -> Result<(), String> {
-        let mut map = self.lock();
-        let c = map.entry(org.to_owned()).or_default();
-        let now = OrgUsage {
-            files: c.held.files + c.reserved.files,
-            bytes: c.held.bytes + c.reserved.bytes,
-        };
-        if let Some(why) = over_quota(now, quota, files, bytes) {
-            return Err(why);
-        }
-        c.reserved.files += files;
-        c.reserved.bytes += bytes;
-        Ok(())
-    }
-
-    /// Ends a reservation: `placed` turns it into held files, otherwise it is given back.
-    pub fn settle(&self, org: &str, files: u64, bytes: u64, placed: bool) {
-        let mut map = self.lock();
-        let c = map.entry(org.to_owned()).or_default();
-        c.reserved.files = c.reserved.files.saturating_sub(files);
-        c.reserved.bytes = c.reserved.bytes.saturating_sub(bytes);
-        if placed {
-            c.held.files += files;
-            c.held.bytes += bytes;
-        }
-    }
-
-    /// A recount of what is on disk; reservations in flight stay.
-    pub fn set(&self, org: &str, usage: OrgUsage) {
-        self.lock().entry(org.to_owned()).or_default().held = usage;
-    }
-
-    pub fn remove(&self, org: &str) {
-        self.lock().remove(org);
     }
 }
 
@@ -216,38 +139,5 @@ mod tests {
         )
         .unwrap()
         .contains("bytes"));
-    }
-}
-
-#[cfg(test)]
-mod reserve_tests {
-    use super::*;
-
-    #[test]
-    fn reservations_count_until_settled() {
-        let u = Usage::default();
-        let q = Quota { files: 2, bytes: 0 };
-        u.reserve("a", q, 1, 10).unwrap();
-        u.reserve("a", q, 1, 10).unwrap();
-        assert!(u.reserve("a", q, 1, 10).is_err());
-        u.settle("a", 1, 10, false);
-        u.reserve("a", q, 1, 10).unwrap();
-        u.settle("a", 1, 10, true);
-        // A recount does not forget the reservation still in flight.
-        u.set(
-            "a",
-            OrgUsage {
-                files: 1,
-                bytes: 10,
-            },
-        );
-        assert!(u.reserve("a", q, 1, 10).is_err());
-        assert_eq!(
-            u.get("a"),
-            OrgUsage {
-                files: 2,
-                bytes: 20
-            }
-        );
     }
 }

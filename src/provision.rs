@@ -9,6 +9,7 @@ use chrono::Utc;
 
 use crate::config::{Config, OrgLimits};
 use crate::event::EventType;
+use crate::rollups;
 use crate::store::{
     new_id, validate_name, validate_path_template, validate_url, Org, SftpUser, Store, StoreError,
     Webhook, WebhookKind,
@@ -175,6 +176,78 @@ pub struct HookSpec {
     pub events: Vec<String>,
     pub path_template: Option<String>,
     pub enabled: Option<bool>,
+    /// `json` (default) or `ndjson.gz` (roll-ups, `sftp` only, with `rollup`).
+    pub format: Option<String>,
+    pub rollup: Option<String>,
+    pub close_after: Option<String>,
+    pub max_part_bytes: Option<u64>,
+}
+
+/// The format and roll-up settings `spec` asks for, checked.
+fn rollup_of(
+    kind: WebhookKind,
+    spec: &HookSpec,
+) -> Result<(rollups::Format, Option<rollups::RollupSpec>), ProvisionError> {
+    let format = match spec.format.as_deref() {
+        None => rollups::Format::Json,
+        Some(f) => rollups::Format::parse(f).ok_or_else(|| {
+            invalid(
+                "format",
+                format!("{f:?} is not allowed; use \"json\" or \"ndjson.gz\""),
+            )
+        })?,
+    };
+    if format == rollups::Format::Json {
+        for (key, set) in [
+            ("rollup", spec.rollup.is_some()),
+            ("close_after", spec.close_after.is_some()),
+            ("max_part_bytes", spec.max_part_bytes.is_some()),
+        ] {
+            if set {
+                return Err(invalid(key, "only with \"format\": \"ndjson.gz\""));
+            }
+        }
+        return Ok((format, None));
+    }
+    if kind != WebhookKind::Sftp {
+        return Err(invalid(
+            "format",
+            "\"ndjson.gz\" is only for webhooks of kind \"sftp\"",
+        ));
+    }
+    if spec.path_template.is_some() {
+        return Err(invalid(
+            "path_template",
+            "not with \"format\": \"ndjson.gz\": roll-ups go to /rollups/<type>/dt=…/",
+        ));
+    }
+    let period = match spec.rollup.as_deref() {
+        None => {
+            return Err(invalid(
+                "rollup",
+                "required with \"format\": \"ndjson.gz\"; use \"hour\" or \"day\"",
+            ))
+        }
+        Some(r) => rollups::Period::parse(r).ok_or_else(|| {
+            invalid(
+                "rollup",
+                format!("{r:?} is not allowed; use \"hour\" or \"day\""),
+            )
+        })?,
+    };
+    let close_after = match spec.close_after.as_deref() {
+        None => rollups::DEFAULT_CLOSE_AFTER,
+        Some(c) => rollups::parse_close_after(c).map_err(|m| invalid("close_after", m))?,
+    };
+    let r = rollups::RollupSpec {
+        rollup: period,
+        close_after,
+        max_part_bytes: spec
+            .max_part_bytes
+            .unwrap_or(rollups::DEFAULT_MAX_PART_BYTES),
+    };
+    r.validate().map_err(|(k, m)| invalid(k, m))?;
+    Ok((format, Some(r)))
 }
 
 /// Changes to an existing webhook; `None` keeps the stored value.
@@ -212,6 +285,7 @@ pub fn build_webhook(
         )
     })?;
     let events = EventType::parse_filter(&spec.events).map_err(|m| invalid("events", m))?;
+    let (format, rollup) = rollup_of(kind, &spec)?;
     let id = match spec.id {
         Some(id) => {
             validate_name(&id).map_err(|m| invalid("id", format!("invalid webhook name: {m}")))?;
@@ -237,6 +311,8 @@ pub fn build_webhook(
         disabled_reason: existing.and_then(|e| e.disabled_reason.clone()),
         created_at: existing.map(|e| e.created_at).unwrap_or_else(Utc::now),
         failing_since: None,
+        format,
+        rollup,
     };
     check_webhook(&hook, allow_private)?;
     Ok(hook)
@@ -379,6 +455,10 @@ fn hook_spec(w: &crate::config::WebhookDecl) -> HookSpec {
         events: w.events.clone(),
         path_template: w.path_template.clone(),
         enabled: None,
+        format: w.format.clone(),
+        rollup: w.rollup.clone(),
+        close_after: w.close_after.clone(),
+        max_part_bytes: w.max_part_bytes,
     }
 }
 
@@ -402,6 +482,10 @@ mod tests {
             events: vec![],
             path_template: None,
             enabled: None,
+            format: None,
+            rollup: None,
+            close_after: None,
+            max_part_bytes: None,
         }
     }
 

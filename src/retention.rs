@@ -1,5 +1,6 @@
-//! The sweeper: removes files past each org's retention and recounts folder usage
-//! (which also catches what SFTP users deleted or uploaded since the last sweep).
+//! The sweeper: removes files past each org's retention and counts them out of the
+//! org's usage in the store (where every event file, upload, delete and rename is
+//! counted as it happens, so that quotas hold across nodes without listing).
 //!
 //! It works through the storage seam, so it serves local disk and S3 alike, and every
 //! removal is resolved beneath the org root with no symlink at any step. Whether a file
@@ -20,6 +21,7 @@ use crate::App;
 pub struct SweepStats {
     pub usage: OrgUsage,
     pub removed: u64,
+    pub removed_bytes: u64,
     pub removed_undownloaded: u64,
     pub kept_undownloaded: u64,
     /// Virtual paths removed (their download records can go).
@@ -56,6 +58,7 @@ pub async fn sweep_org(
                             emptied.insert(p);
                         }
                         stats.removed += 1;
+                        stats.removed_bytes += f.size;
                         if !was_downloaded {
                             stats.removed_undownloaded += 1;
                         }
@@ -115,11 +118,25 @@ pub async fn sweep_all(app: &App) {
         .await;
         match res {
             Ok(stats) => {
-                app.usage.set(&org.id, stats.usage);
-                metrics::gauge!("hookbridge_org_files", "org" => org.id.clone())
-                    .set(stats.usage.files as f64);
-                metrics::gauge!("hookbridge_org_bytes", "org" => org.id.clone())
-                    .set(stats.usage.bytes as f64);
+                // Only what this sweep removed: a count set from the listing would lose
+                // what other nodes committed meanwhile.
+                if let Err(e) = app
+                    .store
+                    .add_org_usage(
+                        &org.id,
+                        -(stats.removed as i64),
+                        -(stats.removed_bytes as i64),
+                    )
+                    .await
+                {
+                    tracing::warn!(org = %org.id, error = %e, "swept files not counted out of the org's usage");
+                }
+                if let Ok(Some(u)) = app.store.org_usage(&org.id).await {
+                    metrics::gauge!("hookbridge_org_files", "org" => org.id.clone())
+                        .set(u.files as f64);
+                    metrics::gauge!("hookbridge_org_bytes", "org" => org.id.clone())
+                        .set(u.bytes as f64);
+                }
                 if stats.removed > 0 || stats.kept_undownloaded > 0 {
                     metrics::counter!("hookbridge_retention_removed_total", "downloaded" => "yes")
                         .increment(stats.removed - stats.removed_undownloaded);
@@ -138,6 +155,60 @@ pub async fn sweep_all(app: &App) {
             }
             Err(e) => {
                 tracing::warn!(org = %org.id, error = %e, "retention sweep failed; retrying next round")
+            }
+        }
+    }
+}
+
+/// Counts the folder of `org` from a listing. `replace` overwrites the store's count (an
+/// operator's rebuild); otherwise only an org with no count yet takes it.
+pub async fn recount(
+    store: &dyn crate::store::Store,
+    storage: &dyn Storage,
+    org: &str,
+    replace: bool,
+) -> Result<OrgUsage, String> {
+    let name = OrgName::new(org).map_err(|e| e.to_string())?;
+    let limits = EffectiveLimits {
+        retention_days: 0,
+        ..crate::config::LimitsConfig::default().for_org(&Default::default())
+    };
+    let counted = sweep_org(
+        storage,
+        &name,
+        &limits,
+        &Default::default(),
+        SystemTime::now(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    store
+        .set_org_usage(org, counted.usage, replace)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(counted.usage)
+}
+
+/// Gives every org that has no usage count in the store one from a listing (the first
+/// start on a store, or an org folder filled before it was counted).
+pub async fn count_uncounted(store: &dyn crate::store::Store, storage: &dyn Storage) {
+    let orgs = match store.list_orgs().await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list orgs to count their folders; quotas count from zero");
+            return;
+        }
+    };
+    for org in orgs {
+        if matches!(store.org_usage(&org.id).await, Ok(Some(_))) {
+            continue;
+        }
+        match recount(store, storage, &org.id, false).await {
+            Ok(u) => {
+                tracing::info!(org = %org.id, files = u.files, bytes = u.bytes, "org folder counted from a listing")
+            }
+            Err(e) => {
+                tracing::warn!(org = %org.id, error = %e, "org folder not counted; its quota counts from zero")
             }
         }
     }

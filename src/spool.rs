@@ -27,7 +27,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Announcer;
-use crate::limits::Usage;
 use crate::storage::{EventFile, OrgName, Storage, StorageError, StoragePath, StorageResult};
 use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError};
 
@@ -99,7 +98,6 @@ impl Spool {
     pub fn start(
         store: Arc<dyn Store>,
         storage: Arc<dyn Storage>,
-        usage: Arc<Usage>,
         max_waiting: usize,
         announce: Announcer,
         cancel: CancellationToken,
@@ -109,7 +107,6 @@ impl Spool {
         let task = tokio::spawn(committer(
             store,
             storage,
-            usage,
             rx,
             waiting.clone(),
             announce,
@@ -143,7 +140,6 @@ impl Spool {
 async fn committer(
     store: Arc<dyn Store>,
     storage: Arc<dyn Storage>,
-    usage: Arc<Usage>,
     mut rx: mpsc::Receiver<Request>,
     waiting: Arc<AtomicUsize>,
     announce: Announcer,
@@ -152,7 +148,11 @@ async fn committer(
     let mut done_not_marked: Vec<(String, String)> = Vec::new();
     // When publishing failed (S3 down, disk full), the events stay pending in the store:
     // this node writes them once the storage is back, without waiting for a repost.
-    let mut repair_at: Option<tokio::time::Instant> = None;
+    // Besides, every REPAIR_EVERY it writes what any node left pending (a node that died
+    // between its store commit and its mark): safe on several nodes at once, since writes
+    // are create-only and paths users took are left out.
+    let mut repair_at: Option<tokio::time::Instant> =
+        Some(tokio::time::Instant::now() + REPAIR_EVERY);
     loop {
         let repair = async {
             match repair_at {
@@ -183,19 +183,13 @@ async fn committer(
         }
         waiting.fetch_sub(batch.len(), Ordering::AcqRel);
         let marked = std::mem::take(&mut done_not_marked);
-        let (fresh_jobs, failed) = commit_batch(
-            &store,
-            &storage,
-            &usage,
-            batch,
-            marked,
-            &mut done_not_marked,
-        )
-        .await;
+        let (fresh_jobs, failed) =
+            commit_batch(&store, &storage, batch, marked, &mut done_not_marked).await;
         // Durable and answered: the scheduler sends them without polling the store.
         announce.announce(fresh_jobs);
-        if failed && repair_at.is_none() {
-            repair_at = Some(tokio::time::Instant::now() + REPAIR_FIRST);
+        if failed {
+            let soon = tokio::time::Instant::now() + REPAIR_FIRST;
+            repair_at = Some(repair_at.map_or(soon, |t| t.min(soon)));
         }
         if rx.is_empty() && !done_not_marked.is_empty() {
             // Idle: record now that these files are written, or a crash before the next
@@ -215,6 +209,8 @@ async fn committer(
 /// First repair after a failed publish, and the pause between repairs that fail again.
 const REPAIR_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
 const REPAIR_AGAIN: std::time::Duration = std::time::Duration::from_secs(15);
+/// The periodic repair of events left pending by any node sharing the store.
+const REPAIR_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Writes the files of events left pending. Files this node wrote but has not yet marked
 /// are marked first: pending then means "never written", so a file an ETL job already
@@ -232,7 +228,7 @@ async fn repair_pending(
         return again;
     }
     match recover(store, storage).await {
-        Ok(_) => None,
+        Ok(_) => Some(tokio::time::Instant::now() + REPAIR_EVERY),
         Err(e) => {
             tracing::warn!(error = %e, "pending event files still cannot be written; retrying");
             again
@@ -245,38 +241,25 @@ async fn repair_pending(
 async fn commit_batch(
     store: &Arc<dyn Store>,
     storage: &Arc<dyn Storage>,
-    usage: &Usage,
     mut batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
 ) -> (Vec<(String, String)>, bool) {
     let started = Instant::now();
     let n = batch.len();
-    // Quota: each event's room is reserved here, in batch order, before anything is
-    // written — one check-and-charge under one lock, so concurrent posts never all pass.
-    let mut reserved: Vec<Option<(u64, u64)>> = vec![None; n];
-    let mut over: Vec<Option<String>> = vec![None; n];
-    for (i, r) in batch.iter_mut().enumerate() {
+    // One accept time per batch, taken here rather than in the request handler, so that
+    // an event's roll-up partition is the one open when its line becomes durable.
+    let accepted = crate::clock::now();
+    for r in batch.iter_mut() {
         let ev = &mut r.event;
-        if ev.files.is_empty() || ev.defer_files {
-            continue;
-        }
-        let files = ev.files.len() as u64;
-        let bytes = files * (ev.envelope_json.len() as u64 + 1);
-        match usage.reserve(&ev.org, ev.quota.unwrap_or_default(), files, bytes) {
-            Ok(()) => reserved[i] = Some((files, bytes)),
-            Err(why) => {
-                ev.defer_files = true;
-                over[i] = Some(why);
-            }
+        ev.accepted_at = Some(accepted);
+        if let Some(kind) = ev.kind {
+            ev.lines = crate::rollups::stage(&ev.rollups, kind, accepted);
         }
     }
-    let settle = |i: usize, ev: &NewEvent, placed: bool| {
-        if let Some((files, bytes)) = reserved[i] {
-            usage.settle(&ev.org, files, bytes, placed);
-        }
-    };
     let events: Vec<NewEvent> = batch.iter().map(|r| r.event.clone()).collect();
+    // Staged while the store commits; the store charges each event to its org's quota in
+    // the commit itself, and what it defers is dropped with the rest not published.
     let (files, owner) = event_files(&events);
     let (commit, staged) = tokio::join!(
         store.commit_events(events, marked.clone()),
@@ -290,8 +273,7 @@ async fn commit_batch(
             done.extend(marked);
             let e = SpoolError::from(e);
             tracing::error!(error = %e, events = n, "state commit failed; events refused");
-            for (i, r) in batch.into_iter().enumerate() {
-                settle(i, &r.event, false);
+            for r in batch {
                 let _ = r.reply.send(Err(clone_err(&e)));
             }
             return (Vec::new(), false);
@@ -312,21 +294,12 @@ async fn commit_batch(
     let mut publish = Vec::new();
     let mut redo = Vec::new();
     let mut replies: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(n);
-    let deferred = |i: usize| {
-        over[i]
-            .clone()
-            .unwrap_or_else(|| "the org is over its quota".into())
-    };
     for (i, out) in outcomes.into_iter().enumerate() {
         let ev = &batch[i].event;
         match out {
-            CommitOutcome::New(r) if ev.defer_files => {
-                replies.push(Ok(Committed::Deferred(r, deferred(i))))
+            CommitOutcome::Deferred { result, why } => {
+                replies.push(Ok(Committed::Deferred(result, why)))
             }
-            CommitOutcome::Known {
-                result,
-                pending_envelope: Some(_),
-            } if ev.defer_files => replies.push(Ok(Committed::Deferred(result, deferred(i)))),
             CommitOutcome::New(r) => {
                 publish.push(i);
                 replies.push(Ok(Committed::New(r)));
@@ -343,8 +316,11 @@ async fn commit_batch(
                         envelope_json,
                         files: result.files.clone(),
                         deliveries: vec![],
-                        defer_files: false,
                         quota: None,
+                        kind: None,
+                        rollups: vec![],
+                        lines: vec![],
+                        accepted_at: None,
                     },
                 ));
                 publish.push(i);
@@ -354,8 +330,6 @@ async fn commit_batch(
                 result,
                 pending_envelope: None,
             } => {
-                // Already on disk: nothing new to hold.
-                settle(i, ev, false);
                 replies.push(Ok(Committed::Known(result)));
             }
         }
@@ -384,12 +358,11 @@ async fn commit_batch(
         if let Some(e) = &failed[i] {
             tracing::error!(org = %ev.org, event_id = %ev.id, error = %e,
                 "event files could not be written; the event stays pending and is written on repost or at the next start");
+            // Still charged: the event's files stay owed, and are written by a repair.
             replies[i] = Err(clone_err(e));
-            settle(i, ev, false);
             continue;
         }
         written += ev.files.len() as u64;
-        settle(i, ev, true);
         done.push((ev.org.clone(), ev.id.clone()));
     }
     metrics::counter!("hookbridge_files_written_total").increment(written);
@@ -413,13 +386,13 @@ fn clone_err(e: &SpoolError) -> SpoolError {
     }
 }
 
-/// The files of `events` (those not deferred), and for each the index of its event.
+/// The files of `events`, and for each the index of its event.
 /// A path that is not a plain relative path (it comes from a validated template, so
 /// this is a bug) fails its event alone.
 fn event_files(events: &[NewEvent]) -> (Vec<EventFile>, Vec<usize>) {
     let mut files = Vec::new();
     let mut owner = Vec::new();
-    for (i, ev) in events.iter().enumerate().filter(|(_, ev)| !ev.defer_files) {
+    for (i, ev) in events.iter().enumerate() {
         let Ok(org) = OrgName::new(&ev.org) else {
             continue;
         };
@@ -461,6 +434,18 @@ pub async fn recover(
     storage: &Arc<dyn Storage>,
 ) -> Result<usize, SpoolError> {
     let pending = store.pending_files().await?;
+    repair(store, storage, pending).await
+}
+
+/// Writes the missing files of `pending`, read from the store a moment ago. A user may
+/// take one of them (SFTP records the take, then deletes) between that read and the write:
+/// a file this repair created is checked against the takes after it is written, and
+/// removed again if taken. Files already there are not written at all.
+async fn repair(
+    store: &Arc<dyn Store>,
+    storage: &Arc<dyn Storage>,
+    pending: Vec<crate::store::PendingFiles>,
+) -> Result<usize, SpoolError> {
     if pending.is_empty() {
         return Ok(0);
     }
@@ -473,12 +458,59 @@ pub async fn recover(
             envelope_json: p.envelope_json,
             files: p.files,
             deliveries: vec![],
-            defer_files: false,
             quota: None,
+            kind: None,
+            rollups: vec![],
+            lines: vec![],
+            accepted_at: None,
         })
         .collect();
     let (files, owner) = event_files(&events);
-    let results = storage.write_events(&files).await;
+    // Missing, there, or unknown (storage unreachable: that event stays pending).
+    let mut missing = Vec::with_capacity(files.len());
+    let mut unknown: Vec<Option<StorageError>> = Vec::with_capacity(files.len());
+    for f in &files {
+        let (m, u) = match storage.stat(&f.org, &f.path).await {
+            Ok(_) => (false, None),
+            Err(StorageError::NotFound) => (true, None),
+            Err(e) => (false, Some(e)),
+        };
+        missing.push(m);
+        unknown.push(u);
+    }
+    let to_write: Vec<EventFile> = files
+        .iter()
+        .zip(&missing)
+        .filter(|(_, m)| **m)
+        .map(|(f, _)| f.clone())
+        .collect();
+    let mut wrote = storage.write_events(&to_write).await.into_iter();
+    let results: Vec<StorageResult<()>> = missing
+        .iter()
+        .zip(unknown)
+        .map(|(m, u)| match (m, u) {
+            (true, _) => wrote.next().unwrap_or(Ok(())),
+            (false, Some(e)) => Err(e),
+            (false, None) => Ok(()),
+        })
+        .collect();
+    for (f, _) in files
+        .iter()
+        .zip(missing.iter().zip(&results))
+        .filter(|(_, (m, r))| **m && r.is_ok())
+    {
+        let vpath = f.path.virtual_path();
+        let taken = store
+            .taken_paths(f.org.as_str(), vec![vpath.clone()])
+            .await?;
+        if !taken.is_empty() {
+            tracing::info!(org = %f.org.as_str(), path = %vpath, "a repair re-created a file a user took meanwhile; removing it");
+            match storage.delete(&f.org, &f.path).await {
+                Ok(()) | Err(StorageError::NotFound) => {}
+                Err(e) => return Err(SpoolError::from(e)),
+            }
+        }
+    }
     let failed = failures(&owner, results, events.len());
     let mut done = Vec::new();
     let mut first_err = None;
@@ -504,3 +536,7 @@ pub async fn recover(
         _ => Ok(n),
     }
 }
+
+#[cfg(test)]
+#[path = "spool_repair_tests.rs"]
+mod repair_tests;

@@ -209,6 +209,11 @@ async fn add(
         kind,
         events: form.all("events"),
         enabled: None,
+        // Roll-ups are set up through the admin API or the config file.
+        format: None,
+        rollup: None,
+        close_after: None,
+        max_part_bytes: None,
     };
     match admin::create_webhook(&c.app, &org, spec, form.checked("verify")).await {
         Ok(h) => {

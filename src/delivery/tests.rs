@@ -176,8 +176,11 @@ async fn sftp_test(
         files: vec![path.clone()],
         deliveries: Vec::new(),
         // An admin asked for this sample: it is not held back by the org quota.
-        defer_files: false,
         quota: None,
+        kind: None,
+        rollups: vec![],
+        lines: vec![],
+        accepted_at: None,
     };
     Ok(match app.spool.submit(new).await {
         Ok(Committed::New(_)) | Ok(Committed::Known(_)) => {

@@ -258,6 +258,14 @@ struct CreateHook {
     verify: bool,
     #[serde(default, deserialize_with = "not_null")]
     enabled: Option<bool>,
+    #[serde(default, deserialize_with = "not_null")]
+    format: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    rollup: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    close_after: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    max_part_bytes: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -288,6 +296,10 @@ async fn create_hook(
         events: req.events,
         path_template: req.path_template,
         enabled: req.enabled,
+        format: req.format,
+        rollup: req.rollup,
+        close_after: req.close_after,
+        max_part_bytes: req.max_part_bytes,
     };
     let hook = create_webhook(&app, &org, spec, req.verify).await?;
     Ok((StatusCode::CREATED, Json(hook_json(&hook, true))).into_response())

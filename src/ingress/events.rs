@@ -214,8 +214,17 @@ async fn ingest(
     let hooks = app.store.list_webhooks(org).await?;
     let mut files: Vec<String> = Vec::new();
     let mut deliveries = Vec::new();
+    let mut rollups = Vec::new();
     for h in hooks.iter().filter(|h| h.subscribed(env.kind)) {
         match h.kind {
+            WebhookKind::Sftp if h.rollup.is_some() => {
+                if let Some(spec) = h.rollup {
+                    rollups.push(crate::rollups::Target {
+                        hook: h.id.clone(),
+                        spec,
+                    });
+                }
+            }
             WebhookKind::Sftp => {
                 let p = render_path_template(h.template(), &env);
                 if !files.contains(&p) {
@@ -232,9 +241,12 @@ async fn ingest(
         envelope_json,
         files,
         deliveries,
-        defer_files: false,
         // Checked and reserved by the committer, atomically with the commit.
         quota: Some(crate::limits::Quota::from(&limits)),
+        kind: Some(env.kind),
+        rollups,
+        lines: Vec::new(),
+        accepted_at: None,
     };
     match app.spool.submit(new).await? {
         // Their delivery jobs were handed to the scheduler by the spool.

@@ -1,7 +1,7 @@
 //! `GET /v1/orgs/{org}/usage`: what the org folder holds against its quota.
 
 use axum::extract::{Path, State};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -9,10 +9,12 @@ use super::problem::{ApiResult, Problem};
 use crate::App;
 
 pub fn router() -> Router<App> {
-    Router::new().route("/v1/orgs/{org}/usage", get(usage))
+    Router::new()
+        .route("/v1/orgs/{org}/usage", get(usage))
+        .route("/v1/orgs/{org}/usage/recount", post(recount))
 }
 
-/// The org, its effective limits and a fresh count of its folder: the one path of the
+/// The org, its effective limits and its folder's usage: the one path of the
 /// admin API and the console.
 pub async fn org_usage(
     app: &App,
@@ -24,23 +26,16 @@ pub async fn org_usage(
 )> {
     let o = super::admin::require_org(&app.store, org).await?;
     let limits = app.current().limits.for_org(&o.limits);
-    // A fresh count, so that the answer reflects deletes made over SFTP a moment ago.
-    let name = crate::storage::OrgName::new(org)
-        .map_err(|e| Problem::internal("usage count failed", e))?;
-    let counted = crate::retention::sweep_org(
-        &*app.storage,
-        &name,
-        &crate::config::EffectiveLimits {
-            retention_days: 0,
-            ..limits
-        },
-        &Default::default(),
-        std::time::SystemTime::now(),
-    )
-    .await
-    .map_err(|e| Problem::internal("usage count failed", e))?;
-    app.usage.set(org, counted.usage);
-    Ok((o, limits, counted.usage))
+    // Counted in the store as files come and go (on every node); an org never counted
+    // yet is counted from a listing once.
+    let counted = match app.store.org_usage(org).await {
+        Ok(Some(u)) => u,
+        Ok(None) => crate::retention::recount(&*app.store, &*app.storage, org, false)
+            .await
+            .map_err(|e| Problem::internal("usage count failed", e))?,
+        Err(e) => return Err(Problem::internal("usage count failed", e)),
+    };
+    Ok((o, limits, counted))
 }
 
 async fn usage(
@@ -48,7 +43,32 @@ async fn usage(
     Path(org): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let (o, limits, u) = org_usage(&app, &org).await?;
-    Ok(Json(json!({
+    Ok(answer(&org, o, limits, u))
+}
+
+/// The operator's rebuild: files changed outside hookbridge (on the server's disk, in the
+/// bucket by another tool) are not counted as they happen; a listing replaces the count.
+/// Events committed during the listing may be missed or counted twice until the next one.
+async fn recount(
+    State(app): State<App>,
+    Path(org): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let o = super::admin::require_org(&app.store, &org).await?;
+    let limits = app.current().limits.for_org(&o.limits);
+    let u = crate::retention::recount(&*app.store, &*app.storage, &org, true)
+        .await
+        .map_err(|e| Problem::internal("usage count failed", e))?;
+    tracing::info!(org = %org, files = u.files, bytes = u.bytes, "org folder counted again from a listing");
+    Ok(answer(&org, o, limits, u))
+}
+
+fn answer(
+    org: &str,
+    o: crate::store::Org,
+    limits: crate::config::EffectiveLimits,
+    u: crate::limits::OrgUsage,
+) -> Json<serde_json::Value> {
+    Json(json!({
         "org": org,
         "files": u.files,
         "bytes": u.bytes,
@@ -58,5 +78,5 @@ async fn usage(
         "full": crate::limits::over_quota(u, crate::limits::Quota::from(&limits), 1, 1).is_some(),
         "limits": limits,
         "overrides": o.limits,
-    })))
+    }))
 }

@@ -241,8 +241,12 @@ pub fn data_packet(mut buf: bytes::BytesMut, hdr: usize, id: u32) -> Option<byte
 
 pub async fn remove(ctx: &SessionCtx, path: &str) -> OpResult<StoragePath> {
     let p = ctx.resolve(path)?;
+    let size = ctx.storage.stat(&ctx.org, &p).await?.size;
+    // Recorded before the file goes, so that no repair of its event writes it again.
+    taken(ctx, &p).await?;
     ctx.storage.delete(&ctx.org, &p).await?;
     if let Some(store) = &ctx.store {
+        count(ctx, -1, -(size as i64)).await;
         if let Err(e) = store
             .forget_downloads(ctx.org.as_str(), vec![p.virtual_path()])
             .await
@@ -306,7 +310,21 @@ pub async fn rename(
     } else {
         RenameMode::NoReplace
     };
+    // A file replaced by the rename leaves the org's usage.
+    let replaced = match (replace, m.is_dir()) {
+        (true, false) => match ctx.storage.stat(&ctx.org, &b).await {
+            Ok(t) if !t.is_dir() => Some(t.size),
+            _ => None,
+        },
+        _ => None,
+    };
+    if !m.is_dir() {
+        taken(ctx, &a).await?;
+    }
     ctx.storage.rename(&ctx.org, &a, &b, mode).await?;
+    if let Some(size) = replaced {
+        count(ctx, -1, -(size as i64)).await;
+    }
     if let Some(store) = &ctx.store {
         // An ETL job that downloads, then moves files to `/done/`: still downloaded.
         let (from, to) = (a.virtual_path(), b.virtual_path());
@@ -315,6 +333,32 @@ pub async fn rename(
         }
     }
     Ok((a, b))
+}
+
+/// Records in the store that a user takes the file at `p` (delete, rename away), before
+/// it goes: a repair of an event still pending then never writes it again. If the store
+/// cannot record it, the file stays (a failure the client sees and can retry).
+async fn taken(ctx: &SessionCtx, p: &StoragePath) -> OpResult<()> {
+    if let Some(store) = &ctx.store {
+        store
+            .record_taken(ctx.org.as_str(), &p.virtual_path())
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "file not removed: the store cannot record it as taken");
+                OpError::Failure("the state store cannot record the removal")
+            })?;
+    }
+    Ok(())
+}
+
+/// Counts files that came (+) or went (-) in the org's usage in the store. A count that
+/// fails is logged: the file operation itself has happened.
+pub async fn count(ctx: &SessionCtx, files: i64, bytes: i64) {
+    if let Some(store) = &ctx.store {
+        if let Err(e) = store.add_org_usage(ctx.org.as_str(), files, bytes).await {
+            tracing::warn!(error = %e, files, bytes, "org usage not updated after a file operation");
+        }
+    }
 }
 
 /// What a SETSTAT asks to change, as storage attributes.

@@ -8,6 +8,17 @@ mod postgres;
 mod rows;
 mod rules;
 mod sqlite;
+#[cfg(test)]
+pub(crate) mod usage_cases;
+
+/// A SQLite store for the library's own tests (the module itself stays private).
+#[cfg(test)]
+pub(crate) fn sqlite_for_tests(
+    path: &std::path::Path,
+    secrets: std::sync::Arc<crate::secrets::SecretBox>,
+) -> Result<sqlite::SqliteStore> {
+    sqlite::SqliteStore::open(path, secrets)
+}
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -116,6 +127,11 @@ pub struct Webhook {
     /// `delivery.disable_after` is disabled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failing_since: Option<DateTime<Utc>>,
+    /// `sftp` only: one file per event (`json`) or roll-ups (`ndjson.gz`).
+    pub format: crate::rollups::Format,
+    /// Set exactly when `format` is `ndjson.gz`: `rollup`, `close_after`, `max_part_bytes`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub rollup: Option<crate::rollups::RollupSpec>,
 }
 
 impl Webhook {
@@ -130,7 +146,7 @@ impl Webhook {
 }
 
 /// An event ready to commit: its envelope, the files it becomes and the deliveries it needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewEvent {
     pub org: String,
     pub id: String,
@@ -139,11 +155,31 @@ pub struct NewEvent {
     pub files: Vec<String>,
     /// `(delivery id, webhook id)` for every subscribed http webhook.
     pub deliveries: Vec<(String, String)>,
-    /// Record the event but leave its files pending (the org is over quota). Set by the
-    /// committer when it cannot reserve room under `quota`, never by a request handler.
-    pub defer_files: bool,
-    /// The org's quota, reserved by the committer atomically with the commit.
+    /// The org's quota: the store charges the event's files to the org's usage in the
+    /// commit transaction, or records the event with its files deferred when they do not
+    /// fit. `None` charges without a limit (start-up repair, tests).
     pub quota: Option<crate::limits::Quota>,
+    /// The event's type and the roll-up hooks it goes to (set by the request handler).
+    pub kind: Option<crate::event::EventType>,
+    pub rollups: Vec<crate::rollups::Target>,
+    /// Lines to stage with the event, in the same transaction; computed by the committer
+    /// from `rollups` and the batch's accept time. Staged only when the event is new.
+    pub lines: Vec<crate::rollups::StagedLine>,
+    /// The accept time the committer stamped (the roll-up partition clock).
+    pub accepted_at: Option<DateTime<Utc>>,
+}
+
+impl NewEvent {
+    /// What the event's files add to the org's usage: (files, bytes).
+    pub fn usage(&self) -> (u64, u64) {
+        file_usage(self.files.len(), self.envelope_json.len())
+    }
+}
+
+/// Every file of an event holds its envelope and a newline.
+pub fn file_usage(files: usize, envelope_len: usize) -> (u64, u64) {
+    let files = files as u64;
+    (files, files * (envelope_len as u64 + 1))
 }
 
 /// What `POST …/events` answers; stored so that a repost answers the same.
@@ -165,6 +201,9 @@ pub enum CommitOutcome {
         result: IngestResult,
         pending_envelope: Option<String>,
     },
+    /// Recorded (new, or known and still deferred) but its files do not fit the org's
+    /// quota: nothing to write; `why` says what is full.
+    Deferred { result: IngestResult, why: String },
 }
 
 /// A pending event whose files may not be on disk yet (start-up recovery).
@@ -408,6 +447,8 @@ pub trait Store: Send + Sync + 'static {
         files_done: Vec<(String, String)>,
     ) -> Result<Vec<CommitOutcome>>;
     async fn mark_files_done(&self, done: Vec<(String, String)>) -> Result<()>;
+    /// Events whose files are charged but not marked written (crash, storage outage),
+    /// without paths recorded as taken; deferred events wait for their repost.
     async fn pending_files(&self) -> Result<Vec<PendingFiles>>;
 
     // Delivery queue
@@ -460,6 +501,75 @@ pub trait Store: Send + Sync + 'static {
     async fn forget_downloads(&self, org: &str, paths: Vec<String>) -> Result<()>;
     /// A rename moves the records of the file, or of everything under a folder.
     async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()>;
+
+    // ---- Org folder usage, counted in the store (issue 11 item 4) ----
+    // Event files are charged by `commit_events` itself (atomically with the quota check);
+    // everything else that adds or removes files reports it here, so that every node
+    // sharing the store sees one count.
+    /// The org's counted usage; `None` when nothing was counted yet (rebuild it from a
+    /// listing with `set_org_usage`).
+    async fn org_usage(&self, org: &str) -> Result<Option<crate::limits::OrgUsage>>;
+    /// Sets the count from a listing: `replace` overwrites it; otherwise only an org with
+    /// no count yet takes it (a node starting while another commits keeps the live count).
+    async fn set_org_usage(
+        &self,
+        org: &str,
+        usage: crate::limits::OrgUsage,
+        replace: bool,
+    ) -> Result<()>;
+    /// Files that came (+) or went (-) outside event commits: uploads, deletes, renames
+    /// over a file, retention. Never below zero.
+    async fn add_org_usage(&self, org: &str, files: i64, bytes: i64) -> Result<()>;
+    /// A user is about to remove (delete, or rename away) the file at `/path`: if an event
+    /// still pending lists it, the path is recorded as taken so that no repair writes it
+    /// again. Called BEFORE the object goes; `pending_files` leaves taken paths out.
+    async fn record_taken(&self, org: &str, path: &str) -> Result<()>;
+    /// Which of `paths` (`/virtual/path`) are recorded as taken in `org`: a repair that
+    /// re-created one of them (it read the pending list before the take) removes it again.
+    async fn taken_paths(&self, org: &str, paths: Vec<String>) -> Result<Vec<String>>;
+
+    // Roll-ups (see `crate::rollups`). Lines are staged by `commit_events` from
+    // `NewEvent::lines`, in the transaction that records the event.
+    /// Partitions with staged lines whose close time is at or before `now` and that no one
+    /// holds a live lease on; at most `limit`, earliest close first.
+    async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>>;
+    /// Takes the lease on `p` until `until` if no one else holds a live one (a shared store
+    /// makes this one atomic conditional update, so only one node closes a partition).
+    async fn claim_partition(
+        &self,
+        p: &PartitionRef,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool>;
+    /// The staged lines of `p` in accept order: (accept sequence, accept time, envelope).
+    async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>>;
+    /// After its files are all written: records `p` as closed (events, bytes) and drops its
+    /// lines up to `through_seq`, and its lease, in one transaction.
+    async fn close_partition(
+        &self,
+        p: &PartitionRef,
+        through_seq: i64,
+        events: u64,
+        bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<()>;
+    /// Staged lines waiting, and the earliest close time among them (lag).
+    async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)>;
+}
+
+/// One roll-up partition of one hook: `partition` is its folder under `/rollups`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRef {
+    pub org: String,
+    pub hook: String,
+    pub partition: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StagedRow {
+    pub seq: i64,
+    pub accepted_at: DateTime<Utc>,
+    pub envelope: String,
 }
 
 pub const DEFAULT_PATH_TEMPLATE: &str = "/{type}/{date}/{timestamp}_{id}.json";

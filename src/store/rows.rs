@@ -201,7 +201,7 @@ pub(super) fn user_row(r: &Row<'_>) -> rusqlite::Result<SftpUser> {
 
 pub(super) const USER_COLS: &str = "name, org, password_hash, public_keys, upload";
 pub(super) const HOOK_COLS: &str =
-    "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since";
+    "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since, rollup";
 
 pub(super) fn hook_row(r: &Row<'_>, sb: &SecretBox) -> rusqlite::Result<Webhook> {
     hook_row_at(r, 0, sb)
@@ -229,6 +229,15 @@ pub(super) fn hook_row_at(r: &Row<'_>, o: usize, sb: &SecretBox) -> rusqlite::Re
             disabled_reason: r.get(o + 8)?,
             created_at: time(r, o + 9)?,
             failing_since: opt_time(r, o + 10)?,
+            rollup: match r.get::<_, Option<String>>(o + 11)? {
+                None => None,
+                Some(j) => Some(serde_json::from_str(&j).map_err(|e| bad(format!("rollup: {e}")))?),
+            },
+            format: if r.get::<_, Option<String>>(o + 11)?.is_some() {
+                crate::rollups::Format::NdjsonGz
+            } else {
+                crate::rollups::Format::Json
+            },
         })
     })
 }

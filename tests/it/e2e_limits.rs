@@ -91,7 +91,7 @@ async fn over_quota_gives_507_writes_nothing_and_recovers_when_files_go() {
         "{p}"
     );
     assert_eq!(
-        files_under(&d.org_dir("acme")).len(),
+        d.org_files("acme").await.len(),
         3,
         "nothing written over quota"
     );
@@ -102,21 +102,78 @@ async fn over_quota_gives_507_writes_nothing_and_recovers_when_files_go() {
         "{u}"
     );
 
-    // The ETL job removes what it fetched; the usage count sees it.
-    let first = files_under(&d.org_dir("acme")).remove(0);
-    std::fs::remove_file(first).unwrap();
+    // The ETL job takes a file over SFTP (download, delete): the count in the store
+    // follows at once, on either backend.
+    d.sftp_user("acme", "etl", "etl-password").await;
+    let first = d.org_files("acme").await.into_keys().next().unwrap();
+    let script = "t, s = connect('etl', 'etl-password')\nassert len(s.open(sys.argv[1]).read()) > 0\ns.remove(sys.argv[1])\nprint('ok')\n";
+    let (ok, out) = crate::e2e_sftp::py(&d, script, &[&first]).await;
+    assert!(ok, "{out}");
     let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
-    assert_eq!(u["files"], 2, "{u}");
+    assert_eq!(
+        (u["files"].as_u64(), u["full"].as_bool()),
+        (Some(2), Some(false)),
+        "{u}"
+    );
     let r = d
         .post_event("acme", &json!({"id": "q3", "type": "payment", "data": {}}))
         .await;
     assert_eq!(r.status(), 200, "the repost writes the deferred file");
     let ack: Value = r.json().await.unwrap();
-    let p = d
-        .org_dir("acme")
-        .join(ack["files"][0].as_str().unwrap().trim_start_matches('/'));
-    assert!(p.exists());
-    assert_eq!(files_under(&d.org_dir("acme")).len(), 3);
+    let files = d.org_files("acme").await;
+    assert!(files.contains_key(ack["files"][0].as_str().unwrap()));
+    assert_eq!(files.len(), 3);
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(u["files"], 3, "{u}");
+    // A restart keeps the count (it is in the store, not counted again from a listing).
+    let mut d = d;
+    d.restart().await;
+    let r = d
+        .post_event("acme", &json!({"id": "q4", "type": "payment", "data": {}}))
+        .await;
+    assert_eq!(r.status(), 507);
+}
+
+#[tokio::test]
+async fn usage_is_counted_in_the_store_and_recounted_on_request() {
+    let d = Daemon::start().await;
+    d.org_with_sftp_hook("acme").await;
+    let r = d
+        .post_event("acme", &json!({"id": "u1", "type": "payment", "data": {}}))
+        .await;
+    assert_eq!(r.status(), 202);
+    let size = d.org_files("acme").await.values().next().unwrap().len() as u64;
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(
+        (u["files"].as_u64(), u["bytes"].as_u64()),
+        (Some(1), Some(size)),
+        "{u}"
+    );
+
+    // A file put there behind hookbridge's back is not counted as it happens...
+    let org = hookbridge::storage::OrgName::new("acme").unwrap();
+    let outside = hookbridge::storage::EventFile {
+        org: org.clone(),
+        path: hookbridge::storage::StoragePath::parse("/outside.json").unwrap(),
+        body: "{\"x\":1}\n".into(),
+    };
+    for r in d.storage().write_events(&[outside]).await {
+        r.unwrap();
+    }
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(u["files"], 1, "{u}");
+    // ... until the operator asks for a recount from a listing.
+    let (s, u) = d.admin("POST", "/v1/orgs/acme/usage/recount", None).await;
+    assert_eq!(s, 200, "{u}");
+    assert_eq!(
+        (u["files"].as_u64(), u["bytes"].as_u64()),
+        (Some(2), Some(size + 8)),
+        "{u}"
+    );
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(u["files"], 2, "{u}");
+    let (s, _) = d.admin("POST", "/v1/orgs/nobody/usage/recount", None).await;
+    assert_eq!(s, 404);
 }
 
 #[tokio::test]

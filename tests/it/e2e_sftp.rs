@@ -176,8 +176,10 @@ async fn openssh_sftp_and_scp_basics() {
         post(&d, "acme", &format!("evt_{i}"), "payment").await;
     }
     post(&d, "acme", "evt_dr", "deliveryReport").await;
-    let files = files_under(&d.org_dir("acme"));
+    // Read through the storage seam: the same assertions on local disk and on S3.
+    let files = d.org_files("acme").await;
     assert_eq!(files.len(), 4);
+    let names: Vec<&String> = files.keys().collect();
 
     // List and download everything, byte-identical.
     let dl = tmp.path().join("dl");
@@ -196,51 +198,57 @@ async fn openssh_sftp_and_scp_basics() {
         "{out}"
     );
     assert!(out.contains("Remote working directory: /"), "{out}");
-    for f in &files {
-        let local = dl.join(virt(&d, "acme", f).trim_start_matches('/'));
-        assert_eq!(
-            std::fs::read(&local).unwrap(),
-            std::fs::read(f).unwrap(),
-            "{}",
-            local.display()
-        );
+    for (name, body) in &files {
+        let local = dl.join(name.trim_start_matches('/'));
+        assert_eq!(&std::fs::read(&local).unwrap(), body, "{}", local.display());
     }
 
     // scp (SFTP protocol underneath on OpenSSH >= 9).
-    let one = virt(&d, "acme", &files[0]);
     let mut cmd = Command::new("scp");
     ssh_opts(&mut cmd, &key);
     cmd.arg("-P").arg(d.sftp_port.to_string());
-    cmd.arg(format!("etl@127.0.0.1:{one}"))
+    cmd.arg(format!("etl@127.0.0.1:{}", names[0]))
         .arg(tmp.path().join("scp.json"));
     let out = run(cmd).await;
     assert!(out.status.success(), "scp: {out:?}");
     assert_eq!(
-        std::fs::read(tmp.path().join("scp.json")).unwrap(),
-        std::fs::read(&files[0]).unwrap()
+        &std::fs::read(tmp.path().join("scp.json")).unwrap(),
+        &files[names[0]]
     );
 
     // rename (fails onto an existing file), posix-rename (replaces), delete. A reader
     // makes no folders: /done is the operator's.
-    std::fs::create_dir(d.org_dir("acme").join("done")).unwrap();
-    let (a, b, c) = (
-        virt(&d, "acme", &files[0]),
-        virt(&d, "acme", &files[1]),
-        virt(&d, "acme", &files[2]),
-    );
+    let org = hookbridge::storage::OrgName::new("acme").unwrap();
+    d.storage()
+        .mkdir(
+            &org,
+            &hookbridge::storage::StoragePath::parse("/done").unwrap(),
+        )
+        .await
+        .unwrap();
+    // Sorted by name, the deliveryReport file comes first: it stays.
+    let (a, b, c) = (names[1], names[2], names[3]);
     let batch = format!(
         "rename -l {a} /done/a.json\n-rename -l {b} /done/a.json\n\
          rename {b} /done/a.json\nrm {c}\nls /done\n"
     );
     let (ok, out) = sftp_batch(&d, "etl", &key, &batch, tmp.path()).await;
     assert!(ok, "{out}");
-    let done = d.org_dir("acme").join("done");
+    let after = d.org_files("acme").await;
     assert_eq!(
-        std::fs::read(done.join("a.json")).unwrap(),
-        std::fs::read(dl.join(b.trim_start_matches('/'))).unwrap()
+        after.keys().collect::<Vec<_>>(),
+        [names[0], &"/done/a.json".to_string()],
+        "renamed, replaced and deleted"
     );
-    assert!(!files[0].exists() && !files[1].exists() && !files[2].exists());
-    assert!(files[3].exists());
+    assert_eq!(after["/done/a.json"], files[b]);
+    // The store's count followed: two files, their bytes.
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    let bytes: usize = after.values().map(|v| v.len()).sum();
+    assert_eq!(
+        (u["files"].as_u64(), u["bytes"].as_u64()),
+        (Some(2), Some(bytes as u64)),
+        "{u}"
+    );
     let log = d.log();
     assert!(
         log.contains("sftp login") && log.contains("sftp delete") && log.contains("sftp download"),
@@ -251,7 +259,7 @@ async fn openssh_sftp_and_scp_basics() {
     std::fs::write(tmp.path().join("up.txt"), "x").unwrap();
     let (ok, out) = sftp_batch(&d, "etl", &key, "put up.txt /up.txt\n", tmp.path()).await;
     assert!(!ok, "{out}");
-    assert!(!d.org_dir("acme").join("up.txt").exists());
+    assert!(!d.org_files("acme").await.contains_key("/up.txt"));
 }
 
 #[tokio::test]
@@ -277,9 +285,17 @@ async fn uploads_need_the_permission_and_appear_whole() {
     )
     .await;
     assert!(ok, "{out}");
+    let files = d.org_files("acme").await;
     assert_eq!(
-        sha256_file(&d.org_dir("acme").join("up.bin")),
-        sha256_file(&tmp.path().join("up.bin"))
+        files["/up.bin"],
+        std::fs::read(tmp.path().join("up.bin")).unwrap()
+    );
+    // The upload counts in the org's usage as it is published.
+    let (_, u) = d.admin("GET", "/v1/orgs/acme/usage", None).await;
+    assert_eq!(
+        (u["files"].as_u64(), u["bytes"].as_u64()),
+        (Some(1), Some(3 << 20)),
+        "{u}"
     );
 }
 
@@ -288,10 +304,17 @@ async fn paramiko_password_listdir_stat_get_remove() {
     let d = Daemon::start().await;
     org(&d, "acme").await;
     user(&d, "acme", "bob", json!({"password": "correct horse"})).await;
-    let dir = d.org_dir("acme").join("many");
-    std::fs::create_dir_all(&dir).unwrap();
-    for i in 0..1000 {
-        std::fs::write(dir.join(format!("f{i:04}.json")), format!("{{\"i\":{i}}}")).unwrap();
+    // Written through the storage seam, so that this runs on local disk and on S3.
+    let org = hookbridge::storage::OrgName::new("acme").unwrap();
+    let many: Vec<hookbridge::storage::EventFile> = (0..1000)
+        .map(|i| hookbridge::storage::EventFile {
+            org: org.clone(),
+            path: hookbridge::storage::StoragePath::parse(&format!("/many/f{i:04}.json")).unwrap(),
+            body: format!("{{\"i\":{i}}}").into(),
+        })
+        .collect();
+    for r in d.storage().write_events(&many).await {
+        r.unwrap();
     }
     let script = r#"
 t, s = connect('bob', 'correct horse')
@@ -315,7 +338,9 @@ print(json.dumps({"n": len(names), "uniq": len(set(names)), "size": st.st_size, 
         json!({"n": 1000, "uniq": 1000, "size": 7, "isreg": true, "gone": true})
     );
     assert_eq!(std::fs::read_to_string(local).unwrap(), "{\"i\":7}");
-    assert!(!dir.join("f0008.json").exists());
+    let left = d.org_files("acme").await;
+    assert_eq!(left.len(), 999);
+    assert!(!left.contains_key("/many/f0008.json"));
 }
 
 #[tokio::test]

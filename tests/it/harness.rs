@@ -84,6 +84,8 @@ pub struct Daemon {
     pub s3: Option<(crate::seaweed::S3Server, String)>,
     /// The daemon's own PostgreSQL database (`HOOKBRIDGE_TEST_STORE=postgres`), else SQLite.
     pub store_url: Option<String>,
+    /// Environment variables of the daemon process (e.g. `HOOKBRIDGE_TEST_CLOCK`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -105,6 +107,8 @@ pub struct Opts<'a> {
     pub s3: Option<crate::seaweed::S3Server>,
     /// The state in this PostgreSQL database instead of SQLite.
     pub store_url: Option<String>,
+    /// Environment variables of the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Opts<'_> {
@@ -117,6 +121,7 @@ impl Default for Opts<'_> {
             http_extra: "",
             s3: None,
             store_url: None,
+            env: Vec::new(),
         }
     }
 }
@@ -191,6 +196,7 @@ impl Daemon {
             http_extra,
             s3,
             store_url,
+            env: o.env,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -324,6 +330,7 @@ level = "info,hookbridge=debug"
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("AWS_ACCESS_KEY_ID", crate::seaweed::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", crate::seaweed::SECRET_KEY)
             .spawn()

@@ -295,6 +295,11 @@ async fn close(state: &Arc<State>, h: Arc<Handle>) -> OpResult<()> {
                 up.commit().await.map_err(OpError::from)
             };
             if res.is_ok() {
+                let size = match ctx.storage.stat(&ctx.org, &f.path).await {
+                    Ok(m) => m.size,
+                    Err(_) => f.bytes_written.load(Ordering::Relaxed),
+                };
+                ops::count(ctx, 1, size as i64).await;
                 audit(
                     ctx,
                     "upload",

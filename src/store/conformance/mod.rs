@@ -146,6 +146,7 @@ suite!(sqlite:
     queue_stats_counts_open_jobs,
     downloads,
     deleting_an_org_forgets_its_events,
+    usage_quota_and_taken_paths,
 );
 
 suite!(postgres:
@@ -166,6 +167,7 @@ suite!(postgres:
     queue_stats_counts_open_jobs,
     downloads,
     deleting_an_org_forgets_its_events,
+    usage_quota_and_taken_paths,
 );
 
 #[tokio::test]
@@ -218,6 +220,11 @@ async fn postgres_at(url: &str) -> PostgresStore {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Usage counters, quota charged in the commit, taken paths (`usage_cases`).
+async fn usage_quota_and_taken_paths(s: S) {
+    super::usage_cases::run(&*s).await;
+}
+
 // ---------- helpers ----------
 
 pub(super) async fn org(s: &S, name: &str) {
@@ -237,6 +244,8 @@ pub(super) fn http_hook(org: &str, id: &str) -> Webhook {
         disabled_reason: None,
         created_at: Utc::now(),
         failing_since: None,
+        format: crate::rollups::Format::Json,
+        rollup: None,
     }
 }
 
@@ -250,8 +259,8 @@ pub(super) fn event(org: &str, id: &str, files: &[&str], deliveries: &[(&str, &s
             .iter()
             .map(|(d, w)| (d.to_string(), w.to_string()))
             .collect(),
-        defer_files: false,
         quota: None,
+        ..Default::default()
     }
 }
 

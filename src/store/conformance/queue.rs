@@ -93,19 +93,37 @@ pub(super) async fn pending_files_until_done(s: S) {
 
 pub(super) async fn deferred_files_stay_pending(s: S) {
     org(&s, "acme").await;
+    let quota = Some(crate::limits::Quota { files: 1, bytes: 0 });
+    let mut e0 = event("acme", "e0", &["/x/e0.json"], &[]);
+    e0.quota = quota;
+    s.commit_events(vec![e0], vec![]).await.unwrap();
+    s.mark_files_done(vec![("acme".into(), "e0".into())])
+        .await
+        .unwrap();
+    // The quota is full: the event is recorded, its file deferred.
     let mut ev = event("acme", "e1", &["/x/e1.json"], &[]);
-    ev.defer_files = true;
-    ev.quota = Some(crate::limits::Quota { files: 1, bytes: 0 });
+    ev.quota = quota;
     let out = s.commit_events(vec![ev], vec![]).await.unwrap();
     assert!(
-        matches!(out[0], CommitOutcome::New(_)),
-        "the event is recorded"
+        matches!(out[0], CommitOutcome::Deferred { .. }),
+        "the event is recorded, its file deferred: {:?}",
+        out[0]
     );
-    let p = s.pending_files().await.unwrap();
-    assert_eq!(p.len(), 1);
-    assert_eq!((p[0].org.as_str(), p[0].id.as_str()), ("acme", "e1"));
-    assert_eq!(p[0].files, ["/x/e1.json"]);
-    assert_eq!(p[0].envelope_json, r#"{"id":"e1"}"#);
+    // Not charged, so no repair writes it: a repost, once there is room, does.
+    assert!(s.pending_files().await.unwrap().is_empty());
+    let out = s
+        .commit_events(vec![event("acme", "e1", &["/x/e1.json"], &[])], vec![])
+        .await
+        .unwrap();
+    let CommitOutcome::Known {
+        result,
+        pending_envelope,
+    } = &out[0]
+    else {
+        panic!("{:?}", out[0])
+    };
+    assert_eq!(result.files, ["/x/e1.json"]);
+    assert_eq!(pending_envelope.as_deref(), Some(r#"{"id":"e1"}"#));
 }
 
 pub(super) async fn due_jobs_and_busy(s: S) {

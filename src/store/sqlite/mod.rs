@@ -16,7 +16,9 @@ use super::*;
 use crate::secrets::SecretBox;
 
 mod queue;
+mod rollups;
 mod schema;
+mod usage;
 
 use schema::{migrate, open};
 
@@ -64,6 +66,12 @@ impl SqliteStore {
     pub fn open(path: &Path, secrets: Arc<SecretBox>) -> Result<Self> {
         let mut writer = open(path)?;
         migrate(&mut writer)?;
+        // One process owns this file: a roll-up lease left by a previous run (killed while
+        // closing) holds no one back.
+        writer.execute(
+            "UPDATE rollup_partitions SET lease_until = NULL WHERE lease_until IS NOT NULL",
+            [],
+        )?;
         seal_plain_secrets(&mut writer, &secrets)?;
         let readers = (0..READERS)
             .map(|_| open(path).map(Mutex::new))
@@ -77,7 +85,7 @@ impl SqliteStore {
         })
     }
 
-    async fn with_writer<T: Send + 'static>(
+    pub(super) async fn with_writer<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -92,7 +100,7 @@ impl SqliteStore {
         .map_err(|e| StoreError::Db(e.to_string()))?
     }
 
-    async fn with_reader<T: Send + 'static>(
+    pub(super) async fn with_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection, &Quarantine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -121,6 +129,8 @@ impl SqliteStore {
 fn mark_done(tx: &rusqlite::Transaction<'_>, done: &[(String, String)]) -> Result<()> {
     let mut st =
         tx.prepare_cached("UPDATE events SET files_pending = 0 WHERE org = ?1 AND id = ?2")?;
+    // Taken paths stay recorded: a repair that read the pending list earlier checks them
+    // after it wrote (paths hold the event id, so no other event reuses them).
     for (org, id) in done {
         st.execute(params![org, id])?;
     }
@@ -196,6 +206,8 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             let n = tx.execute("DELETE FROM orgs WHERE name = ?1", [&name])?;
             tx.execute("DELETE FROM events WHERE org = ?1", [&name])?;
+            tx.execute("DELETE FROM org_usage WHERE org = ?1", [&name])?;
+            tx.execute("DELETE FROM taken_files WHERE org = ?1", [&name])?;
             tx.execute("DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE org = ?1)", [&name])?;
             tx.execute("DELETE FROM deliveries WHERE org = ?1", [&name])?;
             tx.commit()?;
@@ -289,10 +301,11 @@ impl Store for SqliteStore {
             let events = serde_json::to_string(&h.events).unwrap_or_else(|_| "[]".into());
             tx.execute(
                 &format!(
-                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                    "INSERT INTO webhooks ({HOOK_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                      ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, url = excluded.url, events = excluded.events,
                        path_template = excluded.path_template, secret = excluded.secret, enabled = excluded.enabled,
-                       disabled_reason = excluded.disabled_reason, failing_since = excluded.failing_since"
+                       disabled_reason = excluded.disabled_reason, failing_since = excluded.failing_since,
+                       rollup = excluded.rollup"
                 ),
                 params![
                     h.id,
@@ -305,7 +318,8 @@ impl Store for SqliteStore {
                     h.enabled,
                     h.disabled_reason,
                     micros(h.created_at),
-                    failing_since.map(micros)
+                    failing_since.map(micros),
+                    h.rollup.map(|r| serde_json::to_string(&r).unwrap_or_default())
                 ],
             )?;
             tx.commit()?;
@@ -408,21 +422,30 @@ impl Store for SqliteStore {
             let now = micros(Utc::now());
             let mut out = Vec::with_capacity(batch.len());
             {
-                let mut find = tx.prepare_cached("SELECT result, files_pending, envelope FROM events WHERE org = ?1 AND id = ?2")?;
+                let mut find = tx.prepare_cached("SELECT result, files_pending, envelope, charged FROM events WHERE org = ?1 AND id = ?2")?;
                 let mut ins_event = tx.prepare_cached(
-                    "INSERT INTO events (org, id, envelope, result, files_pending, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO events (org, id, envelope, result, files_pending, created_at, charged) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
                 let mut ins_delivery = tx.prepare_cached(
                     "INSERT INTO deliveries (id, org, webhook_id, event_id, status, attempts, next_attempt_at, created_at, updated_at)
                      VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?5, ?5)",
                 )?;
                 for ev in batch {
-                    let known: Option<(String, bool, String)> = find
-                        .query_row(params![ev.org, ev.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    let known: Option<(String, bool, String, bool)> = find
+                        .query_row(params![ev.org, ev.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                         .optional()?;
-                    if let Some((result, files_pending, envelope)) = known {
+                    if let Some((result, files_pending, envelope, charged)) = known {
                         let result: IngestResult =
                             serde_json::from_str(&result).map_err(|e| StoreError::Db(e.to_string()))?;
+                        if files_pending && !charged {
+                            // Deferred earlier: the repost gets its files written if they fit now.
+                            let (files, bytes) = file_usage(result.files.len(), envelope.len());
+                            if let Err(why) = usage::charge(&tx, &ev.org, ev.quota, files, bytes)? {
+                                out.push(CommitOutcome::Deferred { result, why });
+                                continue;
+                            }
+                            tx.execute("UPDATE events SET charged = 1 WHERE org = ?1 AND id = ?2", params![ev.org, ev.id])?;
+                        }
                         let pending_envelope = files_pending.then_some(envelope);
                         out.push(CommitOutcome::Known { result, pending_envelope });
                         continue;
@@ -433,11 +456,17 @@ impl Store for SqliteStore {
                         deliveries: ev.deliveries.iter().map(|(d, _)| d.clone()).collect(),
                     };
                     let result_json = serde_json::to_string(&result).map_err(|e| StoreError::Db(e.to_string()))?;
-                    ins_event.execute(params![ev.org, ev.id, ev.envelope_json, result_json, !ev.files.is_empty(), now])?;
+                    let (files, bytes) = ev.usage();
+                    let over = if files > 0 { usage::charge(&tx, &ev.org, ev.quota, files, bytes)?.err() } else { None };
+                    ins_event.execute(params![ev.org, ev.id, ev.envelope_json, result_json, !ev.files.is_empty(), now, over.is_none()])?;
                     for (did, wid) in &ev.deliveries {
                         ins_delivery.execute(params![did, ev.org, wid, ev.id, now])?;
                     }
-                    out.push(CommitOutcome::New(result));
+                    rollups::stage_lines(&tx, &ev)?;
+                    out.push(match over {
+                        Some(why) => CommitOutcome::Deferred { result, why },
+                        None => CommitOutcome::New(result),
+                    });
                 }
             }
             tx.commit()?;
@@ -462,7 +491,7 @@ impl Store for SqliteStore {
     async fn pending_files(&self) -> Result<Vec<PendingFiles>> {
         self.with_reader(|c, q| {
             let mut st =
-                c.prepare("SELECT org, id, envelope, result FROM events WHERE files_pending = 1")?;
+                c.prepare("SELECT org, id, envelope, result FROM events WHERE files_pending = 1 AND charged = 1")?;
             let rows = st
                 .query_map([], |r| {
                     keyed("events", r, 1, |r| {
@@ -485,7 +514,7 @@ impl Store for SqliteStore {
                     })
                 })?
                 .rows(q)?;
-            Ok(rows)
+            usage::without_taken(c, rows)
         })
         .await
     }
@@ -603,6 +632,63 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn org_usage(&self, org: &str) -> Result<Option<crate::limits::OrgUsage>> {
+        self.usage_of(org).await
+    }
+
+    async fn set_org_usage(
+        &self,
+        org: &str,
+        usage: crate::limits::OrgUsage,
+        replace: bool,
+    ) -> Result<()> {
+        self.usage_set(org, usage, replace).await
+    }
+
+    async fn add_org_usage(&self, org: &str, files: i64, bytes: i64) -> Result<()> {
+        self.usage_add(org, files, bytes).await
+    }
+
+    async fn record_taken(&self, org: &str, path: &str) -> Result<()> {
+        self.taken(org, path).await
+    }
+
+    async fn taken_paths(&self, org: &str, paths: Vec<String>) -> Result<Vec<String>> {
+        self.which_taken(org, paths).await
+    }
+
+    async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>> {
+        self.rollup_due(now, limit).await
+    }
+
+    async fn claim_partition(
+        &self,
+        p: &PartitionRef,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.rollup_claim(p, now, until).await
+    }
+
+    async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>> {
+        self.rollup_lines(p).await
+    }
+
+    async fn close_partition(
+        &self,
+        p: &PartitionRef,
+        through_seq: i64,
+        events: u64,
+        bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.rollup_close(p, through_seq, events, bytes, now).await
+    }
+
+    async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
+        self.rollup_backlog_stats().await
     }
 }
 

@@ -101,6 +101,25 @@ CREATE TABLE downloads (
     PRIMARY KEY (org, path)
 ) WITHOUT ROWID;
 "#,
+    // 6: org usage counted as files come and go (quotas across nodes, no listing); which
+    // pending events were charged (a deferred one is not); paths users took while their
+    // event was still pending (a repair must not write them again).
+    r#"
+CREATE TABLE org_usage (
+    org TEXT PRIMARY KEY,
+    files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+ALTER TABLE events ADD COLUMN charged INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE taken_files (
+    org TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (org, path)
+) WITHOUT ROWID;
+"#,
+    // 7: roll-ups: a webhook's roll-up settings (JSON), lines staged with their event
+    // (seq is the accept order), and partitions' leases and close records.
+    super::rollups::MIGRATION,
 ];
 
 pub(super) fn open(path: &Path) -> Result<Connection> {

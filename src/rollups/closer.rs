@@ -1,0 +1,155 @@
+//! The closer: writes partitions whose period plus `close_after` has passed. See the
+//! module docs of [`crate::rollups`] for why a crash anywhere still gives exactly once.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use super::{build_parts, ROOT};
+use crate::storage::{EventFile, OrgName, StoragePath};
+use crate::store::PartitionRef;
+use crate::App;
+
+/// How often the closer looks for due partitions (real time).
+const TICK: Duration = Duration::from_secs(1);
+/// How long a claim holds (real time): long enough to write a day of parts; a node that
+/// died holding it leaves the partition to others after this.
+const LEASE: Duration = Duration::from_secs(600);
+/// Partitions taken per pass.
+const BATCH: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloseError {
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("storage: {0}")]
+    Storage(#[from] crate::storage::StorageError),
+}
+
+pub async fn run(app: App, cancel: CancellationToken) -> Result<(), String> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        if let Err(e) = pass(&app, &cancel).await {
+            tracing::warn!(error = %e, "roll-up closer pass failed; retrying at the next tick");
+        }
+    }
+}
+
+/// Closes what is due now; returns how many partitions it closed.
+pub async fn pass(app: &App, cancel: &CancellationToken) -> Result<usize, CloseError> {
+    let mut closed = 0;
+    loop {
+        let now = crate::clock::now();
+        let due = app.store.due_partitions(now, BATCH).await?;
+        if due.is_empty() {
+            break;
+        }
+        let mut any = false;
+        for p in due {
+            if cancel.is_cancelled() {
+                return Ok(closed);
+            }
+            let now = crate::clock::now();
+            let until = now + crate::clock::simulated(LEASE);
+            if !app.store.claim_partition(&p, now, until).await? {
+                continue;
+            }
+            any = true;
+            match close(app, &p).await {
+                Ok(()) => closed += 1,
+                Err(e) => {
+                    // The lease runs out and a later pass (here or on another node) redoes
+                    // it; the lines stay staged meanwhile.
+                    tracing::warn!(org = %p.org, hook = %p.hook, partition = %p.partition,
+                        error = %e, "roll-up partition could not be closed; it will be redone");
+                }
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    let (staged, earliest) = app.store.rollup_backlog().await?;
+    metrics::gauge!("hookbridge_rollup_staged_lines").set(staged as f64);
+    let lag = earliest
+        .map(|t| (crate::clock::now() - t).num_milliseconds().max(0) as f64 / 1000.0)
+        .unwrap_or(0.0);
+    metrics::gauge!("hookbridge_rollup_lag_seconds").set(lag);
+    Ok(closed)
+}
+
+/// Writes one claimed partition: parts, `_manifest.json`, `_SUCCESS`, in that order and
+/// create-only, then marks it closed in the store.
+async fn close(app: &App, p: &PartitionRef) -> Result<(), CloseError> {
+    let lines = app.store.partition_lines(p).await?;
+    let Some(through) = lines.last().map(|l| l.seq) else {
+        return Ok(());
+    };
+    let now = crate::clock::now();
+    let hook = app.store.get_webhook(&p.org, &p.hook).await?;
+    let Some(spec) = hook.and_then(|h| h.rollup) else {
+        // The hook (or its org) is gone or no longer rolls up: nothing to write to.
+        tracing::info!(org = %p.org, hook = %p.hook, partition = %p.partition, lines = lines.len(),
+            "roll-up hook removed or changed; dropping its staged lines");
+        app.store.close_partition(p, through, 0, 0, now).await?;
+        return Ok(());
+    };
+    let org = OrgName::new(&p.org)?;
+    let folder = format!("{ROOT}/{}", p.partition);
+    let rows: Vec<_> = lines
+        .into_iter()
+        .map(|l| (l.accepted_at, l.envelope))
+        .collect();
+    let Some((parts, manifest)) = build_parts(&rows, spec.max_part_bytes) else {
+        return Ok(());
+    };
+    let file = |name: &str, body: Bytes| -> Result<EventFile, CloseError> {
+        Ok(EventFile {
+            org: org.clone(),
+            path: StoragePath::parse(&format!("{folder}/{name}"))?,
+            body,
+        })
+    };
+    let bytes: u64 = parts.iter().map(|p| p.body.len() as u64).sum();
+    let part_files = parts
+        .iter()
+        .map(|part| file(&part.name, part.body.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    write(app, &part_files).await?;
+    let mut m = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    m.push(b'\n');
+    let manifest_len = m.len() as u64;
+    write(app, &[file("_manifest.json", Bytes::from(m))?]).await?;
+    write(app, &[file("_SUCCESS", Bytes::new())?]).await?;
+    app.store
+        .close_partition(p, through, manifest.events, bytes, now)
+        .await?;
+    // Quotas count what the org folder holds; retention and SFTP see these files as any.
+    // Counted after the close commits: a crash in between under-counts until a recount
+    // (`POST …/usage/recount`), it never charges a partition twice.
+    if let Err(e) = app
+        .store
+        .add_org_usage(&p.org, parts.len() as i64 + 2, (bytes + manifest_len) as i64)
+        .await
+    {
+        tracing::warn!(org = %p.org, error = %e, "roll-up files not counted in the org's usage");
+    }
+    metrics::counter!("hookbridge_rollup_partitions_closed_total").increment(1);
+    metrics::counter!("hookbridge_rollup_lines_total").increment(manifest.events);
+    metrics::counter!("hookbridge_rollup_bytes_total").increment(bytes);
+    tracing::info!(target: "audit", event = "rollup_closed", org = %p.org, hook = %p.hook,
+        partition = %folder, events = manifest.events, parts = parts.len(), bytes,
+        "roll-up partition closed");
+    Ok(())
+}
+
+async fn write(app: &App, files: &[EventFile]) -> Result<(), CloseError> {
+    for r in app.storage.write_events(files).await {
+        r?;
+    }
+    Ok(())
+}
