@@ -14,7 +14,9 @@ use crate::event::EventType;
 use crate::secrets::SecretBox;
 
 mod queue;
+mod rollups;
 use queue::*;
+use rollups::rollup_claims_and_closes;
 
 type S = Arc<dyn Store>;
 
@@ -147,6 +149,7 @@ suite!(sqlite:
     downloads,
     deleting_an_org_forgets_its_events,
     usage_quota_and_taken_paths,
+    rollup_claims_and_closes,
 );
 
 suite!(postgres:
@@ -168,6 +171,7 @@ suite!(postgres:
     downloads,
     deleting_an_org_forgets_its_events,
     usage_quota_and_taken_paths,
+    rollup_claims_and_closes,
 );
 
 #[tokio::test]

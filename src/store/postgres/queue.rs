@@ -89,7 +89,9 @@ pub(super) async fn commit_events(
         // not fit, the event stays recorded with its files deferred (not charged).
         let (files, bytes) = ev.usage();
         let over = if files > 0 {
-            usage::charge(&tx, &ev.org, ev.quota, files, bytes).await?.err()
+            usage::charge(&tx, &ev.org, ev.quota, files, bytes)
+                .await?
+                .err()
         } else {
             None
         };

@@ -47,7 +47,12 @@ pub(super) async fn charge(
     Ok(Ok(()))
 }
 
-async fn add(c: &impl deadpool_postgres::GenericClient, org: &str, files: i64, bytes: i64) -> Result<()> {
+async fn add(
+    c: &impl deadpool_postgres::GenericClient,
+    org: &str,
+    files: i64,
+    bytes: i64,
+) -> Result<()> {
     c.execute(
         "INSERT INTO org_usage (org, files, bytes) VALUES ($1, GREATEST($2::bigint, 0), GREATEST($3::bigint, 0))
          ON CONFLICT (org) DO UPDATE SET files = GREATEST(org_usage.files + $2::bigint, 0),
@@ -105,7 +110,8 @@ pub(super) async fn without_taken(
         .collect::<Result<_>>()?;
     for p in &mut pending {
         let org = p.org.clone();
-        p.files.retain(|f| !taken.contains(&(org.clone(), f.clone())));
+        p.files
+            .retain(|f| !taken.contains(&(org.clone(), f.clone())));
     }
     Ok(pending)
 }
