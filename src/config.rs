@@ -80,6 +80,9 @@ pub struct StoreConfig {
     /// secrets are encrypted with at rest (env `HOOKBRIDGE_SECRETS_KEY`). Unset: a key is
     /// generated into `<data_dir>/secrets/webhook_secrets_key`.
     pub secrets_key: Option<String>,
+    /// `postgres://user:password@host:port/db`: keep the state in PostgreSQL, shared by
+    /// every node (env `HOOKBRIDGE_STORE_URL`). Unset: SQLite in `<data_dir>/state.db`.
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -533,6 +536,9 @@ impl Config {
         }
         if let Some(v) = get("HOOKBRIDGE_SECRETS_KEY") {
             self.store.secrets_key = Some(v);
+        }
+        if let Some(v) = get("HOOKBRIDGE_STORE_URL") {
+            self.store.url = Some(v);
         }
         if let Some(v) = get("HOOKBRIDGE_ADMIN_TOKEN") {
             self.admin.token = Some(v);

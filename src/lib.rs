@@ -148,7 +148,10 @@ pub async fn build_state(
     }
     let storage = open_storage(config).await?;
     let sealer = secrets::SecretBox::load_or_create(config).map_err(StartError::Secrets)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db, Arc::new(sealer))?);
+    let store: Arc<dyn Store> = match &config.store.url {
+        Some(url) => Arc::new(store::PostgresStore::open(url, Arc::new(sealer)).await?),
+        None => Arc::new(SqliteStore::open(&db, Arc::new(sealer))?),
+    };
     let secrets = secrets::Secrets::load_or_create(config).map_err(StartError::Secrets)?;
     provision::apply_declared(&store, &*storage, config)
         .await

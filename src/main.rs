@@ -223,6 +223,7 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
             "refused"
         }
     );
+    check_store(&cfg)?;
     check_storage(&cfg)?;
     for o in &cfg.orgs {
         println!(
@@ -232,6 +233,26 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
             o.webhooks.len()
         );
     }
+    Ok(())
+}
+
+/// SQLite is made at start; PostgreSQL is reached now (its server and schema version
+/// are shown), so a wrong host, password or database shows up here.
+fn check_store(cfg: &Config) -> anyhow::Result<()> {
+    let Some(url) = &cfg.store.url else {
+        println!(
+            "store         SQLite {}",
+            cfg.data_dir.join("state.db").display()
+        );
+        return Ok(());
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let found = rt
+        .block_on(hookbridge::store::PostgresStore::check(url))
+        .map_err(|e| anyhow::anyhow!("store: PostgreSQL at store.url is not usable: {e}"))?;
+    println!("store         PostgreSQL (reached: {found})");
     Ok(())
 }
 

@@ -105,7 +105,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         [jwt_hs256_secret, max_token_lifetime]
     );
     changed!(v, old.admin, new.admin, "admin.", [token]);
-    changed!(v, old.store, new.store, "store.", [secrets_key]);
+    changed!(v, old.store, new.store, "store.", [secrets_key, url]);
     changed!(
         v,
         old.storage,
@@ -170,7 +170,10 @@ fn every_key_is_sorted(c: &Config) {
         orgs: _,
         source: _,
     } = c;
-    let StoreConfig { secrets_key: _ } = store;
+    let StoreConfig {
+        secrets_key: _,
+        url: _,
+    } = store;
     let crate::storage::StorageConfig {
         kind: _,
         bucket: _,

@@ -84,6 +84,8 @@ pub struct Daemon {
     pub top_config: String,
     /// The S3 server and key prefix of the org folders, when not on local disk.
     pub s3: Option<(crate::seaweed::S3Server, String)>,
+    /// The daemon's own PostgreSQL database (`HOOKBRIDGE_TEST_STORE=postgres`), else SQLite.
+    pub store_url: Option<String>,
     /// Environment variables of the daemon process (e.g. `HOOKBRIDGE_TEST_CLOCK`).
     pub env: Vec<(String, String)>,
     child: Option<Child>,
@@ -105,6 +107,8 @@ pub struct Opts<'a> {
     /// Org folders on this S3 server (under a prefix of the daemon's own) instead of
     /// the local data dir. `HOOKBRIDGE_TEST_STORAGE=s3` sets it for every daemon.
     pub s3: Option<crate::seaweed::S3Server>,
+    /// The state in this PostgreSQL database instead of SQLite.
+    pub store_url: Option<String>,
     /// Environment variables of the daemon process.
     pub env: Vec<(String, String)>,
     /// The key prefix on `s3`; several daemons given the same one share their org folders
@@ -123,6 +127,7 @@ impl Default for Opts<'_> {
             data_dir: None,
             http_extra: "",
             s3: None,
+            store_url: None,
             env: Vec::new(),
             s3_prefix: None,
             top: "",
@@ -183,6 +188,14 @@ impl Daemon {
                 .unwrap_or_else(|| crate::seaweed::unique_prefix("daemon"));
             (s, prefix)
         });
+        let store_url = match (
+            o.store_url,
+            std::env::var("HOOKBRIDGE_TEST_STORE").as_deref(),
+        ) {
+            (Some(u), _) => Some(u),
+            (None, Ok("postgres")) => Some(fresh_pg_database().await),
+            _ => None,
+        };
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -198,6 +211,7 @@ impl Daemon {
             http_extra,
             top_config: o.top.to_owned(),
             s3,
+            store_url,
             env: o.env,
             child: None,
             client: reqwest::Client::builder()
@@ -323,7 +337,12 @@ level = "info,hookbridge=debug"
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hookbridge"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hookbridge"));
+        match &self.store_url {
+            Some(url) => cmd.env("HOOKBRIDGE_STORE_URL", url),
+            None => cmd.env_remove("HOOKBRIDGE_STORE_URL"),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(self.config_path())
             .stdout(Stdio::null())
@@ -568,4 +587,23 @@ impl Burst {
         while self.tasks.join_next().await.is_some() {}
         self.acked.lock().unwrap().clone()
     }
+}
+
+/// A new, empty database on the PostgreSQL of `HOOKBRIDGE_TEST_PG_URL` (an admin URL), and
+/// its URL: each daemon gets its own, so no test sees another's state.
+pub async fn fresh_pg_database() -> String {
+    let admin = std::env::var("HOOKBRIDGE_TEST_PG_URL")
+        .expect("HOOKBRIDGE_TEST_STORE=postgres needs HOOKBRIDGE_TEST_PG_URL (an admin URL)");
+    let db = format!("hb_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let (c, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect to HOOKBRIDGE_TEST_PG_URL");
+    tokio::spawn(conn);
+    c.batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("HOOKBRIDGE_TEST_PG_URL is postgres://…/database");
+    format!("{base}/{db}")
 }

@@ -16,7 +16,9 @@ use crate::secrets::SecretBox;
 mod nodes;
 mod queue;
 use nodes::*;
+mod rollups;
 use queue::*;
+use rollups::rollup_claims_and_closes;
 
 type S = Arc<dyn Store>;
 
@@ -149,11 +151,7 @@ suite!(sqlite:
     downloads,
     deleting_an_org_forgets_its_events,
     usage_quota_and_taken_paths,
-);
-
-/// Usage counters, quota charged in the commit, taken paths (`usage_cases`).
-async fn usage_quota_and_taken_paths(s: S) {
-    super::usage_cases::run(&*s).await;
+    rollup_claims_and_closes,
     ping_answers,
     bans_keep_the_later_end_and_expire,
     shared_secrets_first_writer_wins_and_rotations_count,
@@ -180,6 +178,8 @@ suite!(postgres:
     ping_answers,
     bans_keep_the_later_end_and_expire,
     shared_secrets_first_writer_wins_and_rotations_count,
+    usage_quota_and_taken_paths,
+    rollup_claims_and_closes,
 );
 
 #[tokio::test]
@@ -230,6 +230,11 @@ async fn postgres_at(url: &str) -> PostgresStore {
     PostgresStore::open(url, secrets())
         .await
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Usage counters, quota charged in the commit, taken paths (`usage_cases`).
+async fn usage_quota_and_taken_paths(s: S) {
+    super::usage_cases::run(&*s).await;
 }
 
 // ---------- helpers ----------

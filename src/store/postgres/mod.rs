@@ -21,6 +21,7 @@ use crate::secrets::SecretBox;
 mod nodes;
 mod queue;
 mod schema;
+mod usage;
 
 #[cfg(test)]
 pub(crate) use schema::known as known_migrations;
@@ -71,6 +72,34 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// Reaches the database without changing it: what `check-config` shows. A schema
+    /// newer than this binary is an error, as at start.
+    pub async fn check(url: &str) -> Result<String> {
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Db(format!("not a PostgreSQL URL: {e}")))?;
+        cfg.connect_timeout(WAIT);
+        let (c, conn) = cfg.connect(NoTls).await?;
+        tokio::spawn(conn);
+        let server: String = c.query_one("SHOW server_version", &[]).await?.get(0);
+        let version = schema::applied(&c).await?;
+        let known = schema::known();
+        if version > known {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                known,
+            });
+        }
+        Ok(format!(
+            "server {server}, schema version {version} of {known}{}",
+            if version < known {
+                ", migrated at start"
+            } else {
+                ""
+            }
+        ))
+    }
+
     async fn conn(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
     }
@@ -98,11 +127,17 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
             _ => StoreError::Db(format!("PostgreSQL: {db}")),
         };
     }
-    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    let source = std::error::Error::source(&e);
+    let io = source.is_some_and(|s| s.is::<std::io::Error>());
+    // "error connecting to server" alone does not say why: add the cause (refused, timeout).
+    let why = match source {
+        Some(s) => format!("PostgreSQL: {e}: {s}"),
+        None => format!("PostgreSQL: {e}"),
+    };
     if e.is_closed() || io || e.to_string().starts_with("error connecting") {
-        StoreError::Unavailable(format!("PostgreSQL: {e}"))
+        StoreError::Unavailable(why)
     } else {
-        StoreError::Db(format!("PostgreSQL: {e}"))
+        StoreError::Db(why)
     }
 }
 
@@ -140,7 +175,7 @@ fn to_json<T: Serialize>(v: &T) -> Result<String> {
 
 const ORG_COLS: &str = "name, display_name, created_at, limits";
 const USER_COLS: &str = "name, org, password_hash, public_keys, upload";
-const HOOK_COLS: &str = "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since";
+const HOOK_COLS: &str = "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since, rollup";
 
 fn org_row(r: &Row) -> Result<Org> {
     Ok(Org {
@@ -167,6 +202,13 @@ fn user_row(r: &Row) -> Result<SftpUser> {
 fn hook_row(r: &Row, o: usize, sb: &SecretBox) -> Result<Webhook> {
     let id: String = get(r, o)?;
     let kind: String = get(r, o + 2)?;
+    let rollup = match get::<Option<String>>(r, o + 11)? {
+        None => None,
+        Some(j) => Some(
+            serde_json::from_str(&j)
+                .map_err(|e| StoreError::Db(format!("webhook {id}: rollup: {e}")))?,
+        ),
+    };
     let secret = match get::<Option<String>>(r, o + 6)? {
         Some(s) if SecretBox::is_sealed(&s) => Some(sb.open(&id, &s).map_err(StoreError::Db)?),
         other => other,
@@ -183,6 +225,13 @@ fn hook_row(r: &Row, o: usize, sb: &SecretBox) -> Result<Webhook> {
         disabled_reason: get(r, o + 8)?,
         created_at: time_at(r, o + 9)?,
         failing_since: opt_time_at(r, o + 10)?,
+        // As SQLite reads it (`rows::hook_row_at`): a roll-up hook writes NDJSON.gz.
+        format: if rollup.is_some() {
+            crate::rollups::Format::NdjsonGz
+        } else {
+            crate::rollups::Format::Json
+        },
+        rollup,
         id,
     })
 }
@@ -249,6 +298,10 @@ impl Store for PostgresStore {
             .await?;
         tx.execute("DELETE FROM downloads WHERE org = $1", &[&name])
             .await?;
+        tx.execute("DELETE FROM org_usage WHERE org = $1", &[&name])
+            .await?;
+        tx.execute("DELETE FROM taken_files WHERE org = $1", &[&name])
+            .await?;
         tx.commit().await?;
         Ok(n == 1)
     }
@@ -309,6 +362,7 @@ impl Store for PostgresStore {
             h.secret = Some(self.secrets.seal(&h.id, plain).map_err(StoreError::Db)?);
         }
         let events = to_json(&h.events)?;
+        let rollup = h.rollup.as_ref().map(to_json).transpose()?;
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         let old = tx
@@ -333,10 +387,11 @@ impl Store for PostgresStore {
         let failing_since = failing_since_on_put(old, h.enabled).map(micros);
         tx.execute(
             &format!(
-                "INSERT INTO webhooks ({HOOK_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                "INSERT INTO webhooks ({HOOK_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                  ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, url = excluded.url, events = excluded.events,
                    path_template = excluded.path_template, secret = excluded.secret, enabled = excluded.enabled,
-                   disabled_reason = excluded.disabled_reason, failing_since = excluded.failing_since"
+                   disabled_reason = excluded.disabled_reason, failing_since = excluded.failing_since,
+                   rollup = excluded.rollup"
             ),
             &[
                 &h.id,
@@ -350,6 +405,7 @@ impl Store for PostgresStore {
                 &h.disabled_reason,
                 &micros(h.created_at),
                 &failing_since,
+                &rollup,
             ],
         )
         .await?;
@@ -453,7 +509,6 @@ impl Store for PostgresStore {
         nodes::active_bans(self, now).await
     }
 
-
     async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret> {
         nodes::secret_init(self, name, value).await
     }
@@ -556,5 +611,62 @@ impl Store for PostgresStore {
 
     async fn move_downloads(&self, org: &str, from: &str, to: &str) -> Result<()> {
         queue::move_downloads(self, org, from, to).await
+    }
+
+    async fn org_usage(&self, org: &str) -> Result<Option<crate::limits::OrgUsage>> {
+        self.usage_of(org).await
+    }
+
+    async fn set_org_usage(
+        &self,
+        org: &str,
+        usage: crate::limits::OrgUsage,
+        replace: bool,
+    ) -> Result<()> {
+        self.usage_set(org, usage, replace).await
+    }
+
+    async fn add_org_usage(&self, org: &str, files: i64, bytes: i64) -> Result<()> {
+        self.usage_add(org, files, bytes).await
+    }
+
+    async fn record_taken(&self, org: &str, path: &str) -> Result<()> {
+        self.taken(org, path).await
+    }
+
+    async fn taken_paths(&self, org: &str, paths: Vec<String>) -> Result<Vec<String>> {
+        self.which_taken(org, paths).await
+    }
+
+    async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>> {
+        self.rollup_due(now, limit).await
+    }
+
+    async fn claim_partition(
+        &self,
+        p: &PartitionRef,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.rollup_claim(p, now, until).await
+    }
+
+    async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>> {
+        self.rollup_lines(p).await
+    }
+
+    async fn close_partition(
+        &self,
+        p: &PartitionRef,
+        through_seq: i64,
+        events: u64,
+        bytes: u64,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.rollup_close(p, through_seq, events, bytes, now).await
+    }
+
+    async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
+        self.rollup_backlog_stats().await
     }
 }

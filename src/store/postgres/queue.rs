@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use super::super::health::{AttemptRecord, HookEffect};
 use super::super::rows::micros;
 use super::super::*;
-use super::{get, hook_row, opt_time_at, time_at, to_json, PostgresStore};
+use super::{get, hook_row, opt_time_at, time_at, to_json, usage, PostgresStore};
 
 pub(super) async fn commit_events(
     s: &PostgresStore,
@@ -18,13 +18,13 @@ pub(super) async fn commit_events(
     let now = micros(Utc::now());
     let ins_event = tx
         .prepare_cached(
-            "INSERT INTO events (org, id, envelope, result, files_pending, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (org, id) DO NOTHING",
+            "INSERT INTO events (org, id, envelope, result, files_pending, created_at, charged)
+             VALUES ($1, $2, $3, $4, $5, $6, TRUE) ON CONFLICT (org, id) DO NOTHING",
         )
         .await?;
     let find = tx
         .prepare_cached(
-            "SELECT result, files_pending, envelope FROM events WHERE org = $1 AND id = $2",
+            "SELECT result, files_pending, envelope, charged FROM events WHERE org = $1 AND id = $2",
         )
         .await?;
     let ins_delivery = tx
@@ -63,22 +63,54 @@ pub(super) async fn commit_events(
             let result: IngestResult =
                 serde_json::from_str(&text).map_err(|e| StoreError::Db(e.to_string()))?;
             let files_pending: bool = get(&r, 1)?;
-            let pending_envelope = if files_pending {
-                Some(get(&r, 2)?)
-            } else {
-                None
-            };
+            let envelope: String = get(&r, 2)?;
+            let charged: bool = get(&r, 3)?;
+            if files_pending && !charged {
+                // Deferred earlier: the repost gets its files written if they fit now.
+                let (files, bytes) = file_usage(result.files.len(), envelope.len());
+                if let Err(why) = usage::charge(&tx, &ev.org, ev.quota, files, bytes).await? {
+                    out.push(CommitOutcome::Deferred { result, why });
+                    continue;
+                }
+                tx.execute(
+                    "UPDATE events SET charged = TRUE WHERE org = $1 AND id = $2",
+                    &[&ev.org, &ev.id],
+                )
+                .await?;
+            }
+            let pending_envelope = files_pending.then_some(envelope);
             out.push(CommitOutcome::Known {
                 result,
                 pending_envelope,
             });
             continue;
         }
+        // New: its files are charged against the quota in this transaction; if they do
+        // not fit, the event stays recorded with its files deferred (not charged).
+        let (files, bytes) = ev.usage();
+        let over = if files > 0 {
+            usage::charge(&tx, &ev.org, ev.quota, files, bytes)
+                .await?
+                .err()
+        } else {
+            None
+        };
+        if over.is_some() {
+            tx.execute(
+                "UPDATE events SET charged = FALSE WHERE org = $1 AND id = $2",
+                &[&ev.org, &ev.id],
+            )
+            .await?;
+        }
         for (did, wid) in &ev.deliveries {
             tx.execute(&ins_delivery, &[did, &ev.org, wid, &ev.id, &pending, &now])
                 .await?;
         }
-        out.push(CommitOutcome::New(result));
+        usage::stage_lines(&tx, &ev).await?;
+        out.push(match over {
+            Some(why) => CommitOutcome::Deferred { result, why },
+            None => CommitOutcome::New(result),
+        });
     }
     tx.commit().await?;
     Ok(out)
@@ -117,11 +149,12 @@ pub(super) async fn pending_files(s: &PostgresStore) -> Result<Vec<PendingFiles>
     let c = s.conn().await?;
     let rows = c
         .query(
-            "SELECT org, id, envelope, result FROM events WHERE files_pending",
+            "SELECT org, id, envelope, result FROM events WHERE files_pending AND charged",
             &[],
         )
         .await?;
-    rows.iter()
+    let pending = rows
+        .iter()
         .map(|r| {
             let result: String = get(r, 3)?;
             let files = serde_json::from_str::<IngestResult>(&result)
@@ -134,7 +167,8 @@ pub(super) async fn pending_files(s: &PostgresStore) -> Result<Vec<PendingFiles>
                 files,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    usage::without_taken(&c, pending).await
 }
 
 /// Due jobs outside `busy`, oldest first; with `only`, just those ids.

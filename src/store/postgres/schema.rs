@@ -4,7 +4,11 @@
 
 use super::super::{Result, StoreError};
 
-const MIGRATIONS: &[&str] = &[include_str!("001_init.sql"), include_str!("002_nodes.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("001_init.sql"),
+    include_str!("002_usage_rollups.sql"),
+    include_str!("003_nodes.sql"),
+];
 
 /// An arbitrary constant: the advisory lock all hookbridge nodes take to migrate.
 const MIGRATION_LOCK: i64 = 0x686f_6f6b_6272_6467;
@@ -43,8 +47,22 @@ pub(super) async fn migrate(c: &mut deadpool_postgres::Object) -> Result<()> {
     Ok(())
 }
 
-/// The number of migrations this binary knows (tests set a database ahead of it).
-#[cfg(test)]
+/// The number of migrations this binary knows.
 pub(crate) fn known() -> i64 {
     MIGRATIONS.len() as i64
+}
+
+/// The schema version of a database (0: never migrated), read without changing it.
+pub(super) async fn applied(c: &tokio_postgres::Client) -> Result<i64> {
+    let exists: bool = c
+        .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(c.query_opt("SELECT version FROM schema_version", &[])
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(0))
 }

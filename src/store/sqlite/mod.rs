@@ -633,7 +633,6 @@ impl Store for SqliteStore {
         self.nodes_active_bans(now).await
     }
 
-
     async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret> {
         self.nodes_secret_init(name, value).await
     }
@@ -717,7 +716,6 @@ impl Store for SqliteStore {
         self.rollup_backlog_stats().await
     }
 }
-
 
 /// `.rows(q)`: collects query rows, skipping and reporting corrupt ones.
 trait Rows<T> {
