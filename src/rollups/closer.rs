@@ -133,7 +133,11 @@ async fn close(app: &App, p: &PartitionRef) -> Result<(), CloseError> {
     // (`POST …/usage/recount`), it never charges a partition twice.
     if let Err(e) = app
         .store
-        .add_org_usage(&p.org, parts.len() as i64 + 2, (bytes + manifest_len) as i64)
+        .add_org_usage(
+            &p.org,
+            parts.len() as i64 + 2,
+            (bytes + manifest_len) as i64,
+        )
         .await
     {
         tracing::warn!(org = %p.org, error = %e, "roll-up files not counted in the org's usage");
