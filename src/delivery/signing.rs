@@ -12,8 +12,9 @@
 //! rotation can keep retired keys published for [`ROTATION_GRACE`] while receivers
 //! refresh their JWKS caches.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 
 use aws_lc_rs::signature::Ed25519KeyPair;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -29,6 +30,8 @@ pub const ROTATION_GRACE: Duration = Duration::days(7);
 /// Lifetime of a delivery JWT; retries sign anew, so this only bounds replays of one request.
 const JWT_TTL: Duration = Duration::minutes(5);
 const KEY_FILE: &str = "webhook_signing_keys.json";
+/// Bound of the HMAC key cache; past it the cache starts over (one rebuild per secret).
+const HMAC_CACHE_MAX: usize = 4096;
 /// PKCS#8 v1 prefix of an Ed25519 private key; the 32-byte seed follows.
 const PKCS8_ED25519_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
@@ -127,6 +130,10 @@ pub struct Signer {
     path: PathBuf,
     issuer: String,
     keys: RwLock<Vec<LoadedKey>>,
+    /// Standard Webhooks HMAC keys by webhook secret: decoding the secret and hashing it
+    /// into the HMAC's inner/outer pads cost ~5k instructions per delivery otherwise. Keyed
+    /// by the secret itself, so a rotated secret simply gets a new entry.
+    hmac_keys: Mutex<HashMap<String, Arc<aws_lc_rs::hmac::Key>>>,
 }
 
 #[derive(Serialize)]
@@ -195,6 +202,7 @@ impl Signer {
             path,
             issuer: issuer.to_owned(),
             keys: RwLock::new(keys),
+            hmac_keys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -279,21 +287,44 @@ impl Signer {
             .rev()
             .find(|k| k.stored.retired_at.is_none())
             .ok_or_else(|| SigningError::Key("no active signing key".into()))?;
-        // The JWS compact form jsonwebtoken::encode produces, with the cached key pair.
-        let mut jwt = String::with_capacity(512);
-        jwt.push_str(&active.header_b64);
-        jwt.push('.');
-        jwt.push_str(&b64_json(&claims)?);
-        let sig = active.pair.sign(jwt.as_bytes());
-        jwt.push('.');
-        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut jwt);
+        // The JWS compact form jsonwebtoken::encode produces, with the cached key pair,
+        // written straight into the header value (no intermediate strings).
+        const BEARER: &str = "Bearer ";
+        let mut auth = String::with_capacity(512);
+        auth.push_str(BEARER);
+        auth.push_str(&active.header_b64);
+        auth.push('.');
+        let json =
+            serde_json::to_vec(&claims).map_err(|e| SigningError::Key(format!("JSON: {e}")))?;
+        URL_SAFE_NO_PAD.encode_string(json, &mut auth);
+        let sig = active.pair.sign(&auth.as_bytes()[BEARER.len()..]);
+        drop(keys);
+        auth.push('.');
+        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut auth);
         let ts = now.timestamp().to_string();
         Ok(SignedHeaders {
-            authorization: format!("Bearer {jwt}"),
-            webhook_signature: secret.map(|s| standard_signature(s, id, &ts, body)),
+            authorization: auth,
+            webhook_signature: secret.map(|s| signature_with_key(&self.hmac_key(s), id, &ts, body)),
             webhook_id: id.to_owned(),
             webhook_timestamp: ts,
         })
+    }
+
+    /// The HMAC key of a webhook secret, built once per secret.
+    fn hmac_key(&self, secret: &str) -> Arc<aws_lc_rs::hmac::Key> {
+        let mut cache = match self.hmac_keys.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(k) = cache.get(secret) {
+            return k.clone();
+        }
+        if cache.len() >= HMAC_CACHE_MAX {
+            cache.clear();
+        }
+        let k = Arc::new(hmac_key(secret));
+        cache.insert(secret.to_owned(), k.clone());
+        k
     }
 }
 
@@ -307,22 +338,38 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// `v1,<base64 HMAC-SHA256>` of `{id}.{timestamp}.{body}` as Standard Webhooks defines it.
-pub fn standard_signature(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> String {
+/// The HMAC-SHA256 key of a `whsec_` secret (aws-lc: assembly, SHA extensions where the
+/// CPU has them).
+fn hmac_key(secret: &str) -> aws_lc_rs::hmac::Key {
     let raw = secret.strip_prefix("whsec_").unwrap_or(secret);
     // Secrets we issue are base64; a hand-made one that is not is used as raw bytes.
     let key = STANDARD
         .decode(raw)
         .unwrap_or_else(|_| raw.as_bytes().to_vec());
-    // aws-lc's HMAC-SHA256 (assembly, SHA extensions where the CPU has them).
-    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key);
-    let mut ctx = aws_lc_rs::hmac::Context::with_key(&key);
+    aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key)
+}
+
+/// `v1,<base64 HMAC-SHA256>` of `{id}.{timestamp}.{body}` as Standard Webhooks defines it.
+pub fn standard_signature(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> String {
+    signature_with_key(&hmac_key(secret), id, timestamp, body)
+}
+
+fn signature_with_key(
+    key: &aws_lc_rs::hmac::Key,
+    id: &str,
+    timestamp: &str,
+    body: &[u8],
+) -> String {
+    let mut ctx = aws_lc_rs::hmac::Context::with_key(key);
     ctx.update(id.as_bytes());
     ctx.update(b".");
     ctx.update(timestamp.as_bytes());
     ctx.update(b".");
     ctx.update(body);
-    format!("v1,{}", STANDARD.encode(ctx.sign().as_ref()))
+    let mut out = String::with_capacity(48);
+    out.push_str("v1,");
+    STANDARD.encode_string(ctx.sign().as_ref(), &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -340,6 +387,28 @@ mod tests {
             br#"{"test": 2432232314}"#,
         );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn cached_hmac_keys_sign_like_fresh_ones_and_follow_a_new_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Signer::load_or_create(dir.path(), "hookbridge").unwrap();
+        for secret in [
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_AAAA",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ] {
+            let h = s
+                .sign("acme", "https://x/y", "dlv_1", b"{}", Some(secret))
+                .unwrap();
+            let want = standard_signature(secret, "dlv_1", &h.webhook_timestamp, b"{}");
+            assert_eq!(
+                h.webhook_signature.as_deref(),
+                Some(want.as_str()),
+                "{secret}"
+            );
+        }
+        assert_eq!(s.hmac_keys.lock().unwrap().len(), 2);
     }
 
     #[test]
