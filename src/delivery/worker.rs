@@ -88,6 +88,10 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let cfg = app.config.delivery.clone();
+    // Claims on a shared (PostgreSQL) queue outlive the attempt: the request timeout, plus
+    // room for the wait for a permit and the group-commit of the outcome. A lease that
+    // still runs out only costs a duplicate send (same webhook-id), never a lost job.
+    let lease = cfg.request_timeout.0 * 2 + Duration::from_secs(60);
     let per_endpoint = cfg.per_endpoint_concurrency;
     let global = Arc::new(Semaphore::new(cfg.workers));
     let mut endpoints: HashMap<String, Arc<Semaphore>> = HashMap::new();
@@ -150,6 +154,7 @@ pub async fn run(
             let busy = Busy {
                 deliveries: Vec::new(),
                 webhooks: deep_hooks,
+                lease: Some(lease),
             };
             match app.store.claim_announced(ids, Utc::now(), busy).await {
                 Ok(jobs) => {
@@ -172,6 +177,7 @@ pub async fn run(
             let busy = Busy {
                 deliveries: lock(&in_flight).iter().cloned().collect(),
                 webhooks: deep_hooks.clone(),
+                lease: Some(lease),
             };
             match app.store.due_jobs(Utc::now(), limit, busy).await {
                 Ok(jobs) => {
@@ -223,6 +229,7 @@ pub async fn run(
                 let busy = Busy {
                     deliveries: lock(&in_flight).iter().cloned().collect(),
                     webhooks: queued.deep(deep),
+                    lease: None,
                 };
                 match app.store.next_due_at(busy).await {
                     Ok(t) => next_due = t.or(Some(Utc::now() + IDLE_POLL)),

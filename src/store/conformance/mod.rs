@@ -166,6 +166,9 @@ suite!(postgres:
     queue_stats_counts_open_jobs,
     downloads,
     deleting_an_org_forgets_its_events,
+    concurrent_claimers_never_share_a_job,
+    an_expired_lease_is_claimable_again,
+    a_stale_claim_cannot_record,
 );
 
 #[tokio::test]

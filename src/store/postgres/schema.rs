@@ -4,7 +4,7 @@
 
 use super::super::{Result, StoreError};
 
-const MIGRATIONS: &[&str] = &[include_str!("001_init.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("001_init.sql"), include_str!("002_leases.sql")];
 
 /// An arbitrary constant: the advisory lock all hookbridge nodes take to migrate.
 const MIGRATION_LOCK: i64 = 0x686f_6f6b_6272_6467;
