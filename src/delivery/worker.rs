@@ -88,10 +88,14 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let cfg = app.config.delivery.clone();
-    // Claims on a shared (PostgreSQL) queue outlive the attempt: the request timeout, plus
-    // room for the wait for a permit and the group-commit of the outcome. A lease that
-    // still runs out only costs a duplicate send (same webhook-id), never a lost job.
-    let lease = cfg.request_timeout.0 * 2 + Duration::from_secs(60);
+    // Claims on a shared (PostgreSQL) queue must outlive the attempt (request timeout plus
+    // room for the permit wait and the group commit). NOT ENABLED YET: a node restarted
+    // after kill -9 cannot tell its own leases from another node's, so it would wait out
+    // the whole lease (longer than the e2e restart tests allow) before resending. Enabling
+    // needs either a node id in the claim (release own leases at start) or shorter test
+    // timeouts; the store side (leases, stale-claim refusal, takeover) is done and tested.
+    let lease: Option<Duration> = None;
+    let _lease_when_enabled = cfg.request_timeout.0 * 2 + Duration::from_secs(60);
     let per_endpoint = cfg.per_endpoint_concurrency;
     let global = Arc::new(Semaphore::new(cfg.workers));
     let mut endpoints: HashMap<String, Arc<Semaphore>> = HashMap::new();
@@ -154,7 +158,7 @@ pub async fn run(
             let busy = Busy {
                 deliveries: Vec::new(),
                 webhooks: deep_hooks,
-                lease: Some(lease),
+                lease,
             };
             match app.store.claim_announced(ids, Utc::now(), busy).await {
                 Ok(jobs) => {
@@ -177,7 +181,7 @@ pub async fn run(
             let busy = Busy {
                 deliveries: lock(&in_flight).iter().cloned().collect(),
                 webhooks: deep_hooks.clone(),
-                lease: Some(lease),
+                lease,
             };
             match app.store.due_jobs(Utc::now(), limit, busy).await {
                 Ok(jobs) => {
