@@ -88,6 +88,14 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let cfg = app.config.delivery.clone();
+    // Claims on a shared (PostgreSQL) queue must outlive the attempt (request timeout plus
+    // room for the permit wait and the group commit). NOT ENABLED YET: a node restarted
+    // after kill -9 cannot tell its own leases from another node's, so it would wait out
+    // the whole lease (longer than the e2e restart tests allow) before resending. Enabling
+    // needs either a node id in the claim (release own leases at start) or shorter test
+    // timeouts; the store side (leases, stale-claim refusal, takeover) is done and tested.
+    let lease: Option<Duration> = None;
+    let _lease_when_enabled = cfg.request_timeout.0 * 2 + Duration::from_secs(60);
     let per_endpoint = cfg.per_endpoint_concurrency;
     let global = Arc::new(Semaphore::new(cfg.workers));
     let mut endpoints: HashMap<String, Arc<Semaphore>> = HashMap::new();
@@ -150,6 +158,7 @@ pub async fn run(
             let busy = Busy {
                 deliveries: Vec::new(),
                 webhooks: deep_hooks,
+                lease,
             };
             match app.store.claim_announced(ids, Utc::now(), busy).await {
                 Ok(jobs) => {
@@ -172,6 +181,7 @@ pub async fn run(
             let busy = Busy {
                 deliveries: lock(&in_flight).iter().cloned().collect(),
                 webhooks: deep_hooks.clone(),
+                lease,
             };
             match app.store.due_jobs(Utc::now(), limit, busy).await {
                 Ok(jobs) => {
@@ -223,6 +233,7 @@ pub async fn run(
                 let busy = Busy {
                     deliveries: lock(&in_flight).iter().cloned().collect(),
                     webhooks: queued.deep(deep),
+                    lease: None,
                 };
                 match app.store.next_due_at(busy).await {
                     Ok(t) => next_due = t.or(Some(Utc::now() + IDLE_POLL)),

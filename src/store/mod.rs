@@ -382,6 +382,26 @@ pub struct DeliveryJob {
     pub created_at: DateTime<Utc>,
     /// The webhook as it was when the job was taken (None: deleted since).
     pub webhook: Option<Webhook>,
+    /// The lease this job was taken under (PostgreSQL, when `Busy::lease` asked for one);
+    /// its outcome is recorded only while the job still carries this claim.
+    pub claim: Option<ClaimId>,
+}
+
+/// One claim of due jobs by one node (a ULID), so a stale worker whose lease expired
+/// and was taken over cannot overwrite the newer claimer's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimId(pub String);
+
+impl ClaimId {
+    pub fn new() -> Self {
+        ClaimId(ulid::Ulid::new().to_string())
+    }
+}
+
+impl Default for ClaimId {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Jobs the scheduler must not be handed: in flight, or for a webhook at its concurrency limit.
@@ -389,6 +409,11 @@ pub struct DeliveryJob {
 pub struct Busy {
     pub deliveries: Vec<String>,
     pub webhooks: Vec<String>,
+    /// Take the jobs handed out under a lease this long (None: only look). On PostgreSQL,
+    /// where several nodes share the queue, a leased job is not handed to anyone else until
+    /// the lease expires (then it is claimable again: a dead node's jobs are taken over).
+    /// SQLite ignores it: one process owns the file and `deliveries` is the claim.
+    pub lease: Option<std::time::Duration>,
 }
 
 impl Busy {

@@ -180,6 +180,9 @@ suite!(postgres:
     shared_secrets_first_writer_wins_and_rotations_count,
     usage_quota_and_taken_paths,
     rollup_claims_and_closes,
+    concurrent_claimers_never_share_a_job,
+    an_expired_lease_is_claimable_again,
+    a_stale_claim_cannot_record,
 );
 
 #[tokio::test]

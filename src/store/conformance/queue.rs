@@ -148,6 +148,7 @@ pub(super) async fn due_jobs_and_busy(s: S) {
     let busy = Busy {
         deliveries: vec!["d0".into()],
         webhooks: vec![],
+        ..Default::default()
     };
     assert_eq!(
         ids(&s.due_jobs(Utc::now(), 100, busy.clone()).await.unwrap()),
@@ -164,6 +165,7 @@ pub(super) async fn due_jobs_and_busy(s: S) {
     let all_busy = Busy {
         deliveries: vec![],
         webhooks: vec!["wh".into()],
+        ..Default::default()
     };
     assert!(s
         .due_jobs(Utc::now(), 100, all_busy.clone())
@@ -189,6 +191,7 @@ pub(super) async fn claim_announced_takes_only_the_named_due_jobs(s: S) {
     let busy = Busy {
         deliveries: vec!["d0".into()],
         webhooks: vec![],
+        ..Default::default()
     };
     let got = s
         .claim_announced(vec!["d0".into()], Utc::now(), busy)
@@ -494,5 +497,102 @@ pub(super) async fn deleting_an_org_forgets_its_events(s: S) {
     assert!(
         matches!(out[0], CommitOutcome::New(_)),
         "a re-created org starts afresh"
+    );
+}
+
+// ---------- leases (backends with claims shared across nodes: PostgreSQL) ----------
+// SQLite ignores `Busy::lease`: one process owns the file and its in-memory in-flight set
+// (`Busy::deliveries`) is the claim, so these cases run on PostgreSQL only.
+
+fn leased(minutes: i64) -> Busy {
+    Busy {
+        lease: Some(std::time::Duration::from_secs(minutes as u64 * 60)),
+        ..Default::default()
+    }
+}
+
+pub(super) async fn concurrent_claimers_never_share_a_job(s: S) {
+    with_jobs(&s, 20).await;
+    let now = Utc::now();
+    let claim = |s: S| async move { s.due_jobs(now, 6, leased(5)).await.unwrap() };
+    let (a, b, c, d) = tokio::join!(
+        claim(s.clone()),
+        claim(s.clone()),
+        claim(s.clone()),
+        claim(s.clone())
+    );
+    let mut all: Vec<String> = [a, b, c, d].iter().flat_map(|j| ids(j)).collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "a job was handed to two claimers");
+    let rest = s.due_jobs(now, 100, leased(5)).await.unwrap();
+    assert_eq!(n + rest.len(), 20, "every job is claimed once");
+    for j in &rest {
+        assert!(!all.contains(&j.id), "{} claimed twice", j.id);
+        assert!(j.claim.is_some());
+    }
+    assert!(due(&s).await.is_empty(), "leased jobs are not handed out");
+    let announced = s
+        .claim_announced(vec!["d0".into()], now, leased(5))
+        .await
+        .unwrap();
+    assert!(announced.is_empty(), "nor announced ones");
+}
+
+pub(super) async fn an_expired_lease_is_claimable_again(s: S) {
+    with_jobs(&s, 1).await;
+    let now = Utc::now();
+    let first = s.due_jobs(now, 10, leased(1)).await.unwrap();
+    assert_eq!(ids(&first), ["d0"]);
+    assert!(s.due_jobs(now, 10, leased(1)).await.unwrap().is_empty());
+    let next = s.next_due_at(Busy::default()).await.unwrap().unwrap();
+    assert!(
+        next >= now + Duration::seconds(59),
+        "due again when the lease ends: {next}"
+    );
+    // Two minutes on, the first claimer is presumed dead: its job is taken over.
+    let later = now + Duration::minutes(2);
+    let second = s.due_jobs(later, 10, leased(1)).await.unwrap();
+    assert_eq!(ids(&second), ["d0"]);
+    assert_ne!(first[0].claim, second[0].claim, "a new claim");
+}
+
+pub(super) async fn a_stale_claim_cannot_record(s: S) {
+    with_jobs(&s, 1).await;
+    let now = Utc::now();
+    let stale = s.due_jobs(now, 10, leased(1)).await.unwrap().remove(0);
+    let fresh = s
+        .due_jobs(now + Duration::minutes(2), 10, leased(1))
+        .await
+        .unwrap()
+        .remove(0);
+    let later = Utc::now() + Duration::hours(1);
+    record(
+        &s,
+        &fresh,
+        AttemptResult::Delivered { status: 200 },
+        AttemptOutcome::Delivered,
+    )
+    .await;
+    // The stale worker comes back late with a failure: it must not undo the delivery.
+    record(
+        &s,
+        &stale,
+        AttemptResult::HttpError { status: 500 },
+        AttemptOutcome::Retry { at: later },
+    )
+    .await;
+    let d = delivery(&s, "d0").await;
+    assert_eq!(
+        (d.status, d.attempts, d.attempt_log.len()),
+        (DeliveryStatus::Delivered, 1, 1),
+        "only the current claim's outcome is recorded"
+    );
+    // Recorded: the lease is released (a replay makes it due for anyone at once).
+    s.replay("acme", "wh", Some("d0"), None).await.unwrap();
+    assert_eq!(
+        ids(&s.due_jobs(Utc::now(), 10, leased(1)).await.unwrap()),
+        ["d0"]
     );
 }

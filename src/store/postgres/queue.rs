@@ -171,7 +171,10 @@ pub(super) async fn pending_files(s: &PostgresStore) -> Result<Vec<PendingFiles>
     usage::without_taken(&c, pending).await
 }
 
-/// Due jobs outside `busy`, oldest first; with `only`, just those ids.
+/// Due jobs outside `busy`, oldest first; with `only`, just those ids. With `busy.lease`
+/// the jobs are claimed in the same statement (`FOR UPDATE SKIP LOCKED`, a fresh claim id,
+/// `lease_until`), so two nodes never get the same job while its lease runs; an expired
+/// lease is claimable again, which is how a dead node's jobs are taken over.
 pub(super) async fn jobs(
     s: &PostgresStore,
     now: DateTime<Utc>,
@@ -185,28 +188,46 @@ pub(super) async fn jobs(
         .collect::<Vec<_>>()
         .join(", ");
     let c = s.conn().await?;
+    let claim = busy.lease.map(|_| ClaimId::new());
+    let lease_until = busy
+        .lease
+        .map(|l| micros(now + chrono::Duration::from_std(l).unwrap_or(chrono::Duration::hours(1))));
     // The status literals match the partial index `deliveries_due` (DeliveryStatus::OPEN).
-    let sql = format!(
-        "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
-         FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
-         LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
-         WHERE ($5::text[] IS NULL OR d.id = ANY($5))
+    let due = "($5::text[] IS NULL OR d.id = ANY($5))
            AND d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1
-           AND NOT (d.id = ANY($3)) AND NOT (d.webhook_id = ANY($4))
-         ORDER BY d.next_attempt_at LIMIT $2"
-    );
-    let rows = c
-        .query(
-            &sql,
-            &[
-                &micros(now),
-                &(limit as i64),
-                &busy.deliveries,
-                &busy.webhooks,
-                &only,
-            ],
+           AND (d.lease_until IS NULL OR d.lease_until < $1)
+           AND NOT (d.id = ANY($3)) AND NOT (d.webhook_id = ANY($4))";
+    let sql = if claim.is_some() {
+        format!(
+            "WITH c AS (
+               UPDATE deliveries SET claim = $6, lease_until = $7 WHERE id IN (
+                 SELECT d.id FROM deliveries d WHERE {due}
+                 ORDER BY d.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+               RETURNING id, org, webhook_id, event_id, attempts, created_at, next_attempt_at)
+             SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
+             FROM c d JOIN events e ON e.org = d.org AND e.id = d.event_id
+             LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
+             ORDER BY d.next_attempt_at"
         )
-        .await?;
+    } else {
+        format!(
+            "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
+             FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
+             LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
+             WHERE {due}
+             ORDER BY d.next_attempt_at LIMIT $2"
+        )
+    };
+    let claim_text = claim.as_ref().map(|c| c.0.as_str());
+    let now_us = micros(now);
+    let limit = limit as i64;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![&now_us, &limit, &busy.deliveries, &busy.webhooks, &only];
+    if claim.is_some() {
+        params.push(&claim_text);
+        params.push(&lease_until);
+    }
+    let rows = c.query(&sql, &params).await?;
     rows.iter()
         .map(|r| {
             let has_hook: bool = get(r, 7)?;
@@ -223,6 +244,7 @@ pub(super) async fn jobs(
                 } else {
                     None
                 },
+                claim: claim.clone(),
             })
         })
         .collect()
@@ -232,7 +254,9 @@ pub(super) async fn next_due_at(s: &PostgresStore, busy: Busy) -> Result<Option<
     let c = s.conn().await?;
     let r = c
         .query_one(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE status IN ('pending', 'failed')
+            // A job leased by another node is due again when its lease expires.
+            "SELECT MIN(GREATEST(next_attempt_at, COALESCE(lease_until, 0))) FROM deliveries
+             WHERE status IN ('pending', 'failed')
                AND NOT (id = ANY($1)) AND NOT (webhook_id = ANY($2))",
             &[&busy.deliveries, &busy.webhooks],
         )
@@ -256,7 +280,8 @@ pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>
     let upd = tx
         .prepare_cached(
             "UPDATE deliveries SET status = $2, attempts = attempts + 1, next_attempt_at = $3, last_status = $4,
-               last_error = $5, updated_at = $6 WHERE id = $1",
+               last_error = $5, updated_at = $6, claim = NULL, lease_until = NULL
+             WHERE id = $1 AND claim IS NOT DISTINCT FROM $7",
         )
         .await?;
     let ok_hook = tx
@@ -280,6 +305,28 @@ pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>
     for rec in &batch {
         let (job, a) = (&rec.job, &rec.attempt);
         let status = a.status().map(i32::from);
+        let (st, next) = rec.outcome.job_state();
+        let claim = job.claim.as_ref().map(|c| c.0.as_str());
+        let updated = tx
+            .execute(
+                &upd,
+                &[
+                    &job.id,
+                    &st.as_str(),
+                    &next.map(micros),
+                    &status,
+                    &a.error,
+                    &now,
+                    &claim,
+                ],
+            )
+            .await?;
+        if updated == 0 {
+            // The lease ran out and another claim took the job (or it was deleted): that
+            // claimer's outcome stands; this one is not recorded (at-least-once delivery).
+            tracing::warn!(delivery = %job.id, "outcome of an expired claim not recorded; the job was claimed again");
+            continue;
+        }
         tx.execute(
             &ins,
             &[
@@ -290,19 +337,6 @@ pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>
                 &a.error,
                 &a.response_excerpt,
                 &a.result.as_str(),
-            ],
-        )
-        .await?;
-        let (st, next) = rec.outcome.job_state();
-        tx.execute(
-            &upd,
-            &[
-                &job.id,
-                &st.as_str(),
-                &next.map(micros),
-                &status,
-                &a.error,
-                &now,
             ],
         )
         .await?;

@@ -8,6 +8,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("001_init.sql"),
     include_str!("002_usage_rollups.sql"),
     include_str!("003_nodes.sql"),
+    include_str!("004_leases.sql"),
 ];
 
 /// An arbitrary constant: the advisory lock all hookbridge nodes take to migrate.

@@ -63,6 +63,7 @@ impl SqliteStore {
                         None
                     };
                     Ok(DeliveryJob {
+                        claim: None,
                         id: r.get(0)?,
                         org: r.get(1)?,
                         webhook_id: r.get(2)?,
