@@ -29,7 +29,8 @@ use super::handoff::Announcements;
 use super::retry;
 use crate::store::health::{self, AttemptRecord};
 use crate::store::{
-    Attempt, AttemptOutcome, AttemptResult, Busy, DeliveryJob, Store, TransportError, WebhookKind,
+    Attempt, AttemptOutcome, AttemptResult, Busy, DeliveryJob, Lease, Store, TransportError,
+    WebhookKind,
 };
 use crate::App;
 
@@ -89,13 +90,24 @@ pub async fn run(
 ) -> Result<(), String> {
     let cfg = app.config.delivery.clone();
     // Claims on a shared (PostgreSQL) queue must outlive the attempt (request timeout plus
-    // room for the permit wait and the group commit). NOT ENABLED YET: a node restarted
-    // after kill -9 cannot tell its own leases from another node's, so it would wait out
-    // the whole lease (longer than the e2e restart tests allow) before resending. Enabling
-    // needs either a node id in the claim (release own leases at start) or shorter test
-    // timeouts; the store side (leases, stale-claim refusal, takeover) is done and tested.
-    let lease: Option<Duration> = None;
-    let _lease_when_enabled = cfg.request_timeout.0 * 2 + Duration::from_secs(60);
+    // room for the permit wait and the group commit). SQLite ignores the lease.
+    let node = app.config.node_id.clone();
+    let lease = Some(Lease {
+        node: node.clone(),
+        length: cfg.request_timeout.0 * 2 + Duration::from_secs(60),
+    });
+    // Jobs this node's previous run held when it died are due again now, not when their
+    // leases run out (claims carry the node id, so other nodes' leases stay).
+    match app.store.release_node_claims(&node).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            jobs = n,
+            "handed back the delivery leases of this node's previous run"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not hand back this node's old delivery leases; they are taken again when they expire")
+        }
+    }
     let per_endpoint = cfg.per_endpoint_concurrency;
     let global = Arc::new(Semaphore::new(cfg.workers));
     let mut endpoints: HashMap<String, Arc<Semaphore>> = HashMap::new();
@@ -158,7 +170,7 @@ pub async fn run(
             let busy = Busy {
                 deliveries: Vec::new(),
                 webhooks: deep_hooks,
-                lease,
+                lease: lease.clone(),
             };
             match app.store.claim_announced(ids, Utc::now(), busy).await {
                 Ok(jobs) => {
@@ -181,7 +193,7 @@ pub async fn run(
             let busy = Busy {
                 deliveries: lock(&in_flight).iter().cloned().collect(),
                 webhooks: deep_hooks.clone(),
-                lease,
+                lease: lease.clone(),
             };
             match app.store.due_jobs(Utc::now(), limit, busy).await {
                 Ok(jobs) => {

@@ -387,21 +387,29 @@ pub struct DeliveryJob {
     pub claim: Option<ClaimId>,
 }
 
-/// One claim of due jobs by one node (a ULID), so a stale worker whose lease expired
-/// and was taken over cannot overwrite the newer claimer's outcome.
+/// One claim of due jobs by one node (`<node_id>/<ULID>`), so a stale worker whose lease
+/// expired and was taken over cannot overwrite the newer claimer's outcome, and a node
+/// restarted after a crash can hand back the leases its previous run held.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimId(pub String);
 
 impl ClaimId {
-    pub fn new() -> Self {
-        ClaimId(ulid::Ulid::new().to_string())
+    pub fn new(node: &str) -> Self {
+        ClaimId(format!("{}{}", Self::node_prefix(node), ulid::Ulid::new()))
+    }
+
+    /// What every claim of `node` starts with.
+    pub fn node_prefix(node: &str) -> String {
+        format!("{node}/")
     }
 }
 
-impl Default for ClaimId {
-    fn default() -> Self {
-        Self::new()
-    }
+/// A lease on claimed jobs: who takes it and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The claiming node's id (`node_id`): unique per node.
+    pub node: String,
+    pub length: std::time::Duration,
 }
 
 /// Jobs the scheduler must not be handed: in flight, or for a webhook at its concurrency limit.
@@ -413,7 +421,7 @@ pub struct Busy {
     /// where several nodes share the queue, a leased job is not handed to anyone else until
     /// the lease expires (then it is claimable again: a dead node's jobs are taken over).
     /// SQLite ignores it: one process owns the file and `deliveries` is the claim.
-    pub lease: Option<std::time::Duration>,
+    pub lease: Option<Lease>,
 }
 
 impl Busy {
@@ -586,6 +594,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A cheap round trip to the store, for `/readyz`.
     async fn ping(&self) -> Result<()>;
+    /// Hands back the job leases held under `node`'s claims (its previous run died with
+    /// jobs in flight): they are due again at once instead of when the leases expire.
+    /// Returns how many. SQLite has no leases: 0.
+    async fn release_node_claims(&self, node: &str) -> Result<u64>;
     /// Records a ban of `ban.ip`; an existing ban of the address keeps the later end.
     async fn put_ban(&self, ban: &Ban) -> Result<()>;
     /// Bans still running at `now` (expired ones are dropped as a side effect).

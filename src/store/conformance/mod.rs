@@ -183,6 +183,7 @@ suite!(postgres:
     concurrent_claimers_never_share_a_job,
     an_expired_lease_is_claimable_again,
     a_stale_claim_cannot_record,
+    a_node_releases_only_its_own_leases,
 );
 
 #[tokio::test]

@@ -506,7 +506,10 @@ pub(super) async fn deleting_an_org_forgets_its_events(s: S) {
 
 fn leased(minutes: i64) -> Busy {
     Busy {
-        lease: Some(std::time::Duration::from_secs(minutes as u64 * 60)),
+        lease: Some(Lease {
+            node: "node-a".into(),
+            length: std::time::Duration::from_secs(minutes as u64 * 60),
+        }),
         ..Default::default()
     }
 }
@@ -595,4 +598,25 @@ pub(super) async fn a_stale_claim_cannot_record(s: S) {
         ids(&s.due_jobs(Utc::now(), 10, leased(1)).await.unwrap()),
         ["d0"]
     );
+}
+
+/// A node restarted after a crash hands back its previous run's leases (due again at once);
+/// another node's leases stay.
+pub(super) async fn a_node_releases_only_its_own_leases(s: S) {
+    with_jobs(&s, 2).await;
+    let now = Utc::now();
+    let by = |node: &str| Busy {
+        lease: Some(Lease {
+            node: node.into(),
+            length: std::time::Duration::from_secs(600),
+        }),
+        ..Default::default()
+    };
+    let a = s.due_jobs(now, 1, by("node-a")).await.unwrap();
+    let b = s.due_jobs(now, 1, by("node-a_b")).await.unwrap();
+    assert_eq!((a.len(), b.len()), (1, 1));
+    assert!(s.due_jobs(now, 10, by("node-c")).await.unwrap().is_empty());
+    assert_eq!(s.release_node_claims("node-a").await.unwrap(), 1);
+    let again = s.due_jobs(now, 10, by("node-c")).await.unwrap();
+    assert_eq!(ids(&again), ids(&a), "only node-a's lease was handed back");
 }

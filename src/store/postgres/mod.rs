@@ -613,6 +613,10 @@ impl Store for PostgresStore {
         queue::move_downloads(self, org, from, to).await
     }
 
+    async fn release_node_claims(&self, node: &str) -> Result<u64> {
+        queue::release_node_claims(self, node).await
+    }
+
     async fn org_usage(&self, org: &str) -> Result<Option<crate::limits::OrgUsage>> {
         self.usage_of(org).await
     }

@@ -188,10 +188,10 @@ pub(super) async fn jobs(
         .collect::<Vec<_>>()
         .join(", ");
     let c = s.conn().await?;
-    let claim = busy.lease.map(|_| ClaimId::new());
-    let lease_until = busy
-        .lease
-        .map(|l| micros(now + chrono::Duration::from_std(l).unwrap_or(chrono::Duration::hours(1))));
+    let claim = busy.lease.as_ref().map(|l| ClaimId::new(&l.node));
+    let lease_until = busy.lease.as_ref().map(|l| {
+        micros(now + chrono::Duration::from_std(l.length).unwrap_or(chrono::Duration::hours(1)))
+    });
     // The status literals match the partial index `deliveries_due` (DeliveryStatus::OPEN).
     let due = "($5::text[] IS NULL OR d.id = ANY($5))
            AND d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1
@@ -511,4 +511,16 @@ pub(super) async fn move_downloads(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// `Store::release_node_claims`: a prefix match on the claim (not LIKE: node ids may hold `_`).
+pub(super) async fn release_node_claims(s: &PostgresStore, node: &str) -> Result<u64> {
+    let c = s.conn().await?;
+    let prefix = ClaimId::node_prefix(node);
+    Ok(c.execute(
+        "UPDATE deliveries SET claim = NULL, lease_until = NULL
+         WHERE claim IS NOT NULL AND left(claim, length($1)) = $1",
+        &[&prefix],
+    )
+    .await?)
 }
