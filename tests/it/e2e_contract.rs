@@ -203,14 +203,11 @@ async fn openapi(d: &Daemon) -> Value {
 
 fn schemathesis() -> Option<std::path::PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/schemathesis");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true and .venv/bin/schemathesis is missing: run scripts/test (pip install -r tests/requirements.txt)");
-    }
-    eprintln!("SKIPPED: .venv/bin/schemathesis missing (pip install -r tests/requirements.txt)");
-    None
+    crate::harness::require_that(
+        ".venv/bin/schemathesis (pip install -r tests/requirements.txt)",
+        p.exists(),
+    )
+    .then_some(p)
 }
 
 /// Schemathesis generates requests from the document (valid and invalid ones) and checks
