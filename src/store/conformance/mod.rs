@@ -132,54 +132,41 @@ macro_rules! suite {
     };
 }
 
-suite!(sqlite:
-    orgs,
-    sftp_users,
-    webhooks,
-    deleting_a_webhook_kills_its_open_jobs,
-    reenabling_a_webhook_heals_it,
-    custom_value_endpoint,
-    ingest_is_idempotent,
-    pending_files_until_done,
-    deferred_files_stay_pending,
-    due_jobs_and_busy,
-    claim_announced_takes_only_the_named_due_jobs,
-    attempts_and_health,
-    list_deliveries_filters,
-    replay_resets_jobs,
-    queue_stats_counts_open_jobs,
-    downloads,
-    deleting_an_org_forgets_its_events,
-    usage_quota_and_taken_paths,
-    rollup_claims_and_closes,
-    ping_answers,
-    bans_keep_the_later_end_and_expire,
-    shared_secrets_first_writer_wins_and_rotations_count,
-);
+/// Every backend runs these cases; `$extra` are the ones only that backend can (leases on
+/// a queue shared by several nodes).
+macro_rules! with_shared_cases {
+    ($backend:ident: $($extra:ident),* $(,)?) => {
+        suite!($backend:
+            orgs,
+            sftp_users,
+            webhooks,
+            deleting_a_webhook_kills_its_open_jobs,
+            reenabling_a_webhook_heals_it,
+            custom_value_endpoint,
+            ingest_is_idempotent,
+            pending_files_until_done,
+            deferred_files_stay_pending,
+            due_jobs_and_busy,
+            claim_announced_takes_only_the_named_due_jobs,
+            attempts_and_health,
+            list_deliveries_filters,
+            replay_resets_jobs,
+            queue_stats_counts_open_jobs,
+            downloads,
+            deleting_an_org_forgets_its_events,
+            usage_quota_and_taken_paths,
+            rollup_claims_and_closes,
+            ping_answers,
+            bans_keep_the_later_end_and_expire,
+            shared_secrets_first_writer_wins_and_rotations_count,
+            $($extra,)*
+        );
+    };
+}
 
-suite!(postgres:
-    orgs,
-    sftp_users,
-    webhooks,
-    deleting_a_webhook_kills_its_open_jobs,
-    reenabling_a_webhook_heals_it,
-    custom_value_endpoint,
-    ingest_is_idempotent,
-    pending_files_until_done,
-    deferred_files_stay_pending,
-    due_jobs_and_busy,
-    claim_announced_takes_only_the_named_due_jobs,
-    attempts_and_health,
-    list_deliveries_filters,
-    replay_resets_jobs,
-    queue_stats_counts_open_jobs,
-    downloads,
-    deleting_an_org_forgets_its_events,
-    ping_answers,
-    bans_keep_the_later_end_and_expire,
-    shared_secrets_first_writer_wins_and_rotations_count,
-    usage_quota_and_taken_paths,
-    rollup_claims_and_closes,
+with_shared_cases!(sqlite:);
+
+with_shared_cases!(postgres:
     concurrent_claimers_never_share_a_job,
     an_expired_lease_is_claimable_again,
     a_stale_claim_cannot_record,
