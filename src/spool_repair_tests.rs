@@ -20,8 +20,8 @@ fn event(id: &str, files: &[&str]) -> NewEvent {
     }
 }
 
-#[tokio::test]
-async fn a_file_taken_while_its_event_was_pending_never_comes_back() {
+/// A SQLite store and a local org folder for org `acme`, in a temp dir kept by the caller.
+async fn acme() -> (tempfile::TempDir, Arc<dyn Store>, Arc<dyn Storage>, OrgName) {
     let dir = tempfile::tempdir().unwrap();
     let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [8u8; 32]);
     let secrets = Arc::new(crate::secrets::SecretBox::from_base64(&key).unwrap());
@@ -32,6 +32,12 @@ async fn a_file_taken_while_its_event_was_pending_never_comes_back() {
     let org = OrgName::new("acme").unwrap();
     store.put_org("acme", "Acme").await.unwrap();
     storage.create_org(&org).await.unwrap();
+    (dir, store, storage, org)
+}
+
+#[tokio::test]
+async fn a_file_taken_while_its_event_was_pending_never_comes_back() {
+    let (_dir, store, storage, org) = acme().await;
 
     // Node A commits two events and publishes their files, then dies (kill -9) before it
     // marks them written: the store still says pending.
@@ -81,16 +87,7 @@ async fn a_file_taken_while_its_event_was_pending_never_comes_back() {
 /// the takes after writing and removes what it re-created.
 #[tokio::test]
 async fn a_repair_that_read_the_list_before_the_take_removes_what_it_recreated() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [8u8; 32]);
-    let secrets = Arc::new(crate::secrets::SecretBox::from_base64(&key).unwrap());
-    let store: Arc<dyn Store> =
-        Arc::new(crate::store::sqlite_for_tests(&dir.path().join("state.db"), secrets).unwrap());
-    let storage: Arc<dyn Storage> =
-        Arc::new(LocalStorage::open(&dir.path().join("orgs"), &dir.path().join("tmp")).unwrap());
-    let org = OrgName::new("acme").unwrap();
-    store.put_org("acme", "Acme").await.unwrap();
-    storage.create_org(&org).await.unwrap();
+    let (_dir, store, storage, org) = acme().await;
     let events = vec![event("e1", &["/p/e1.json"])];
     store.commit_events(events.clone(), vec![]).await.unwrap();
     let (files, _) = event_files(&events);
