@@ -642,6 +642,12 @@ impl Config {
             crate::secrets::SecretBox::from_base64(k)
                 .map_err(|m| invalid("store.secrets_key", m))?;
         }
+        if self.store.url.is_some() && self.store.secrets_key.is_none() {
+            return Err(invalid(
+                "store.secrets_key",
+                crate::secrets::SECRETS_KEY_REQUIRED,
+            ));
+        }
         if self.sftp.max_sessions == 0 || self.sftp.max_sessions_per_ip == 0 {
             return Err(invalid("sftp.max_sessions", "limits must be at least 1"));
         }

@@ -12,6 +12,7 @@ pub mod defender;
 pub mod delivery;
 pub mod demo;
 pub mod event;
+pub mod identity;
 pub mod ingress;
 pub mod limits;
 pub mod provision;
@@ -46,6 +47,9 @@ pub struct App {
     /// Downloads made over SFTP, on their way to the store (for retention).
     pub downloads: retention::DownloadLog,
     pub secrets: Arc<secrets::Secrets>,
+    /// Where the host key, the signing key ring and generated tokens are kept: the data
+    /// dir on one node, the store (shared by every node) in scale-out.
+    pub identity: Arc<identity::Keeper>,
     pub metrics: telemetry::Metrics,
     /// The config as last (re)loaded; `config` is the one the process started with.
     pub live: Arc<std::sync::RwLock<Arc<Config>>>,
@@ -126,10 +130,16 @@ pub enum StartError {
     Server(String),
 }
 
+/// What [`build_state`] opens.
+pub type State = (
+    Arc<dyn Store>,
+    Arc<dyn storage::Storage>,
+    secrets::Secrets,
+    identity::Keeper,
+);
+
 /// Opens the state, the org storage and the keys, and applies the orgs declared in the config.
-pub async fn build_state(
-    config: &Config,
-) -> Result<(Arc<dyn Store>, Arc<dyn storage::Storage>, secrets::Secrets), StartError> {
+pub async fn build_state(config: &Config) -> Result<State, StartError> {
     let dd = &config.data_dir;
     let dd_err = |source| StartError::DataDir {
         path: dd.clone(),
@@ -147,16 +157,19 @@ pub async fn build_state(
         }
     }
     let storage = open_storage(config).await?;
-    let sealer = secrets::SecretBox::load_or_create(config).map_err(StartError::Secrets)?;
+    let sealer = Arc::new(secrets::SecretBox::load_or_create(config).map_err(StartError::Secrets)?);
     let store: Arc<dyn Store> = match &config.store.url {
-        Some(url) => Arc::new(store::PostgresStore::open(url, Arc::new(sealer)).await?),
-        None => Arc::new(SqliteStore::open(&db, Arc::new(sealer))?),
+        Some(url) => Arc::new(store::PostgresStore::open(url, sealer.clone()).await?),
+        None => Arc::new(SqliteStore::open(&db, sealer.clone())?),
     };
-    let secrets = secrets::Secrets::load_or_create(config).map_err(StartError::Secrets)?;
+    let keeper = identity::Keeper::for_config(config, &store, sealer);
+    let secrets = secrets::Secrets::load(config, &keeper)
+        .await
+        .map_err(StartError::Secrets)?;
     provision::apply_declared(&store, &*storage, config)
         .await
         .map_err(StartError::Declared)?;
-    Ok((store, storage, secrets))
+    Ok((store, storage, secrets, keeper))
 }
 
 /// Opens the org storage and proves it usable (a probe written, read back, removed), so a
@@ -203,8 +216,10 @@ pub async fn run_with_hook(
     let config = Arc::new(config);
     metrics::gauge!("hookbridge_node_info", "node_id" => config.node_id.clone()).set(1.0);
     tracing::info!(node_id = %config.node_id, "starting");
-    let (store, storage, secrets) = build_state(&config).await?;
-    let delivery = delivery::Delivery::new(&config).map_err(StartError::Secrets)?;
+    let (store, storage, secrets, keeper) = build_state(&config).await?;
+    let delivery = delivery::Delivery::new(&config, &keeper)
+        .await
+        .map_err(StartError::Secrets)?;
     let recovered = spool::recover(&store, &storage).await?;
     if recovered > 0 {
         tracing::warn!(
@@ -234,6 +249,7 @@ pub async fn run_with_hook(
         storage,
         downloads,
         secrets: Arc::new(secrets),
+        identity: Arc::new(keeper),
         metrics,
         live: Arc::new(std::sync::RwLock::new(config.clone())),
         rate: Arc::new(limits::RateLimiter::default()),

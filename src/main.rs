@@ -29,7 +29,8 @@ const LONG_VERSION: &str = concat!(
         serves that folder to the org's ETL jobs. It also delivers each event as a signed HTTP \
         webhook with retries, dead letters and replay. Environment overrides: \
         HOOKBRIDGE_DATA_DIR, HOOKBRIDGE_HTTP_LISTEN, HOOKBRIDGE_SFTP_LISTEN, \
-        HOOKBRIDGE_INGRESS_JWT_SECRET, HOOKBRIDGE_ADMIN_TOKEN, HOOKBRIDGE_LOG_FORMAT, RUST_LOG."
+        HOOKBRIDGE_INGRESS_JWT_SECRET, HOOKBRIDGE_ADMIN_TOKEN, HOOKBRIDGE_STORE_URL, \
+        HOOKBRIDGE_SECRETS_KEY, HOOKBRIDGE_LOG_FORMAT, RUST_LOG."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -57,7 +58,8 @@ enum Command {
     HashPassword,
     /// Mint an ingress JWT (HS256) for an org, as the platform would.
     Token {
-        /// Config file whose data_dir holds the ingress secret (the same as `serve`'s).
+        /// Config file of a node (the same as `serve`'s): the ingress secret is its
+        /// configured one, or the generated one in its data_dir or, in scale-out, its store.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// The org the token is for (its `org` claim).
@@ -66,6 +68,13 @@ enum Command {
         /// Lifetime, e.g. "1h".
         #[arg(long, default_value = "1h")]
         ttl: String,
+    },
+    /// Print the admin API token: the configured one, or the generated one (in the
+    /// data_dir on one node; in the store, the same for every node, in scale-out).
+    AdminToken {
+        /// Config file of a node (the same as `serve`'s).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Print a shell completion script, e.g. `hookbridge completions bash`.
     Completions {
@@ -104,9 +113,13 @@ fn main() -> anyhow::Result<()> {
         Command::Token { config, org, ttl } => {
             let cfg = Config::load(config.as_deref())?;
             let ttl = humantime::parse_duration(&ttl).context("--ttl")?;
-            let secrets =
-                hookbridge::secrets::Secrets::load_or_create(&cfg).map_err(anyhow::Error::msg)?;
+            let secrets = node_secrets(&cfg)?;
             println!("{}", mint(&secrets.ingress_jwt, &org, ttl)?);
+            Ok(())
+        }
+        Command::AdminToken { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            println!("{}", node_secrets(&cfg)?.admin_token);
             Ok(())
         }
         Command::Completions { shell } => {
@@ -119,6 +132,22 @@ fn main() -> anyhow::Result<()> {
         }
         Command::GenerateMan { dir } => generate_man(&dir),
     }
+}
+
+/// The ingress secret and admin token a node with `cfg` uses (generated where the node
+/// would generate them, if no node has yet).
+fn node_secrets(cfg: &Config) -> anyhow::Result<hookbridge::secrets::Secrets> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let keeper = hookbridge::identity::Keeper::open_for_cli(cfg)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        hookbridge::secrets::Secrets::load(cfg, &keeper)
+            .await
+            .map_err(anyhow::Error::msg)
+    })
 }
 
 /// The CLI as completions offer it: without the hidden subcommands, which clap_complete's
@@ -146,6 +175,8 @@ Check it with \fBhookbridge check\-config \-\-config /etc/hookbridge/hookbridge.
 \fI/var/lib/hookbridge\fR
 State: state.db, secrets/ (ingress JWT secret, admin token, webhook signing keys),
 the SFTP host key and the org folders (orgs/). Owned by the \fBhookbridge\fR user.
+With a PostgreSQL store (scale\-out) the keys and generated secrets are kept in the
+store instead, shared by every node.
 .TP
 \fIhookbridge.service\fR
 The systemd unit; \fBsystemctl reload hookbridge\fR re\-reads the configuration.
@@ -189,10 +220,15 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
     println!("config OK");
     println!("data_dir      {}", cfg.data_dir.display());
     println!("http          {}", cfg.http.listen);
+    let shared = cfg.store.url.is_some();
     if cfg.sftp.enabled {
         println!("sftp          {}", cfg.sftp.listen);
         let key = cfg.host_key_path();
         match hookbridge::sftp::host_key_fingerprint(&key) {
+            _ if shared => println!(
+                "host key      shared by the nodes in the store (the first node makes it, or imports {})",
+                key.display()
+            ),
             Some(fp) => println!("host key      {} ({fp})", key.display()),
             None => println!("host key      {} (made on first start)", key.display()),
         }
@@ -203,6 +239,8 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
         "ingress JWT   {}",
         if cfg.ingress.jwt_hs256_secret.is_some() {
             "secret from config/env"
+        } else if shared {
+            "generated secret in the store, shared by the nodes"
         } else {
             "generated secret in data_dir/secrets"
         }
@@ -211,8 +249,10 @@ fn check_config(path: Option<PathBuf>) -> anyhow::Result<()> {
         "admin token   {}",
         if cfg.admin.token.is_some() {
             "from config/env"
+        } else if shared {
+            "generated in the store, shared by the nodes (`hookbridge admin-token` prints it)"
         } else {
-            "generated in data_dir/secrets"
+            "generated in data_dir/secrets (`hookbridge admin-token` prints it)"
         }
     );
     println!(

@@ -1,40 +1,28 @@
 //! Shared secrets: the ingress HS256 secret and the admin token. When the config and the
-//! environment give none, one is generated once and kept in the data dir (mode 0600), so
-//! the embedded defaults work out of the box and survive restarts.
+//! environment give none, one is generated once and kept where `crate::identity` keeps the
+//! node's keys (the data dir, mode 0600, on one node; the store in scale-out), so the
+//! embedded defaults work out of the box and survive restarts. Also the sealing of webhook
+//! secrets at rest ([`SecretBox`]) and the owner-only file helpers.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine;
 use rand::Rng;
 
 use crate::config::Config;
+use crate::identity::{Keeper, Slot};
 
 pub struct Secrets {
     pub ingress_jwt: String,
     pub admin_token: String,
-    pub ingress_jwt_file: Option<PathBuf>,
-    pub admin_token_file: Option<PathBuf>,
 }
 
 pub fn random_token(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut b);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
-}
-
-fn load_or_generate(path: &Path) -> Result<String, String> {
-    match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    }
-    let token = random_token(32);
-    write_private_file(path, token.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    Ok(token)
 }
 
 /// Writes a secret durably and atomically, readable by the owner only: temp file (0600),
@@ -89,34 +77,50 @@ pub fn private_file(path: &Path) -> std::io::Result<()> {
 }
 
 impl Secrets {
-    pub fn load_or_create(config: &Config) -> Result<Self, String> {
-        let dir = config.data_dir.join("secrets");
-        private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let (ingress_jwt, ingress_jwt_file) = match &config.ingress.jwt_hs256_secret {
-            Some(s) => (s.clone(), None),
+    /// The configured values, or else the generated ones `keeper` holds (made once: per
+    /// data dir on one node, per store in scale-out, never per node).
+    pub async fn load(config: &Config, keeper: &Keeper) -> Result<Self, String> {
+        let ingress_jwt = match &config.ingress.jwt_hs256_secret {
+            Some(s) => s.clone(),
             None => {
-                let p = dir.join("ingress_jwt_secret");
-                let s = load_or_generate(&p)?;
-                tracing::warn!(file = %p.display(), "ingress.jwt_hs256_secret not set; using the generated secret in this file");
-                (s, Some(p))
+                generated(
+                    keeper,
+                    Slot::IngressSecret,
+                    "ingress.jwt_hs256_secret",
+                    "secret",
+                )
+                .await?
             }
         };
-        let (admin_token, admin_token_file) = match &config.admin.token {
-            Some(s) => (s.clone(), None),
-            None => {
-                let p = dir.join("admin_token");
-                let s = load_or_generate(&p)?;
-                tracing::warn!(file = %p.display(), "admin.token not set; using the generated token in this file");
-                (s, Some(p))
-            }
+        let admin_token = match &config.admin.token {
+            Some(s) => s.clone(),
+            None => generated(keeper, Slot::AdminToken, "admin.token", "token").await?,
         };
         Ok(Self {
             ingress_jwt,
             admin_token,
-            ingress_jwt_file,
-            admin_token_file,
         })
     }
+}
+
+async fn generated(keeper: &Keeper, slot: Slot, key: &str, what: &str) -> Result<String, String> {
+    let v = keeper
+        .get_or_init(slot, || Ok(random_token(32)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let cli = match slot {
+        Slot::AdminToken => "hookbridge admin-token",
+        _ => "hookbridge token --org ORG",
+    };
+    if keeper.is_shared() {
+        tracing::warn!(
+            "{key} not set; using the generated {what} kept in the store, the same on every node (`{cli} --config FILE` prints {})",
+            if slot == Slot::AdminToken { "it" } else { "a JWT made with it" }
+        );
+    } else {
+        tracing::warn!(file = %keeper.file(slot).display(), "{key} not set; using the generated {what} in this file");
+    }
+    Ok(v.value)
 }
 
 /// Webhook signing secrets at rest: AES-256-GCM with a key from `store.secrets_key` (env
@@ -128,6 +132,10 @@ pub struct SecretBox {
 }
 
 const SEALED_PREFIX: &str = "enc:v1:";
+
+/// Why scale-out needs a configured key: a key generated into the same database as the
+/// secrets it seals would protect nothing, and one per node would not open the others' rows.
+pub const SECRETS_KEY_REQUIRED: &str = "required when store.url is set (scale-out): webhook secrets and the keys the nodes share are sealed with it in PostgreSQL, so it must not be kept there; give every node the same value (env HOOKBRIDGE_SECRETS_KEY; make one with `openssl rand -base64 32`)";
 
 impl SecretBox {
     /// `key` is 32 bytes, base64 (standard alphabet).
@@ -150,6 +158,9 @@ impl SecretBox {
     pub fn load_or_create(config: &Config) -> Result<Self, String> {
         if let Some(k) = &config.store.secrets_key {
             return Self::from_base64(k).map_err(|m| format!("store.secrets_key: {m}"));
+        }
+        if config.store.url.is_some() {
+            return Err(format!("store.secrets_key: {SECRETS_KEY_REQUIRED}"));
         }
         let dir = config.data_dir.join("secrets");
         private_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

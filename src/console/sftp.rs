@@ -89,7 +89,7 @@ async fn render(
         .map_err(Problem::from)?;
     let (_, limits, usage) = crate::ingress::usage::org_usage(&c.app, org).await?;
     let cfg = c.app.current();
-    let fingerprint = crate::sftp::host_key_fingerprint(&cfg.host_key_path());
+    let fingerprint = crate::identity::host_key_fingerprint(&c.app.identity).await;
     let host = host_of(headers);
     let port = cfg.sftp.listen.port();
     let example_user = users.first().map(|u| u.name.as_str()).unwrap_or("USER");

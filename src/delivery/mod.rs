@@ -6,6 +6,7 @@
 mod client;
 mod custom_values;
 mod handoff;
+pub mod keyring;
 mod retry;
 pub mod signing;
 mod tests;
@@ -42,11 +43,12 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub fn new(config: &Config) -> Result<Self, String> {
+    /// The signer from the key ring `keeper` holds (made on first start).
+    pub async fn new(config: &Config, keeper: &crate::identity::Keeper) -> Result<Self, String> {
         let d = &config.delivery;
-        let signer =
-            signing::Signer::load_or_create(&config.data_dir.join("secrets"), &d.jwt_issuer)
-                .map_err(|e| e.to_string())?;
+        let signer = keyring::load(keeper, &d.jwt_issuer)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             signer,
             client: client::build(d, d.request_timeout.0)?,
@@ -62,6 +64,7 @@ pub async fn run(
     announced: Announcements,
     cancel: CancellationToken,
 ) -> Result<(), String> {
+    tokio::spawn(keyring::follow(app.clone(), cancel.clone()));
     worker::run(app, announced, cancel).await
 }
 
@@ -159,12 +162,14 @@ async fn jwks(State(app): State<App>) -> Response {
 }
 
 async fn rotate_keys(State(app): State<App>) -> ApiResult<Json<serde_json::Value>> {
-    // The key file is fsync'd under the key lock: keep that off the async workers.
-    let a = app.clone();
-    let kid = tokio::task::spawn_blocking(move || a.delivery.signer.rotate())
+    let kid = keyring::rotate(&app.identity, &app.delivery.signer)
         .await
-        .map_err(|e| Problem::internal("signing key rotation failed", e))?
-        .map_err(|e| Problem::internal("signing key rotation failed", e))?;
+        .map_err(|e| match e {
+            keyring::KeyringError::Identity(crate::identity::IdentityError::Store(s)) => {
+                Problem::from(s)
+            }
+            e => Problem::internal("signing key rotation failed", e),
+        })?;
     tracing::info!(kid = %kid, "webhook signing key rotated");
     let published: Vec<_> = app
         .delivery

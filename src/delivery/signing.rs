@@ -8,12 +8,13 @@
 //!   = `v1,<base64 HMAC-SHA256(secret, "{id}.{timestamp}.{body}")>`, where the secret is
 //!   the base64 part after `whsec_` of the webhook's own secret.
 //!
-//! Keys live in `<data>/secrets/webhook_signing_keys.json` (mode 0600), a list so that
-//! rotation can keep retired keys published for [`ROTATION_GRACE`] while receivers
-//! refresh their JWKS caches.
+//! The key ring is a list so that rotation can keep retired keys published for
+//! [`ROTATION_GRACE`] while receivers refresh their JWKS caches. It is kept where
+//! `crate::identity` keeps the node's keys: `<data>/secrets/webhook_signing_keys.json`
+//! (mode 0600) on one node, the store in scale-out (see `keyring` for rotation and how
+//! the other nodes follow it).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use aws_lc_rs::signature::Ed25519KeyPair;
@@ -29,7 +30,6 @@ use serde::{Deserialize, Serialize};
 pub const ROTATION_GRACE: Duration = Duration::days(7);
 /// Lifetime of a delivery JWT; retries sign anew, so this only bounds replays of one request.
 const JWT_TTL: Duration = Duration::minutes(5);
-const KEY_FILE: &str = "webhook_signing_keys.json";
 /// Bound of the HMAC key cache; past it the cache starts over (one rebuild per secret).
 const HMAC_CACHE_MAX: usize = 4096;
 /// PKCS#8 v1 prefix of an Ed25519 private key; the 32-byte seed follows.
@@ -39,8 +39,8 @@ const PKCS8_ED25519_PREFIX: [u8; 16] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum SigningError {
-    #[error("signing key file {path}: {message}")]
-    KeyFile { path: PathBuf, message: String },
+    #[error("signing key ring: {0}")]
+    Ring(String),
     #[error("signing key: {0}")]
     Key(String),
     #[error("JWT encoding: {0}")]
@@ -119,17 +119,36 @@ fn new_stored_key() -> StoredKey {
     }
 }
 
-/// Writes the key list atomically: temp file, fsync, rename, fsync the folder.
-fn write_key_file(path: &Path, file: &KeyFile) -> std::io::Result<()> {
-    let json = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
-    crate::secrets::write_private_file(path, &json)
+fn parse_ring(ring: &str, version: i64) -> Result<Ring, SigningError> {
+    let file: KeyFile = serde_json::from_str(ring)
+        .map_err(|e| SigningError::Ring(format!("not a key list: {e}")))?;
+    if !file.keys.iter().any(|k| k.retired_at.is_none()) {
+        return Err(SigningError::Ring("holds no active (unretired) key".into()));
+    }
+    Ok(Ring {
+        version,
+        keys: file
+            .keys
+            .into_iter()
+            .map(load_key)
+            .collect::<Result<Vec<_>, _>>()?,
+    })
+}
+
+fn ring_json(file: &KeyFile) -> Result<String, SigningError> {
+    serde_json::to_string_pretty(file).map_err(|e| SigningError::Ring(format!("JSON: {e}")))
+}
+
+/// The loaded ring and the version of the kept ring it was loaded from.
+struct Ring {
+    version: i64,
+    keys: Vec<LoadedKey>,
 }
 
 /// The key ring: the newest unretired key signs; every unexpired key is published.
 pub struct Signer {
-    path: PathBuf,
     issuer: String,
-    keys: RwLock<Vec<LoadedKey>>,
+    keys: RwLock<Ring>,
     /// Standard Webhooks HMAC keys by webhook secret: decoding the secret and hashing it
     /// into the HMAC's inner/outer pads cost ~5k instructions per delivery otherwise. Keyed
     /// by the secret itself, so a rotated secret simply gets a new entry.
@@ -170,51 +189,47 @@ impl SignedHeaders {
 }
 
 impl Signer {
-    /// Loads `<secrets_dir>/webhook_signing_keys.json`, creating it with one key if absent.
-    pub fn load_or_create(secrets_dir: &Path, issuer: &str) -> Result<Self, SigningError> {
-        let path = secrets_dir.join(KEY_FILE);
-        let kf_err = |message: String| SigningError::KeyFile {
-            path: path.clone(),
-            message,
-        };
-        let file = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<KeyFile>(&bytes)
-                .map_err(|e| kf_err(format!("not a key list: {e}")))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let f = KeyFile {
-                    keys: vec![new_stored_key()],
-                };
-                write_key_file(&path, &f).map_err(|e| kf_err(e.to_string()))?;
-                tracing::info!(file = %path.display(), "created the webhook signing key");
-                f
-            }
-            Err(e) => return Err(kf_err(e.to_string())),
-        };
-        if !file.keys.iter().any(|k| k.retired_at.is_none()) {
-            return Err(kf_err("holds no active (unretired) key".into()));
-        }
-        let keys = file
-            .keys
-            .into_iter()
-            .map(load_key)
-            .collect::<Result<Vec<_>, _>>()?;
+    /// A new ring of one key: the first value of a kept ring.
+    pub fn new_ring() -> Result<String, SigningError> {
+        ring_json(&KeyFile {
+            keys: vec![new_stored_key()],
+        })
+    }
+
+    /// Loads a kept ring (`ring` as [`Signer::new_ring`] and [`Signer::rotated`] make it).
+    pub fn from_ring(issuer: &str, ring: &str, version: i64) -> Result<Self, SigningError> {
         Ok(Self {
-            path,
             issuer: issuer.to_owned(),
-            keys: RwLock::new(keys),
+            keys: RwLock::new(parse_ring(ring, version)?),
             hmac_keys: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Adds a new signing key; the previous ones stay published for [`ROTATION_GRACE`].
-    /// Returns the new key id.
-    pub fn rotate(&self) -> Result<String, SigningError> {
-        let mut keys = self
-            .keys
-            .write()
-            .map_err(|_| SigningError::Key("key lock poisoned".into()))?;
+    /// The version of the kept ring this signer holds.
+    pub fn version(&self) -> i64 {
+        self.read().version
+    }
+
+    /// Takes a newer kept ring (a rotation here or on another node); an older or equal
+    /// version is ignored, so a slow poll cannot undo a rotation. True when it changed.
+    pub fn install(&self, ring: &str, version: i64) -> Result<bool, SigningError> {
+        let parsed = parse_ring(ring, version)?;
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if version <= keys.version {
+            return Ok(false);
+        }
+        *keys = parsed;
+        Ok(true)
+    }
+
+    /// The ring after one rotation of this one, to be kept: a new signing key, the
+    /// previous ones retired (published for [`ROTATION_GRACE`]), expired ones dropped.
+    /// Returns the ring and the new key id.
+    pub fn rotated(&self) -> Result<(String, String), SigningError> {
         let now = Utc::now();
-        let mut stored: Vec<StoredKey> = keys
+        let mut stored: Vec<StoredKey> = self
+            .read()
+            .keys
             .iter()
             .map(|k| k.stored.clone())
             .filter(|k| k.retired_at.is_none_or(|t| now - t < ROTATION_GRACE))
@@ -225,32 +240,30 @@ impl Signer {
         let fresh = new_stored_key();
         let kid = fresh.kid.clone();
         stored.push(fresh);
-        write_key_file(
-            &self.path,
-            &KeyFile {
-                keys: stored.clone(),
-            },
-        )
-        .map_err(|e| SigningError::KeyFile {
-            path: self.path.clone(),
-            message: e.to_string(),
-        })?;
-        *keys = stored
-            .into_iter()
-            .map(load_key)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(kid)
+        Ok((ring_json(&KeyFile { keys: stored })?, kid))
+    }
+
+    /// The key id that signs now.
+    pub fn active_kid(&self) -> Option<String> {
+        self.read()
+            .keys
+            .iter()
+            .rev()
+            .find(|k| k.stored.retired_at.is_none())
+            .map(|k| k.stored.kid.clone())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Ring> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Public keys receivers verify with: the active key and those still in their grace period.
     pub fn jwks(&self) -> JwkSet {
         let now = Utc::now();
-        let keys = match self.keys.read() {
-            Ok(k) => k,
-            Err(p) => p.into_inner(),
-        };
+        let ring = self.read();
         JwkSet {
-            keys: keys
+            keys: ring
+                .keys
                 .iter()
                 .filter(|k| k.stored.retired_at.is_none_or(|t| now - t < ROTATION_GRACE))
                 .map(|k| k.jwk.clone())
@@ -278,11 +291,9 @@ impl Signer {
             jti: id,
             body_sha256: hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body).as_ref()),
         };
-        let keys = match self.keys.read() {
-            Ok(k) => k,
-            Err(p) => p.into_inner(),
-        };
-        let active = keys
+        let ring = self.read();
+        let active = ring
+            .keys
             .iter()
             .rev()
             .find(|k| k.stored.retired_at.is_none())
@@ -298,7 +309,7 @@ impl Signer {
             serde_json::to_vec(&claims).map_err(|e| SigningError::Key(format!("JSON: {e}")))?;
         URL_SAFE_NO_PAD.encode_string(json, &mut auth);
         let sig = active.pair.sign(&auth.as_bytes()[BEARER.len()..]);
-        drop(keys);
+        drop(ring);
         auth.push('.');
         URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut auth);
         let ts = now.timestamp().to_string();
@@ -391,8 +402,7 @@ mod tests {
 
     #[test]
     fn cached_hmac_keys_sign_like_fresh_ones_and_follow_a_new_secret() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Signer::load_or_create(dir.path(), "hookbridge").unwrap();
+        let s = Signer::from_ring("hookbridge", &Signer::new_ring().unwrap(), 0).unwrap();
         for secret in [
             "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
             "whsec_AAAA",
@@ -413,8 +423,7 @@ mod tests {
 
     #[test]
     fn jwt_verifies_with_jwks_and_rotation_keeps_old_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Signer::load_or_create(dir.path(), "hookbridge").unwrap();
+        let s = Signer::from_ring("hookbridge", &Signer::new_ring().unwrap(), 0).unwrap();
         let h = s
             .sign("acme", "https://x/y", "dlv_1", b"{}", Some("whsec_AAAA"))
             .unwrap();
@@ -435,11 +444,19 @@ mod tests {
         assert_eq!(c["sub"], "acme");
         assert_eq!(c["jti"], "dlv_1");
         assert_eq!(c["body_sha256"], hex(&Sha256::digest(b"{}")));
-        s.rotate().unwrap();
+        let (ring, kid) = s.rotated().unwrap();
+        // Not installed yet: the old key still signs alone.
+        assert_eq!(s.jwks().keys.len(), 1);
+        assert!(s.install(&ring, 1).unwrap());
+        assert!(
+            !s.install(&Signer::new_ring().unwrap(), 1).unwrap(),
+            "same version"
+        );
+        assert_eq!(s.active_kid().as_deref(), Some(kid.as_str()));
         assert_eq!(s.jwks().keys.len(), 2);
         verify(&s, &token);
-        // A restart reads both keys back and signs with the new one.
-        let s2 = Signer::load_or_create(dir.path(), "hookbridge").unwrap();
+        // Another node (or a restart) loading the kept ring has both keys, signs with the new one.
+        let s2 = Signer::from_ring("hookbridge", &ring, 1).unwrap();
         let t2 = s2.sign("acme", "https://x/y", "dlv_2", b"", None).unwrap();
         let t2 = t2.authorization.strip_prefix("Bearer ").unwrap().to_owned();
         assert_ne!(

@@ -15,5 +15,5 @@ mod replies;
 mod server;
 mod status;
 
-pub use hostkey::{host_key_fingerprint, load_or_create_host_key};
+pub use hostkey::host_key_fingerprint;
 pub use server::serve;

@@ -58,10 +58,8 @@ pub async fn serve(
     listener: TcpListener,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let path = app.config.host_key_path();
-    let key = tokio::task::spawn_blocking(move || super::load_or_create_host_key(&path))
+    let key = crate::identity::host_key(&app.identity)
         .await
-        .map_err(std::io::Error::other)?
         .map_err(std::io::Error::other)?;
     let fingerprint = key.public_key().fingerprint(HashAlg::Sha256).to_string();
     let cfg = &app.config.sftp;

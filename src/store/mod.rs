@@ -604,13 +604,21 @@ pub trait Store: Send + Sync + 'static {
     async fn active_bans(&self, now: DateTime<Utc>) -> Result<Vec<Ban>>;
 
     // Shared secrets: keys every node must serve alike (SSH host key, webhook signing
-    // keys). Values are stored as given (not encrypted at rest).
+    // keys, generated tokens). Values are stored as given: `crate::identity` seals them
+    // with `store.secrets_key` before they get here.
 
     /// Stores `value` under `name` unless a value is there; returns the one that won.
     async fn shared_secret_init(&self, name: &str, value: &str) -> Result<SharedSecret>;
     async fn shared_secret_get(&self, name: &str) -> Result<Option<SharedSecret>>;
-    /// Replaces the value (a rotation); the version goes up by one.
-    async fn shared_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret>;
+    /// Replaces the value (a rotation) if it is still at `version`; the version goes up by
+    /// one. `None` when another writer got there first (or there is no value): the caller
+    /// reads the new value and decides again, so two concurrent rotations lose nothing.
+    async fn shared_secret_replace(
+        &self,
+        name: &str,
+        version: i64,
+        value: &str,
+    ) -> Result<Option<SharedSecret>>;
 }
 
 /// A source address refused by the SFTP defender until `until`, on every node.

@@ -108,6 +108,7 @@ fn completions_register_with_bash_and_zsh() {
         "check-config",
         "hash-password",
         "token",
+        "admin-token",
         "completions",
     ] {
         assert!(zsh.contains(sub), "zsh completion lacks {sub}");
@@ -132,6 +133,7 @@ fn man_pages_are_generated_for_every_subcommand_and_render() {
     assert_eq!(
         pages,
         [
+            "hookbridge-admin-token.1",
             "hookbridge-check-config.1",
             "hookbridge-completions.1",
             "hookbridge-hash-password.1",
@@ -149,7 +151,7 @@ fn man_pages_are_generated_for_every_subcommand_and_render() {
         .filter_map(|l| l.strip_suffix("(1)"))
         .map(|name| format!("{}.1", name.replace("\\-", "-")))
         .collect();
-    assert_eq!(referenced.len(), 5, "{referenced:?}");
+    assert_eq!(referenced.len(), 6, "{referenced:?}");
     for file in referenced {
         assert!(man.join(&file).exists(), "{file} is referenced but missing");
     }

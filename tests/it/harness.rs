@@ -9,6 +9,9 @@ use serde_json::{json, Value};
 
 pub const INGRESS_SECRET: &str = "test-ingress-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// `store.secrets_key` of every daemon on PostgreSQL (scale-out requires one; nodes on one
+/// database must share it).
+pub const PG_SECRETS_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 pub const DEFAULT_DELIVERY: &str =
     "allow_private_destinations = true\nretry_delays = [\"200ms\", \"400ms\", \"800ms\"]";
 
@@ -88,6 +91,8 @@ pub struct Daemon {
     pub store_url: Option<String>,
     /// Environment variables of the daemon process (e.g. `HOOKBRIDGE_TEST_CLOCK`).
     pub env: Vec<(String, String)>,
+    /// No `admin.token` / `ingress.jwt_hs256_secret` in the config: the daemon generates them.
+    pub generated_secrets: bool,
     child: Option<Child>,
     pub client: reqwest::Client,
 }
@@ -116,6 +121,9 @@ pub struct Opts<'a> {
     pub s3_prefix: Option<String>,
     /// Top-level TOML keys written before any table (e.g. `node_id = "a"`).
     pub top: &'a str,
+    /// Leave `admin.token` and `ingress.jwt_hs256_secret` unset (the daemon generates
+    /// them; [`ADMIN_TOKEN`] and [`INGRESS_SECRET`] do not apply then).
+    pub generated_secrets: bool,
 }
 
 impl Default for Opts<'_> {
@@ -131,6 +139,7 @@ impl Default for Opts<'_> {
             env: Vec::new(),
             s3_prefix: None,
             top: "",
+            generated_secrets: false,
         }
     }
 }
@@ -213,6 +222,7 @@ impl Daemon {
             s3,
             store_url,
             env: o.env,
+            generated_secrets: o.generated_secrets,
             child: None,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -278,10 +288,7 @@ listen = "127.0.0.1:{http}"
 listen = "127.0.0.1:{sftp}"
 auth_rejection_time = "100ms"
 {sftp_extra}
-[ingress]
-jwt_hs256_secret = "{INGRESS_SECRET}"
-[admin]
-token = "{ADMIN_TOKEN}"
+{secrets}
 [delivery]
 {delivery}
 [log]
@@ -294,6 +301,11 @@ level = "info,hookbridge=debug"
                 .as_ref()
                 .map(|(s, prefix)| s.toml(prefix))
                 .unwrap_or_default(),
+            secrets = if self.generated_secrets {
+                String::new()
+            } else {
+                format!("[ingress]\njwt_hs256_secret = \"{INGRESS_SECRET}\"\n[admin]\ntoken = \"{ADMIN_TOKEN}\"")
+            },
             data = self.data_dir().display(),
             top = self.top_config,
             http = self.http_port,
@@ -339,8 +351,12 @@ level = "info,hookbridge=debug"
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hookbridge"));
         match &self.store_url {
-            Some(url) => cmd.env("HOOKBRIDGE_STORE_URL", url),
-            None => cmd.env_remove("HOOKBRIDGE_STORE_URL"),
+            Some(url) => cmd
+                .env("HOOKBRIDGE_STORE_URL", url)
+                .env("HOOKBRIDGE_SECRETS_KEY", PG_SECRETS_KEY),
+            None => cmd
+                .env_remove("HOOKBRIDGE_STORE_URL")
+                .env_remove("HOOKBRIDGE_SECRETS_KEY"),
         };
         let child = cmd
             .args(["serve", "--config"])

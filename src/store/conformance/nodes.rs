@@ -72,14 +72,21 @@ pub(super) async fn shared_secrets_first_writer_wins_and_rotations_count(s: S) {
     // A second node starting later reads the winner.
     let b = s.shared_secret_init("k", "from-b").await.unwrap();
     assert_eq!(b, a);
-    let r = s.shared_secret_set("k", "rotated").await.unwrap();
+    let r = s.shared_secret_replace("k", 1, "rotated").await.unwrap();
     assert_eq!(
         r,
-        SharedSecret {
+        Some(SharedSecret {
             value: "rotated".into(),
             version: 2
-        }
+        })
     );
-    assert_eq!(s.shared_secret_get("k").await.unwrap(), Some(r));
-    assert_eq!(s.shared_secret_set("new", "v").await.unwrap().version, 1);
+    // A second rotation made from the same old version loses: nothing is overwritten.
+    assert_eq!(
+        s.shared_secret_replace("k", 1, "stale").await.unwrap(),
+        None
+    );
+    assert_eq!(s.shared_secret_get("k").await.unwrap(), r);
+    // Nothing to replace: no value appears.
+    assert_eq!(s.shared_secret_replace("new", 0, "v").await.unwrap(), None);
+    assert_eq!(s.shared_secret_get("new").await.unwrap(), None);
 }

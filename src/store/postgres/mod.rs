@@ -517,8 +517,13 @@ impl Store for PostgresStore {
         nodes::secret_get(self, name).await
     }
 
-    async fn shared_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret> {
-        nodes::secret_set(self, name, value).await
+    async fn shared_secret_replace(
+        &self,
+        name: &str,
+        version: i64,
+        value: &str,
+    ) -> Result<Option<SharedSecret>> {
+        nodes::secret_replace(self, name, version, value).await
     }
 
     async fn due_jobs(

@@ -91,19 +91,27 @@ pub(super) async fn secret_get(s: &PostgresStore, name: &str) -> Result<Option<S
     secret(&c, name).await
 }
 
-pub(super) async fn secret_set(s: &PostgresStore, name: &str, value: &str) -> Result<SharedSecret> {
+pub(super) async fn secret_replace(
+    s: &PostgresStore,
+    name: &str,
+    version: i64,
+    value: &str,
+) -> Result<Option<SharedSecret>> {
     let c = s.conn().await?;
+    // One conditional update: of two nodes rotating at once, exactly one wins.
     let r = c
-        .query_one(
-            "INSERT INTO shared_secrets (name, value, version) VALUES ($1, $2, 1)
-             ON CONFLICT (name) DO UPDATE SET value = excluded.value,
-                 version = shared_secrets.version + 1
+        .query_opt(
+            "UPDATE shared_secrets SET value = $2, version = version + 1
+             WHERE name = $1 AND version = $3
              RETURNING value, version",
-            &[&name, &value],
+            &[&name, &value, &version],
         )
         .await?;
-    Ok(SharedSecret {
-        value: get(&r, 0)?,
-        version: get(&r, 1)?,
+    r.map(|r| {
+        Ok(SharedSecret {
+            value: get(&r, 0)?,
+            version: get(&r, 1)?,
+        })
     })
+    .transpose()
 }

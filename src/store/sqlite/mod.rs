@@ -641,8 +641,13 @@ impl Store for SqliteStore {
         self.nodes_secret_get(name).await
     }
 
-    async fn shared_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret> {
-        self.nodes_secret_set(name, value).await
+    async fn shared_secret_replace(
+        &self,
+        name: &str,
+        version: i64,
+        value: &str,
+    ) -> Result<Option<SharedSecret>> {
+        self.nodes_secret_replace(name, version, value).await
     }
 
     async fn release_node_claims(&self, _node: &str) -> Result<u64> {

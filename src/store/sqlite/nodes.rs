@@ -82,16 +82,23 @@ impl SqliteStore {
         self.with_reader(move |c, _| secret(c, &name)).await
     }
 
-    pub(super) async fn nodes_secret_set(&self, name: &str, value: &str) -> Result<SharedSecret> {
+    pub(super) async fn nodes_secret_replace(
+        &self,
+        name: &str,
+        version: i64,
+        value: &str,
+    ) -> Result<Option<SharedSecret>> {
         let (name, value) = (name.to_owned(), value.to_owned());
         self.with_writer(move |c| {
-            c.execute(
-                "INSERT INTO shared_secrets (name, value, version) VALUES (?1, ?2, 1)
-                 ON CONFLICT (name) DO UPDATE SET value = excluded.value,
-                     version = shared_secrets.version + 1",
-                params![name, value],
+            let n = c.execute(
+                "UPDATE shared_secrets SET value = ?2, version = version + 1
+                 WHERE name = ?1 AND version = ?3",
+                params![name, value, version],
             )?;
-            secret(c, &name)?.ok_or(StoreError::NotFound)
+            if n == 0 {
+                return Ok(None);
+            }
+            secret(c, &name)
         })
         .await
     }
