@@ -75,36 +75,64 @@ pub struct Keeper {
     shared: Option<(Arc<dyn Store>, Arc<SecretBox>)>,
 }
 
+/// The row that pins `store.secrets_key`: its sealed value is written by the first node and
+/// must open on every other before that node writes anything, so a node given another key
+/// stops at once instead of sealing rows the others cannot open.
+const KEY_CHECK: &str = "secrets_key_check";
+const KEY_CHECK_PLAIN: &str = "hookbridge: the nodes of this store share this secrets key";
+
 impl Keeper {
-    /// Files when the config has no `store.url`, else the store's shared secrets.
-    pub fn for_config(config: &Config, store: &Arc<dyn Store>, sealer: Arc<SecretBox>) -> Self {
-        Self {
+    /// Files when the config has no `store.url`, else the store's shared secrets (after
+    /// checking that `sealer` is the key the other nodes seal with).
+    pub async fn open(
+        config: &Config,
+        store: &Arc<dyn Store>,
+        sealer: Arc<SecretBox>,
+    ) -> Result<Self, IdentityError> {
+        let keeper = Self {
             secrets_dir: config.data_dir.join("secrets"),
             host_key_file: config.host_key_path(),
             shared: config.store.url.as_ref().map(|_| (store.clone(), sealer)),
+        };
+        if let Some((store, sealer)) = &keeper.shared {
+            let shared_err = |message: String| IdentityError::Shared {
+                name: KEY_CHECK,
+                message,
+            };
+            let aad = format!("shared:{KEY_CHECK}");
+            let sealed = sealer.seal(&aad, KEY_CHECK_PLAIN).map_err(shared_err)?;
+            let kept = store.shared_secret_init(KEY_CHECK, &sealed).await?;
+            if sealer.open(&aad, &kept.value).as_deref() != Ok(KEY_CHECK_PLAIN) {
+                return Err(shared_err(
+                    "store.secrets_key is not the key the other nodes of this store use (the first node's); give every node the same store.secrets_key".into(),
+                ));
+            }
         }
+        Ok(keeper)
     }
 
     /// Opens what a CLI command needs to read the same values as `serve` would: the
     /// PostgreSQL store in scale-out mode, nothing in one-node mode.
     pub async fn open_for_cli(config: &Config) -> Result<Self, String> {
         let sealer = Arc::new(SecretBox::load_or_create(config)?);
-        let shared = match &config.store.url {
-            Some(url) => {
-                let store: Arc<dyn Store> = Arc::new(
-                    crate::store::PostgresStore::open(url, sealer.clone())
-                        .await
-                        .map_err(|e| format!("state store: {e}"))?,
-                );
-                Some((store, sealer))
+        let store: Arc<dyn Store> = match &config.store.url {
+            Some(url) => Arc::new(
+                crate::store::PostgresStore::open(url, sealer.clone())
+                    .await
+                    .map_err(|e| format!("state store: {e}"))?,
+            ),
+            // One node: the files alone; the SQLite store is not needed to read them.
+            None => {
+                return Ok(Self {
+                    secrets_dir: config.data_dir.join("secrets"),
+                    host_key_file: config.host_key_path(),
+                    shared: None,
+                })
             }
-            None => None,
         };
-        Ok(Self {
-            secrets_dir: config.data_dir.join("secrets"),
-            host_key_file: config.host_key_path(),
-            shared,
-        })
+        Self::open(config, &store, sealer)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// True in scale-out mode: values come from the store, shared by every node.
@@ -418,6 +446,33 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("store.secrets_key"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_node_with_another_secrets_key_is_stopped_before_it_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite(dir.path());
+        let mut config = Config::default();
+        config.data_dir = dir.path().to_owned();
+        config.store.url = Some("postgres://the-shared-store".into());
+        let sealer = |b: u8| {
+            let k = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b; 32]);
+            Arc::new(SecretBox::from_base64(&k).unwrap())
+        };
+        Keeper::open(&config, &store, sealer(1)).await.unwrap();
+        Keeper::open(&config, &store, sealer(1)).await.unwrap();
+        let e = Keeper::open(&config, &store, sealer(2))
+            .await
+            .err()
+            .expect("another key is refused");
+        assert!(e.to_string().contains("store.secrets_key"), "{e}");
+        assert_eq!(store.shared_secret_get("admin_token").await.unwrap(), None);
+        // One node (no store.url): files, no check.
+        config.store.url = None;
+        assert!(!Keeper::open(&config, &store, sealer(3))
+            .await
+            .unwrap()
+            .is_shared());
     }
 
     #[tokio::test]

@@ -162,7 +162,9 @@ pub async fn build_state(config: &Config) -> Result<State, StartError> {
         Some(url) => Arc::new(store::PostgresStore::open(url, sealer.clone()).await?),
         None => Arc::new(SqliteStore::open(&db, sealer.clone())?),
     };
-    let keeper = identity::Keeper::for_config(config, &store, sealer);
+    let keeper = identity::Keeper::open(config, &store, sealer)
+        .await
+        .map_err(|e| StartError::Secrets(e.to_string()))?;
     let secrets = secrets::Secrets::load(config, &keeper)
         .await
         .map_err(StartError::Secrets)?;

@@ -211,7 +211,7 @@ fn sha256_hex(b: &[u8]) -> String {
         .collect()
 }
 
-async fn verify_jwt(d: &Daemon, seen: &Seen, aud: &str) -> Value {
+pub(crate) async fn verify_jwt(d: &Daemon, seen: &Seen, aud: &str) -> Value {
     let jwks: jsonwebtoken::jwk::JwkSet = d
         .client
         .get(d.url("/.well-known/jwks.json"))
@@ -238,7 +238,7 @@ async fn verify_jwt(d: &Daemon, seen: &Seen, aud: &str) -> Value {
         .claims
 }
 
-fn verify_standard(seen: &Seen, secret: &str) {
+pub(crate) fn verify_standard(seen: &Seen, secret: &str) {
     let key = base64::engine::general_purpose::STANDARD
         .decode(secret.strip_prefix("whsec_").unwrap())
         .unwrap();

@@ -18,6 +18,7 @@ mod e2e_ingest;
 mod e2e_interop;
 mod e2e_limits;
 mod e2e_nodes;
+mod e2e_nodes_identity;
 mod e2e_pg_restart;
 mod e2e_preauth;
 mod e2e_reload;
