@@ -78,7 +78,8 @@ pub struct Config {
 pub struct StoreConfig {
     /// Base64 of 32 random bytes (`openssl rand -base64 32`): the AES-256-GCM key webhook
     /// secrets are encrypted with at rest (env `HOOKBRIDGE_SECRETS_KEY`). Unset: a key is
-    /// generated into `<data_dir>/secrets/webhook_secrets_key`.
+    /// generated into `<data_dir>/secrets/webhook_secrets_key`. Required with `url`: it
+    /// also seals the keys the nodes share in the store (`crate::identity`).
     pub secrets_key: Option<String>,
     /// `postgres://user:password@host:port/db`: keep the state in PostgreSQL, shared by
     /// every node (env `HOOKBRIDGE_STORE_URL`). Unset: SQLite in `<data_dir>/state.db`.
