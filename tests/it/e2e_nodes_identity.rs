@@ -405,3 +405,53 @@ async fn an_org_byte_quota_is_counted_across_nodes() {
         assert_eq!(u["bytes"].as_u64(), Some(stored), "{u}");
     }
 }
+
+/// A single node moving to PostgreSQL keeps its identity: its host key and signing keys
+/// (files in its data dir) become the shared ones, so `known_hosts` entries and JWKS
+/// caches stay valid; a second node on another disk then serves the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_moving_to_postgres_keeps_its_host_key_and_signing_keys() {
+    let have_keyscan = require_that(
+        "`ssh-keyscan` (OpenSSH client)",
+        Command::new("ssh-keyscan").output().is_ok(),
+    );
+    let Some((url, _)) = engines().await else {
+        return;
+    };
+    let mut single = Daemon::start_opts(Opts {
+        store_url: None,
+        ..Default::default()
+    })
+    .await;
+    if single.store_url.is_some() {
+        // HOOKBRIDGE_TEST_STORE=postgres: this daemon is no single node to begin with.
+        return;
+    }
+    // The SFTP server makes its key as it starts, maybe just after HTTP answers.
+    let key_file = single.data_dir().join("ssh_host_ed25519_key");
+    wait_for("the host key file", T, || async {
+        key_file.exists().then_some(())
+    })
+    .await;
+    let host_key = have_keyscan.then(|| keyscan(single.sftp_port));
+    let keys = jwks(&single).await;
+    assert_eq!(single.terminate(), Some(0));
+    single.store_url = Some(url.clone());
+    single.spawn().await;
+    assert!(
+        single.log().contains("imported this file"),
+        "{}",
+        single.log()
+    );
+    let other = Daemon::start_opts(Opts {
+        store_url: Some(url),
+        ..Default::default()
+    })
+    .await;
+    for d in [&single, &other] {
+        assert_eq!(jwks(d).await, keys);
+        if let Some(k) = &host_key {
+            assert_eq!(&keyscan(d.sftp_port), k);
+        }
+    }
+}
