@@ -452,9 +452,14 @@ mod tests {
     async fn a_node_with_another_secrets_key_is_stopped_before_it_writes() {
         let dir = tempfile::tempdir().unwrap();
         let store = sqlite(dir.path());
-        let mut config = Config::default();
-        config.data_dir = dir.path().to_owned();
-        config.store.url = Some("postgres://the-shared-store".into());
+        let mut config = Config {
+            data_dir: dir.path().to_owned(),
+            store: crate::config::StoreConfig {
+                url: Some("postgres://the-shared-store".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         let sealer = |b: u8| {
             let k = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [b; 32]);
             Arc::new(SecretBox::from_base64(&k).unwrap())

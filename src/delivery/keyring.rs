@@ -96,3 +96,62 @@ pub async fn follow(app: App, cancel: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{Config, StoreConfig};
+    use crate::secrets::SecretBox;
+    use crate::store::Store;
+
+    /// Two nodes (one shared store, separate folders) rotating from the same ring: the
+    /// second loses the compare-and-set, catches up and rotates again, so the kept ring
+    /// holds both new keys (the first retired, still published) and both nodes end alike.
+    #[tokio::test]
+    async fn concurrent_rotations_lose_no_key_and_nodes_converge() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [5u8; 32]);
+        let sealer = Arc::new(SecretBox::from_base64(&key).unwrap());
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::SqliteStore::open(&dir.path().join("state.db"), sealer.clone()).unwrap(),
+        );
+        let node = |name: &str| Config {
+            data_dir: dir.path().join(name),
+            store: StoreConfig {
+                url: Some("postgres://shared".into()),
+                secrets_key: Some(key.clone()),
+            },
+            ..Default::default()
+        };
+        let ka = Keeper::open(&node("a"), &store, sealer.clone())
+            .await
+            .unwrap();
+        let kb = Keeper::open(&node("b"), &store, sealer.clone())
+            .await
+            .unwrap();
+        let (a, b) = (
+            load(&ka, "hb").await.unwrap(),
+            load(&kb, "hb").await.unwrap(),
+        );
+        assert_eq!(a.jwks(), b.jwks());
+        let first = rotate(&ka, &a).await.unwrap();
+        // B has not seen A's rotation: its replace loses, it catches up and rotates again.
+        let second = rotate(&kb, &b).await.unwrap();
+        let published: Vec<_> = b
+            .jwks()
+            .keys
+            .into_iter()
+            .filter_map(|k| k.common.key_id)
+            .collect();
+        assert_eq!(published.len(), 3, "{published:?}");
+        assert!(published.contains(&first) && published.contains(&second));
+        assert_eq!(b.active_kid(), Some(second.clone()));
+        assert!(catch_up(&ka, &a).await.unwrap());
+        assert_eq!(a.jwks(), b.jwks());
+        assert_eq!(a.active_kid(), Some(second));
+        assert!(!catch_up(&ka, &a).await.unwrap(), "nothing new");
+        assert!(!dir.path().join("a").exists(), "a node wrote key files");
+    }
+}
