@@ -114,22 +114,21 @@ impl Keeper {
     /// Opens what a CLI command needs to read the same values as `serve` would: the
     /// PostgreSQL store in scale-out mode, nothing in one-node mode.
     pub async fn open_for_cli(config: &Config) -> Result<Self, String> {
-        let sealer = Arc::new(SecretBox::load_or_create(config)?);
-        let store: Arc<dyn Store> = match &config.store.url {
-            Some(url) => Arc::new(
-                crate::store::PostgresStore::open(url, sealer.clone())
-                    .await
-                    .map_err(|e| format!("state store: {e}"))?,
-            ),
-            // One node: the files alone; the SQLite store is not needed to read them.
-            None => {
-                return Ok(Self {
-                    secrets_dir: config.data_dir.join("secrets"),
-                    host_key_file: config.host_key_path(),
-                    shared: None,
-                })
-            }
+        let Some(url) = &config.store.url else {
+            // One node: the files alone (neither the SQLite store nor the webhook secrets
+            // key is needed to read them, so none is made).
+            return Ok(Self {
+                secrets_dir: config.data_dir.join("secrets"),
+                host_key_file: config.host_key_path(),
+                shared: None,
+            });
         };
+        let sealer = Arc::new(SecretBox::load_or_create(config)?);
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::PostgresStore::open(url, sealer.clone())
+                .await
+                .map_err(|e| format!("state store: {e}"))?,
+        );
         Self::open(config, &store, sealer)
             .await
             .map_err(|e| e.to_string())

@@ -455,3 +455,40 @@ async fn a_single_node_moving_to_postgres_keeps_its_host_key_and_signing_keys() 
         }
     }
 }
+
+/// One node (SQLite, files): `hookbridge admin-token` prints the generated token of the
+/// data dir, which the daemon accepts; nothing else is made by the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_prints_the_generated_token_of_a_single_node() {
+    let d = Daemon::start_opts(Opts {
+        generated_secrets: true,
+        store_url: None,
+        ..Default::default()
+    })
+    .await;
+    if d.store_url.is_some() {
+        return; // HOOKBRIDGE_TEST_STORE=postgres: covered by the two-node test.
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hookbridge"))
+        .args(["admin-token", "--config"])
+        .arg(d.config_path())
+        .env_remove("HOOKBRIDGE_STORE_URL")
+        .env_remove("HOOKBRIDGE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let file = std::fs::read_to_string(d.data_dir().join("secrets/admin_token")).unwrap();
+    assert_eq!(token, file.trim());
+    assert_eq!(admin(&d, &token, "GET", "/v1/orgs", None).await.0, 200);
+    assert!(
+        d.log()
+            .contains("admin.token not set; using the generated token in this file"),
+        "{}",
+        d.log()
+    );
+}
