@@ -15,8 +15,11 @@
 //!   `delivery.per_endpoint_concurrency` per webhook. A webhook with a deep queue gets no
 //!   more jobs in memory (they wait in the store), so one slow endpoint never holds back
 //!   the others nor fills the memory.
-//! * An attempt frees its endpoint slot when the HTTP exchange ends. Outcomes are recorded
-//!   by one recorder task in group commits (one fsync per batch, not per attempt). A job
+//! * An attempt frees its endpoint slot when the HTTP exchange ends, and its worker slot
+//!   once the recorder has its outcome. Outcomes are recorded by one recorder task in
+//!   group commits (one fsync per batch, not per attempt), at most `RECORD_PER_WORKER` ×
+//!   workers per batch and as many waiting: a crash sends again at most `workers` × 9
+//!   deliveries (made, not yet recorded). A job
 //!   stays "in flight" in memory until its outcome is durable, so it is never claimed
 //!   twice; if the process dies first, the job is still due in the store and is tried
 //!   again at the next start with the same `webhook-id` (receivers dedupe on it).
@@ -42,8 +45,11 @@ use crate::App;
 
 /// Most jobs taken from the store in one poll.
 const FETCH_MAX: usize = 256;
-/// Most outcomes written in one transaction.
-const RECORD_BATCH: usize = 512;
+/// Most outcomes written in one transaction, and outcomes waiting for it, per worker.
+/// Together with the rule that an attempt keeps its worker slot until its outcome is
+/// queued, this bounds what a crash sends again: at most `workers` × (1 + 2 ×
+/// `RECORD_PER_WORKER`) deliveries were made and not yet recorded at any moment.
+const RECORD_PER_WORKER: usize = 4;
 /// Longest sleep without a reason to wake: bounds the cost of a missed notification.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -133,10 +139,12 @@ pub async fn run(
     let in_flight: InFlight = Arc::default();
     let recorded = Arc::new(Notify::new());
     let due_again: DueAgain = Arc::default();
-    let (rec_tx, rec_rx) = mpsc::channel::<Recorded>(cfg.workers * 4);
+    let record_batch = cfg.workers * RECORD_PER_WORKER;
+    let (rec_tx, rec_rx) = mpsc::channel::<Recorded>(record_batch);
     let recorder = tokio::spawn(recorder(
         app.store.clone(),
         rec_rx,
+        record_batch,
         in_flight.clone(),
         due_again.clone(),
         recorded.clone(),
@@ -258,7 +266,7 @@ pub async fn run(
                     next_due = None;
                     continue;
                 }
-                attempts.spawn(attempt(app.clone(), job, [g, ep], rec_tx.clone()));
+                attempts.spawn(attempt(app.clone(), job, g, ep, rec_tx.clone()));
             }
         }
         queued.by_hook.retain(|_, q| !q.is_empty());
@@ -365,21 +373,25 @@ async fn other_nodes(w: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
 async fn attempt(
     app: App,
     mut job: DeliveryJob,
-    permits: [OwnedSemaphorePermit; 2],
+    worker: OwnedSemaphorePermit,
+    endpoint: OwnedSemaphorePermit,
     rec: mpsc::Sender<Recorded>,
 ) {
     // The payload becomes the request body (no copy); a retry reads it from the store again.
     let body = std::mem::take(&mut job.payload).into_bytes();
     let (a, outcome) = deliver(&app, &job, body).await;
     // The endpoint is free for the next job while the outcome waits for its commit.
-    drop(permits);
+    drop(endpoint);
     // Recording needs the ids only: keep the batches the recorder holds (and copies on a
     // retry) small.
     job.webhook = None;
     let id = job.id.clone();
+    // The worker slot is held until the recorder has the outcome: when recording falls
+    // behind, sending slows down with it, so what a crash repeats stays bounded.
     if rec.send((job, a, outcome)).await.is_err() {
         tracing::warn!(delivery = %id, "outcome not recorded (shutting down); the job will be retried");
     }
+    drop(worker);
 }
 
 fn skipped(reason: String) -> (Attempt, AttemptOutcome) {
@@ -478,13 +490,14 @@ async fn deliver(app: &App, job: &DeliveryJob, body: Vec<u8>) -> (Attempt, Attem
 async fn recorder(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Recorded>,
+    batch_max: usize,
     in_flight: InFlight,
     due_again: DueAgain,
     recorded: Arc<Notify>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while batch.len() < RECORD_BATCH {
+        while batch.len() < batch_max {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,

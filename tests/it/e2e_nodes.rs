@@ -466,6 +466,14 @@ async fn killing_a_node_mid_drain_loses_nothing_and_its_leases_are_taken_over() 
         );
     }
     assert!(dups.len() <= took_over.len());
+    // What A had made and not yet recorded: a worker slot is held until the outcome is
+    // queued for the recorder, which holds 4 per worker waiting and writes 4 per worker a
+    // batch (`delivery::worker`): at most 9 × `workers` (16).
+    assert!(
+        dups.len() <= 9 * 16,
+        "{} duplicates: more than A can have in flight",
+        dups.len()
+    );
     assert!(
         metric(b, "hookbridge_delivery_wakeups_total", r#"source="notify""#).await >= 1.0,
         "B was never woken by A's commits"
