@@ -1,5 +1,6 @@
 //! PostgreSQL only: what several processes on one database need beyond the shared cases.
-//! Wake-ups across stores (LISTEN/NOTIFY) and lock conflicts answered as "retry".
+//! Wake-ups across stores (LISTEN/NOTIFY), lock conflicts answered as "retry", and the
+//! lock order of ingest batches.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,5 +132,73 @@ async fn a_deadlock_is_a_retryable_conflict() {
         "a deadlock must be retryable (503), got {mapped:?}"
     );
     assert!(super::super::postgres::is_contention(&mapped), "{mapped:?}");
+    drop_database(&admin, &db).await;
+}
+
+/// An ingest batch takes its orgs' quota rows in one order (sorted), whatever the order of
+/// its events: while it waits for the first org's row, it holds no later one. Without the
+/// order, a batch for `zeta, alpha` would hold `zeta` while waiting for `alpha`, and a
+/// node committing `alpha, zeta` would deadlock with it.
+#[tokio::test]
+async fn an_ingest_batch_locks_quota_rows_in_org_order() {
+    let Some((admin, db, url)) = fresh_pg_database().await else {
+        return;
+    };
+    let s: S = Arc::new(postgres_at(&url).await);
+    for o in ["alpha", "zeta"] {
+        org(&s, o).await;
+        s.set_org_usage(o, crate::limits::OrgUsage::default(), true)
+            .await
+            .unwrap();
+    }
+    let (other, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Another node's transaction holds `alpha`.
+    other
+        .batch_execute("BEGIN; SELECT org FROM org_usage WHERE org = 'alpha' FOR UPDATE")
+        .await
+        .unwrap();
+    let batch = vec![
+        event("zeta", "z1", &["/z1.json"], &[]),
+        event("alpha", "a1", &["/a1.json"], &[]),
+    ];
+    let committing = tokio::spawn({
+        let s = s.clone();
+        async move { s.commit_events(batch, vec![]).await }
+    });
+    // The batch now waits for a lock (the state, not a guess at a delay).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n: i64 = other
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never waited for alpha's row"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // `zeta` is free: the waiting batch did not take it before `alpha`.
+    other
+        .batch_execute("SELECT org FROM org_usage WHERE org = 'zeta' FOR UPDATE NOWAIT")
+        .await
+        .expect("the batch holds zeta's row while waiting for alpha's: a deadlock in waiting");
+    other.batch_execute("COMMIT").await.unwrap();
+    let out = committing.await.unwrap().unwrap();
+    assert_eq!(out.len(), 2);
+    let usage = s.org_usage("zeta").await.unwrap().unwrap();
+    assert_eq!(usage.files, 1, "{usage:?}");
+    drop(s);
     drop_database(&admin, &db).await;
 }
