@@ -345,6 +345,69 @@ pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>
     let disable = tx
         .prepare_cached("UPDATE webhooks SET enabled = FALSE, disabled_reason = $2 WHERE id = $1")
         .await?;
+    // The statements of a batch are pipelined (sent together, answered in order): one
+    // round trip per phase instead of several per job, so outcomes are durable sooner and
+    // a crash repeats fewer deliveries. Phase 1 applies each outcome under its claim.
+    type Pending<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>,
+    >;
+    struct Row<'a> {
+        st: &'static str,
+        next: Option<i64>,
+        status: Option<i32>,
+        claim: Option<&'a str>,
+        at: i64,
+        latency: i64,
+        result: &'static str,
+        failing_at: Option<i64>,
+    }
+    let rows: Vec<Row> = batch
+        .iter()
+        .map(|rec| {
+            let (st, next) = rec.outcome.job_state();
+            Row {
+                st: st.as_str(),
+                next: next.map(micros),
+                status: rec.attempt.status().map(i32::from),
+                claim: rec.job.claim.as_ref().map(|c| c.0.as_str()),
+                at: micros(rec.attempt.at),
+                latency: rec.attempt.latency_ms as i64,
+                result: rec.attempt.result.as_str(),
+                failing_at: match &rec.hook {
+                    HookEffect::Failing { at } => Some(micros(*at)),
+                    _ => None,
+                },
+            }
+        })
+        .collect();
+    // Async blocks own each statement's parameter list (borrowing only the batch).
+    let txr = &tx;
+    let (upd, ins, ok_hook, failing_hook, disable) =
+        (&upd, &ins, &ok_hook, &failing_hook, &disable);
+    let now = &now;
+    let updates: Vec<Pending> = batch
+        .iter()
+        .zip(&rows)
+        .map(|(rec, r)| -> Pending {
+            Box::pin(async move {
+                txr.execute(
+                    upd,
+                    &[
+                        &rec.job.id,
+                        &r.st,
+                        &r.next,
+                        &r.status,
+                        &rec.attempt.error,
+                        now,
+                        &r.claim,
+                    ],
+                )
+                .await
+            })
+        })
+        .collect();
+    let updated = futures::future::try_join_all(updates).await?;
+    // Phase 2: the attempt log and the webhook effects of the outcomes that stood.
     // As on SQLite: an effect just applied to a webhook is not applied again in this batch.
     let mut last: std::collections::HashMap<&str, u8> = Default::default();
     // A retry recorded here falls due later; other nodes learn when (should this one
@@ -353,64 +416,55 @@ pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>
     const OK: u8 = 1;
     const FAILING: u8 = 2;
     const DISABLED: u8 = 3;
-    for rec in &batch {
+    let mut writes: Vec<Pending> = Vec::with_capacity(batch.len() * 2);
+    for ((rec, r), n) in batch.iter().zip(&rows).zip(updated) {
         let (job, a) = (&rec.job, &rec.attempt);
-        let status = a.status().map(i32::from);
-        let (st, next) = rec.outcome.job_state();
-        let claim = job.claim.as_ref().map(|c| c.0.as_str());
-        let updated = tx
-            .execute(
-                &upd,
-                &[
-                    &job.id,
-                    &st.as_str(),
-                    &next.map(micros),
-                    &status,
-                    &a.error,
-                    &now,
-                    &claim,
-                ],
-            )
-            .await?;
-        if updated == 0 {
+        if n == 0 {
             // The lease ran out and another claim took the job (or it was deleted): that
             // claimer's outcome stands; this one is not recorded (at-least-once delivery).
             tracing::warn!(delivery = %job.id, "outcome of an expired claim not recorded; the job was claimed again");
             continue;
         }
-        retries |= next.is_some();
-        tx.execute(
-            &ins,
-            &[
-                &job.id,
-                &micros(a.at),
-                &status,
-                &(a.latency_ms as i64),
-                &a.error,
-                &a.response_excerpt,
-                &a.result.as_str(),
-            ],
-        )
-        .await?;
-        let hook = job.webhook_id.as_str();
+        retries |= r.next.is_some();
+        writes.push(Box::pin(async move {
+            txr.execute(
+                ins,
+                &[
+                    &job.id,
+                    &r.at,
+                    &r.status,
+                    &r.latency,
+                    &a.error,
+                    &a.response_excerpt,
+                    &r.result,
+                ],
+            )
+            .await
+        }));
+        let hook = &job.webhook_id;
         match &rec.hook {
             HookEffect::Healthy => {
                 if last.insert(hook, OK) != Some(OK) {
-                    tx.execute(&ok_hook, &[&hook]).await?;
+                    writes.push(Box::pin(async move { txr.execute(ok_hook, &[hook]).await }));
                 }
             }
             HookEffect::Disable { reason } => {
-                tx.execute(&disable, &[&hook, reason]).await?;
+                writes.push(Box::pin(async move {
+                    txr.execute(disable, &[hook, reason]).await
+                }));
                 last.insert(hook, DISABLED);
             }
-            HookEffect::Failing { at } => {
+            HookEffect::Failing { .. } => {
                 if last.insert(hook, FAILING) != Some(FAILING) {
-                    tx.execute(&failing_hook, &[&hook, &micros(*at)]).await?;
+                    writes.push(Box::pin(async move {
+                        txr.execute(failing_hook, &[hook, &r.failing_at]).await
+                    }));
                 }
             }
             HookEffect::None => {}
         }
     }
+    futures::future::try_join_all(writes).await?;
     if retries {
         super::notify::notify(&tx, &s.origin).await?;
     }
