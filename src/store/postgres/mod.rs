@@ -18,6 +18,8 @@ use super::rows::micros;
 use super::*;
 use crate::secrets::SecretBox;
 
+mod attempts;
+mod errors;
 mod nodes;
 mod notify;
 mod queue;
@@ -25,6 +27,8 @@ mod rows;
 mod schema;
 mod usage;
 
+use errors::pool_err;
+pub(crate) use errors::{is_contention, pg_err};
 use rows::{
     get, hook_row, opt_time_at, org_row, time_at, to_json, user_row, HOOK_COLS, ORG_COLS, USER_COLS,
 };
@@ -118,64 +122,6 @@ impl PostgresStore {
 
     async fn conn(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
-    }
-}
-
-const CONTENTION_DEADLOCK: &str = "40P01";
-const CONTENTION_SERIALIZATION: &str = "40001";
-/// Ends the message of a transaction that lost a lock conflict, so callers that can
-/// retry it at once (`is_contention`) tell it from an outage.
-const CONTENTION: &str = " (conflict with a concurrent transaction; retry)";
-
-/// A transaction that lost a deadlock or serialization conflict: safe to run again.
-pub(crate) fn is_contention(e: &StoreError) -> bool {
-    matches!(e, StoreError::Unavailable(m) if m.ends_with(CONTENTION))
-}
-
-fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => pg_err(e),
-        other => StoreError::Unavailable(format!("PostgreSQL: {other}")),
-    }
-}
-
-/// A server that cannot be reached, is shutting down or refuses connections is
-/// "unavailable" (503, retry); an error the server answered with is a database error.
-pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    if let Some(db) = e.as_db_error() {
-        let code = db.code().code();
-        return match code {
-            "53100" => StoreError::DiskFull,
-            // A deadlock or serialization failure with another node's transaction: nothing
-            // was written, and the same work succeeds when tried again (503, Retry-After).
-            CONTENTION_DEADLOCK | CONTENTION_SERIALIZATION => {
-                StoreError::Unavailable(format!("PostgreSQL: {db}{CONTENTION}"))
-            }
-            // connection exceptions, operator intervention (shutdown, restart), too many
-            // connections, cannot connect now (starting up)
-            c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
-                StoreError::Unavailable(format!("PostgreSQL: {db}"))
-            }
-            _ => StoreError::Db(format!("PostgreSQL: {db}")),
-        };
-    }
-    let source = std::error::Error::source(&e);
-    let io = source.is_some_and(|s| s.is::<std::io::Error>());
-    // "error connecting to server" alone does not say why: add the cause (refused, timeout).
-    let why = match source {
-        Some(s) => format!("PostgreSQL: {e}: {s}"),
-        None => format!("PostgreSQL: {e}"),
-    };
-    if e.is_closed() || io || e.to_string().starts_with("error connecting") {
-        StoreError::Unavailable(why)
-    } else {
-        StoreError::Db(why)
-    }
-}
-
-impl From<tokio_postgres::Error> for StoreError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        pg_err(e)
     }
 }
 
@@ -491,7 +437,7 @@ impl Store for PostgresStore {
     }
 
     async fn record_attempts(&self, batch: Vec<AttemptRecord>) -> Result<()> {
-        queue::record_attempts(self, batch).await
+        attempts::record_attempts(self, batch).await
     }
 
     async fn list_deliveries(
