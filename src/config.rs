@@ -180,6 +180,10 @@ pub struct DeliveryConfig {
     pub jwt_issuer: String,
     /// A webhook failing without success for this long is disabled. Default 5 days.
     pub disable_after: Dur,
+    /// Room a delivery lease leaves beyond two request timeouts (lease = 2 ×
+    /// `request_timeout` + this), for the wait for a permit and the group commit of the
+    /// outcome. Default 60s. A node that dies holds its jobs this long at most.
+    pub lease_margin: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -486,6 +490,7 @@ impl Default for DeliveryConfig {
             custom_value_timeout: Dur(Duration::from_secs(3)),
             jwt_issuer: "hookbridge".into(),
             disable_after: Dur(Duration::from_secs(5 * 24 * 3600)),
+            lease_margin: Dur(Duration::from_secs(60)),
         }
     }
 }
@@ -675,6 +680,12 @@ impl Config {
         }
         if self.delivery.retry_delays.is_empty() {
             return Err(invalid("delivery.retry_delays", "needs at least one delay"));
+        }
+        if self.delivery.lease_margin.0 < Duration::from_secs(1) {
+            return Err(invalid(
+                "delivery.lease_margin",
+                "must be at least 1s (the lease must outlast the attempt and the commit of its outcome)",
+            ));
         }
         if self.delivery.workers == 0 || self.delivery.per_endpoint_concurrency == 0 {
             return Err(invalid(

@@ -126,6 +126,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             request_timeout,
             custom_value_timeout,
             jwt_issuer,
+            lease_margin,
         ]
     );
     changed!(v, old.log, new.log, "log.", [format]);
@@ -222,6 +223,7 @@ fn every_key_is_sorted(c: &Config) {
         custom_value_timeout: _,
         jwt_issuer: _,
         disable_after: _,
+        lease_margin: _,
     } = delivery;
     let LogConfig {
         level: _,

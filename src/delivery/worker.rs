@@ -4,20 +4,29 @@
 //!   (`handoff`) and claimed at once (`Store::claim_announced`, one read per announced
 //!   batch); it never waits for a poll. The outbox is polled (`Store::due_jobs`) only for
 //!   what announcements do not cover: the backlog at start, retries when they fall due,
-//!   replays, and jobs left in the store while their webhook's queue was deep.
+//!   replays, jobs left in the store while their webhook's queue was deep, and jobs other
+//!   nodes sharing the store committed (their wake-up, `Store::job_wakeups`, says when)
+//!   or left behind (an expired lease: taken over, logged and counted).
+//! * On a shared store a claimed job carries a lease (2 × request timeout +
+//!   `delivery.lease_margin`). An attempt is started only with at least the request
+//!   timeout (+1 s) of its lease left; a job that waited longer for a permit is left for
+//!   the next claim instead, so an attempt never outlives its lease.
 //! * At most `delivery.workers` attempts run at once, and at most
 //!   `delivery.per_endpoint_concurrency` per webhook. A webhook with a deep queue gets no
 //!   more jobs in memory (they wait in the store), so one slow endpoint never holds back
 //!   the others nor fills the memory.
-//! * An attempt frees its endpoint slot when the HTTP exchange ends. Outcomes are recorded
-//!   by one recorder task in group commits (one fsync per batch, not per attempt). A job
+//! * An attempt frees its endpoint slot when the HTTP exchange ends, and its worker slot
+//!   once the recorder has its outcome. Outcomes are recorded by one recorder task in
+//!   group commits (one fsync per batch, not per attempt), at most `RECORD_PER_WORKER` ×
+//!   workers per batch and as many waiting: a crash sends again at most `workers` × 9
+//!   deliveries (made, not yet recorded). A job
 //!   stays "in flight" in memory until its outcome is durable, so it is never claimed
 //!   twice; if the process dies first, the job is still due in the store and is tried
 //!   again at the next start with the same `webhook-id` (receivers dedupe on it).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -36,8 +45,11 @@ use crate::App;
 
 /// Most jobs taken from the store in one poll.
 const FETCH_MAX: usize = 256;
-/// Most outcomes written in one transaction.
-const RECORD_BATCH: usize = 512;
+/// Most outcomes written in one transaction, and outcomes waiting for it, per worker.
+/// Together with the rule that an attempt keeps its worker slot until its outcome is
+/// queued, this bounds what a crash sends again: at most `workers` × (1 + 2 ×
+/// `RECORD_PER_WORKER`) deliveries were made and not yet recorded at any moment.
+const RECORD_PER_WORKER: usize = 4;
 /// Longest sleep without a reason to wake: bounds the cost of a missed notification.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -53,22 +65,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// it just recorded is due again (a retry, or a job whose outcome could not be written).
 type DueAgain = Arc<Mutex<Option<DateTime<Utc>>>>;
 
-/// Jobs claimed and waiting for a permit, per webhook.
+/// Jobs claimed and waiting for a permit, per webhook, with the moment their claim was
+/// asked for (their lease runs from then).
 #[derive(Default)]
 struct Queues {
-    by_hook: HashMap<String, VecDeque<DeliveryJob>>,
+    by_hook: HashMap<String, VecDeque<(Instant, DeliveryJob)>>,
     len: usize,
 }
 
 impl Queues {
-    fn push(&mut self, in_flight: &InFlight, jobs: Vec<DeliveryJob>) {
+    fn push(&mut self, in_flight: &InFlight, claimed: Instant, jobs: Vec<DeliveryJob>) {
         let mut set = lock(in_flight);
         for job in jobs {
+            if let Some(old) = &job.took_over {
+                // The claim's node prefix says whose lease ran out (a dead or stalled node).
+                let from = old.0.split('/').next().unwrap_or_default();
+                metrics::counter!("hookbridge_delivery_lease_takeovers_total").increment(1);
+                tracing::warn!(delivery = %job.id, from_node = %from, expired_claim = %old.0, "took over a delivery job whose lease expired under another claim; it is sent again with the same webhook-id");
+            }
             set.insert(job.id.clone());
             self.by_hook
                 .entry(job.webhook_id.clone())
                 .or_default()
-                .push_back(job);
+                .push_back((claimed, job));
             self.len += 1;
         }
     }
@@ -92,10 +111,16 @@ pub async fn run(
     // Claims on a shared (PostgreSQL) queue must outlive the attempt (request timeout plus
     // room for the permit wait and the group commit). SQLite ignores the lease.
     let node = app.config.node_id.clone();
+    let lease_length = cfg.request_timeout.0 * 2 + cfg.lease_margin.0;
     let lease = Some(Lease {
         node: node.clone(),
-        length: cfg.request_timeout.0 * 2 + Duration::from_secs(60),
+        length: lease_length,
     });
+    // An attempt needs this much of its lease left to start (the request, and a second
+    // for the outcome's commit): never sends past the lease.
+    let lease_needed = cfg.request_timeout.0 + Duration::from_secs(1);
+    // Other nodes' commits (PostgreSQL NOTIFY); None on a store one process owns.
+    let mut wakeups = app.store.job_wakeups();
     // Jobs this node's previous run held when it died are due again now, not when their
     // leases run out (claims carry the node id, so other nodes' leases stay).
     match app.store.release_node_claims(&node).await {
@@ -114,10 +139,12 @@ pub async fn run(
     let in_flight: InFlight = Arc::default();
     let recorded = Arc::new(Notify::new());
     let due_again: DueAgain = Arc::default();
-    let (rec_tx, rec_rx) = mpsc::channel::<Recorded>(cfg.workers * 4);
+    let record_batch = cfg.workers * RECORD_PER_WORKER;
+    let (rec_tx, rec_rx) = mpsc::channel::<Recorded>(record_batch);
     let recorder = tokio::spawn(recorder(
         app.store.clone(),
         rec_rx,
+        record_batch,
         in_flight.clone(),
         due_again.clone(),
         recorded.clone(),
@@ -172,11 +199,12 @@ pub async fn run(
                 webhooks: deep_hooks,
                 lease: lease.clone(),
             };
+            let asked = Instant::now();
             match app.store.claim_announced(ids, Utc::now(), busy).await {
                 Ok(jobs) => {
                     metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "handoff")
                         .increment(jobs.len() as u64);
-                    queued.push(&in_flight, jobs);
+                    queued.push(&in_flight, asked, jobs);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot claim new deliveries; they stay due in the store");
@@ -195,6 +223,7 @@ pub async fn run(
                 webhooks: deep_hooks.clone(),
                 lease: lease.clone(),
             };
+            let asked = Instant::now();
             match app.store.due_jobs(Utc::now(), limit, busy).await {
                 Ok(jobs) => {
                     poll = jobs.len() >= limit;
@@ -202,7 +231,7 @@ pub async fn run(
                     next_due = None;
                     metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "poll")
                         .increment(jobs.len() as u64);
-                    queued.push(&in_flight, jobs);
+                    queued.push(&in_flight, asked, jobs);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read due deliveries; retrying shortly");
@@ -224,9 +253,20 @@ pub async fn run(
                 let Ok(g) = global.clone().try_acquire_owned() else {
                     break;
                 };
-                let Some(job) = q.pop_front() else { break };
-                attempts.spawn(attempt(app.clone(), job, [g, ep], rec_tx.clone()));
+                let Some((claimed, job)) = q.pop_front() else {
+                    break;
+                };
                 queued.len -= 1;
+                if job.claim.is_some() && claimed.elapsed() + lease_needed > lease_length {
+                    // Its lease may run out mid-request and another node take it: leave
+                    // it to the next claim (its lease expires; then it is due again).
+                    metrics::counter!("hookbridge_delivery_leases_lapsed_total").increment(1);
+                    tracing::debug!(delivery = %job.id, "lease too short to start the attempt; left for the next claim");
+                    lock(&in_flight).remove(&job.id);
+                    next_due = None;
+                    continue;
+                }
+                attempts.spawn(attempt(app.clone(), job, g, ep, rec_tx.clone()));
             }
         }
         queued.by_hook.retain(|_, q| !q.is_empty());
@@ -264,15 +304,37 @@ pub async fn run(
         };
         tokio::select! {
             _ = cancel.cancelled() => break,
-            Some(ids) = announced.0.recv() => fresh.extend(ids),
-            _ = app.delivery_wake.notified() => poll = true,
+            Some(ids) = announced.0.recv() => {
+                metrics::counter!("hookbridge_delivery_wakeups_total", "source" => "handoff").increment(1);
+                fresh.extend(ids);
+            }
+            _ = app.delivery_wake.notified() => {
+                metrics::counter!("hookbridge_delivery_wakeups_total", "source" => "local").increment(1);
+                poll = true;
+            }
+            w = other_nodes(&mut wakeups) => match w {
+                Some(()) => {
+                    metrics::counter!("hookbridge_delivery_wakeups_total", "source" => "notify").increment(1);
+                    // Poll, then read the next due time again: a retry another node
+                    // recorded may fall due before the one known here.
+                    poll = true;
+                    next_due = None;
+                }
+                None => {
+                    tracing::warn!("the wake-ups from other nodes stopped; polling only");
+                    wakeups = None;
+                }
+            },
             _ = recorded.notified() => {
                 if let Some(t) = lock(&due_again).take() {
                     next_due = Some(next_due.map_or(t, |n| n.min(t)));
                 }
             }
             Some(_) = attempts.join_next(), if !attempts.is_empty() => poll |= deep_left,
-            _ = tokio::time::sleep(wait) => poll = true,
+            _ = tokio::time::sleep(wait) => {
+                metrics::counter!("hookbridge_delivery_wakeups_total", "source" => "poll").increment(1);
+                poll = true;
+            }
         }
     }
     // Jobs still waiting for a permit, or announced and not claimed, stay due in the store.
@@ -299,25 +361,37 @@ pub async fn run(
     Ok(())
 }
 
+/// The next wake-up from other nodes; never, without a source.
+async fn other_nodes(w: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match w {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One attempt of one job; the outcome goes to the recorder.
 async fn attempt(
     app: App,
     mut job: DeliveryJob,
-    permits: [OwnedSemaphorePermit; 2],
+    worker: OwnedSemaphorePermit,
+    endpoint: OwnedSemaphorePermit,
     rec: mpsc::Sender<Recorded>,
 ) {
     // The payload becomes the request body (no copy); a retry reads it from the store again.
     let body = std::mem::take(&mut job.payload).into_bytes();
     let (a, outcome) = deliver(&app, &job, body).await;
     // The endpoint is free for the next job while the outcome waits for its commit.
-    drop(permits);
+    drop(endpoint);
     // Recording needs the ids only: keep the batches the recorder holds (and copies on a
     // retry) small.
     job.webhook = None;
     let id = job.id.clone();
+    // The worker slot is held until the recorder has the outcome: when recording falls
+    // behind, sending slows down with it, so what a crash repeats stays bounded.
     if rec.send((job, a, outcome)).await.is_err() {
         tracing::warn!(delivery = %id, "outcome not recorded (shutting down); the job will be retried");
     }
+    drop(worker);
 }
 
 fn skipped(reason: String) -> (Attempt, AttemptOutcome) {
@@ -416,13 +490,14 @@ async fn deliver(app: &App, job: &DeliveryJob, body: Vec<u8>) -> (Attempt, Attem
 async fn recorder(
     store: Arc<dyn Store>,
     mut rx: mpsc::Receiver<Recorded>,
+    batch_max: usize,
     in_flight: InFlight,
     due_again: DueAgain,
     recorded: Arc<Notify>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while batch.len() < RECORD_BATCH {
+        while batch.len() < batch_max {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,

@@ -385,6 +385,9 @@ pub struct DeliveryJob {
     /// The lease this job was taken under (PostgreSQL, when `Busy::lease` asked for one);
     /// its outcome is recorded only while the job still carries this claim.
     pub claim: Option<ClaimId>,
+    /// The claim whose lease had expired when this one took the job (a node died or
+    /// stalled with it), so the scheduler can say whose job it took over.
+    pub took_over: Option<ClaimId>,
 }
 
 /// One claim of due jobs by one node (`<node_id>/<ULID>`), so a stale worker whose lease
@@ -619,6 +622,17 @@ pub trait Store: Send + Sync + 'static {
         version: i64,
         value: &str,
     ) -> Result<Option<SharedSecret>>;
+
+    // ---- Wake-ups across nodes (issue 12 item 3) ----
+
+    /// Wake-ups from other processes sharing this store: each message means "delivery jobs
+    /// were committed or made due elsewhere; look at the outbox now". This process's own
+    /// commits are not echoed (they reach its scheduler by the direct hand-off). A store
+    /// that one process owns (SQLite) has none: `None`. Called once, by the scheduler; the
+    /// signal stops when the receiver is dropped. Polling stays the fallback either way.
+    fn job_wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        None
+    }
 }
 
 /// A source address refused by the SFTP defender until `until`, on every node.

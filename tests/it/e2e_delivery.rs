@@ -135,6 +135,10 @@ impl Receiver {
     pub(crate) fn hold(&self, on: bool) {
         self.st.hang.store(on, std::sync::atomic::Ordering::SeqCst);
     }
+    /// Answers every request this much later (it is counted on arrival).
+    pub(crate) fn set_delay(&self, d: Duration) {
+        *self.st.delay.lock().unwrap() = d;
+    }
     pub(crate) fn set_default(&self, r: Reply) {
         *self.st.default.lock().unwrap() = Some(r);
     }

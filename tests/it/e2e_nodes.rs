@@ -304,3 +304,268 @@ async fn two_nodes_on_postgres_deliver_each_event_once() {
     assert_eq!(fa.len(), n);
     assert_eq!(fa, fb);
 }
+
+/// A sum over the lines of one metric whose labels contain `label` ("" for any), 0 if absent.
+async fn metric(d: &Daemon, name: &str, label: &str) -> f64 {
+    d.metrics()
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' '))
+                && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Two nodes on one PostgreSQL and one S3 prefix, for the kill test: short leases (16 s,
+/// so a dead node's jobs are taken over within seconds) and per-node concurrency of 16.
+const KILL_DELIVERY: &str = "allow_private_destinations = true
+retry_delays = [\"200ms\", \"400ms\", \"800ms\"]
+request_timeout = \"5s\"
+lease_margin = \"6s\"
+workers = 16
+per_endpoint_concurrency = 16";
+
+/// `kill -9` of node A in the middle of draining 2,000 events posted alternately to A and
+/// B: every event is still delivered; the duplicates keep their `webhook-id` and are all
+/// jobs whose lease, under A's claim, B took over after the kill (what A had in flight);
+/// B logs and counts those takeovers; and B was woken by A's commits (NOTIFY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_node_mid_drain_loses_nothing_and_its_leases_are_taken_over() {
+    if !crate::harness::require_that(
+        "HOOKBRIDGE_TEST_PG_URL (a PostgreSQL admin URL)",
+        std::env::var("HOOKBRIDGE_TEST_PG_URL").is_ok(),
+    ) {
+        return;
+    }
+    let Some(s3) = crate::seaweed::server().await else {
+        assert!(
+            crate::harness::require_that("SeaweedFS (weed)", false),
+            "unreachable"
+        );
+        return;
+    };
+    let url = crate::harness::fresh_pg_database().await;
+    let prefix = crate::seaweed::unique_prefix("kill");
+    let a = Daemon::start_opts(Opts {
+        top: r#"node_id = "a""#,
+        store_url: Some(url.clone()),
+        s3: Some(s3.clone()),
+        s3_prefix: Some(prefix.clone()),
+        delivery: KILL_DELIVERY,
+        ..Default::default()
+    })
+    .await;
+    let b = Daemon::start_opts(Opts {
+        top: r#"node_id = "b""#,
+        store_url: Some(url),
+        s3: Some(s3),
+        s3_prefix: Some(prefix),
+        data_dir: Some(a.data_dir()),
+        delivery: KILL_DELIVERY,
+        ..Default::default()
+    })
+    .await;
+    a.org_with_sftp_hook("acme").await;
+    let r = crate::e2e_delivery::Receiver::start().await;
+    crate::e2e_delivery::http_hook(&a, "acme", &r.url("/h"), &["*"], false).await;
+    // While posting, each answer takes 1.5 s (well within the 5 s request timeout, so no
+    // attempt times out and is retried): at most 21 deliveries a second, so most of the
+    // 2,000 are still to deliver when posting ends, even on a slow machine. A job waits
+    // at most 4 rounds (6 s) for a worker: within its lease less the request timeout.
+    r.set_delay(Duration::from_millis(1500));
+    let n = 2000;
+    let mut posters = tokio::task::JoinSet::new();
+    let nodes = std::sync::Arc::new(tokio::sync::RwLock::new([a, b]));
+    for w in 0..8 {
+        let nodes = nodes.clone();
+        posters.spawn(async move {
+            for i in (w..n).step_by(8) {
+                let nodes = nodes.read().await;
+                crate::e2e_delivery::post(&nodes[i % 2], "acme", &format!("evt_{i}"), "payment")
+                    .await;
+            }
+        });
+    }
+    while let Some(res) = posters.join_next().await {
+        res.unwrap();
+    }
+    let distinct = |seen: &[crate::e2e_delivery::Seen]| {
+        seen.iter()
+            .map(|s| s.json()["id"].as_str().unwrap_or_default().to_owned())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    let before = distinct(&r.events());
+    assert!(
+        n - before >= 300,
+        "{before} of {n} delivered while posting: too little left to kill A in the middle of"
+    );
+    // The drain at full speed; A dies a third of the way through what is left.
+    r.set_delay(Duration::from_millis(5));
+    let kill_at = before + (n - before) / 3;
+    wait_for("a third of the drain", Duration::from_secs(120), || async {
+        (distinct(&r.events()) >= kill_at).then_some(())
+    })
+    .await;
+    nodes.write().await[0].kill9();
+    let at_kill = distinct(&r.events());
+    assert!(at_kill < n, "the drain was over when A died");
+    let seen = wait_for(
+        "every event delivered after the kill",
+        Duration::from_secs(180),
+        || async {
+            let seen = r.events();
+            (distinct(&seen) == n).then_some(seen)
+        },
+    )
+    .await;
+    let nodes = nodes.read().await;
+    let b = &nodes[1];
+    // Same webhook-id on every send of an event.
+    let mut by_event: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for s in &seen {
+        by_event
+            .entry(s.json()["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(s.header("webhook-id"));
+    }
+    for (ev, ids) in &by_event {
+        assert!(
+            ids.iter().all(|i| !i.is_empty() && *i == ids[0]),
+            "{ev} was sent with different webhook-ids: {ids:?}"
+        );
+    }
+    // B's takeovers of A's expired leases, as its log names them.
+    let took_over: std::collections::HashSet<String> = b
+        .log()
+        .lines()
+        .filter(|l| l.contains("took over a delivery job") && l.contains("from_node=a "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("delivery="))
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        !took_over.is_empty(),
+        "B took over none of A's leases: {}",
+        b.log()
+    );
+    assert!(metric(b, "hookbridge_delivery_lease_takeovers_total", "").await >= 1.0);
+    let dups: Vec<&String> = by_event
+        .values()
+        .filter(|ids| ids.len() > 1)
+        .map(|ids| &ids[0])
+        .collect();
+    for d in &dups {
+        assert!(
+            took_over.contains(*d),
+            "{d} was sent twice but B never took it over from A: a duplicate not caused by the kill"
+        );
+    }
+    assert!(dups.len() <= took_over.len());
+    // What A had made and not yet recorded: a worker slot is held until the outcome is
+    // queued for the recorder, which holds 4 per worker waiting and writes 4 per worker a
+    // batch (`delivery::worker`): at most 9 × `workers` (16).
+    assert!(
+        dups.len() <= 9 * 16,
+        "{} duplicates: more than A can have in flight",
+        dups.len()
+    );
+    assert!(
+        metric(b, "hookbridge_delivery_wakeups_total", r#"source="notify""#).await >= 1.0,
+        "B was never woken by A's commits"
+    );
+    eprintln!(
+        "kill -9 mid-drain: {before} delivered before the drain, A killed at {at_kill}/{n}; \
+         B took over {} of A's jobs; {} events sent twice ({} sends in all)",
+        took_over.len(),
+        dups.len(),
+        seen.len()
+    );
+}
+
+/// A job committed by another node that then delivers nothing (here the test's own
+/// PostgreSQL store on the daemon's database: a node that committed and died) reaches B
+/// by NOTIFY: B counts a wake-up from `notify` and delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_committed_by_another_node_wakes_this_one_by_notify() {
+    if !crate::harness::require_that(
+        "HOOKBRIDGE_TEST_PG_URL (a PostgreSQL admin URL)",
+        std::env::var("HOOKBRIDGE_TEST_PG_URL").is_ok(),
+    ) {
+        return;
+    }
+    let url = crate::harness::fresh_pg_database().await;
+    let b = Daemon::start_opts(Opts {
+        top: r#"node_id = "b""#,
+        store_url: Some(url.clone()),
+        ..Default::default()
+    })
+    .await;
+    crate::e2e_delivery::org(&b, "acme").await;
+    let r = crate::e2e_delivery::Receiver::start().await;
+    let hook = crate::e2e_delivery::http_hook(&b, "acme", &r.url("/h"), &["*"], false).await;
+    let hook_id = hook["id"].as_str().unwrap().to_owned();
+    wait_for(
+        "B to listen for other nodes' jobs",
+        Duration::from_secs(30),
+        || async {
+            (metric(&b, "hookbridge_store_listener_connected", "").await == 1.0).then_some(())
+        },
+    )
+    .await;
+    let notified = metric(
+        &b,
+        "hookbridge_delivery_wakeups_total",
+        r#"source="notify""#,
+    )
+    .await;
+    let cfg = hookbridge::config::Config {
+        data_dir: b.data_dir(),
+        ..Default::default()
+    };
+    let sealer = hookbridge::secrets::SecretBox::load_or_create(&cfg).unwrap();
+    let other = hookbridge::store::PostgresStore::open(&url, std::sync::Arc::new(sealer))
+        .await
+        .unwrap();
+    use hookbridge::store::Store;
+    other
+        .commit_events(
+            vec![hookbridge::store::NewEvent {
+                org: "acme".into(),
+                id: "evt_elsewhere".into(),
+                envelope_json: r#"{"id":"evt_elsewhere","type":"payment","data":{}}"#.into(),
+                deliveries: vec![("dlv_elsewhere".into(), hook_id)],
+                ..Default::default()
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "B to be woken by NOTIFY",
+        Duration::from_secs(30),
+        || async {
+            (metric(
+                &b,
+                "hookbridge_delivery_wakeups_total",
+                r#"source="notify""#,
+            )
+            .await
+                > notified)
+                .then_some(())
+        },
+    )
+    .await;
+    let seen = wait_for("B to deliver the job", Duration::from_secs(30), || async {
+        r.events()
+            .into_iter()
+            .find(|s| s.json()["id"] == "evt_elsewhere")
+    })
+    .await;
+    assert_eq!(seen.header("webhook-id"), "dlv_elsewhere");
+}

@@ -188,4 +188,26 @@ async fn postgres_restarted_under_load_answers_503_then_recovers_losing_nothing(
     }
     let down_file = files.keys().any(|p| p.contains("evt_down"));
     assert!(!down_file, "the event refused with 503 left no file");
+
+    // The session that listens for other nodes' jobs (NOTIFY) died with the server; the
+    // node said so and listens again, without a restart.
+    wait_for(
+        "the job listener to reconnect",
+        Duration::from_secs(30),
+        || async {
+            let log = d.log();
+            (log.contains("listening again for new delivery jobs")
+                && d.metrics()
+                    .await
+                    .contains("hookbridge_store_listener_connected 1"))
+            .then_some(log)
+        },
+    )
+    .await;
+    assert!(
+        d.log().contains("listens for new delivery jobs")
+            || d.log().contains("cannot listen for new delivery jobs"),
+        "the lost listener was not logged: {}",
+        d.log()
+    );
 }

@@ -18,6 +18,7 @@ mod queue;
 use nodes::*;
 mod rollups;
 use queue::*;
+mod wakeups;
 use rollups::rollup_claims_and_closes;
 
 type S = Arc<dyn Store>;

@@ -559,6 +559,10 @@ pub(super) async fn an_expired_lease_is_claimable_again(s: S) {
     let second = s.due_jobs(later, 10, leased(1)).await.unwrap();
     assert_eq!(ids(&second), ["d0"]);
     assert_ne!(first[0].claim, second[0].claim, "a new claim");
+    // The takeover names the claim whose lease ran out (the scheduler logs and counts it);
+    // a first claim took nothing over.
+    assert_eq!(first[0].took_over, None);
+    assert_eq!(second[0].took_over, first[0].claim);
 }
 
 pub(super) async fn a_stale_claim_cannot_record(s: S) {

@@ -11,17 +11,27 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::NoTls;
 
 use super::health::AttemptRecord;
-use super::rows::{from_micros, micros};
+use super::rows::micros;
 use super::*;
 use crate::secrets::SecretBox;
 
+mod attempts;
+mod errors;
 mod nodes;
+mod notify;
 mod queue;
+mod rows;
 mod schema;
 mod usage;
+
+use errors::pool_err;
+pub(crate) use errors::{is_contention, pg_err};
+use rows::{
+    get, hook_row, opt_time_at, org_row, time_at, to_json, user_row, HOOK_COLS, ORG_COLS, USER_COLS,
+};
 
 #[cfg(test)]
 pub(crate) use schema::known as known_migrations;
@@ -30,6 +40,10 @@ pub(crate) use schema::known as known_migrations;
 pub struct PostgresStore {
     pool: Pool,
     secrets: Arc<SecretBox>,
+    /// For the listener's own session (LISTEN is per connection, so not from the pool).
+    cfg: tokio_postgres::Config,
+    /// Tags this process's NOTIFYs, so its own listener ignores them (`notify`).
+    origin: Arc<str>,
 }
 
 /// Connections per node: enough for the group committers, the scheduler and API reads.
@@ -50,7 +64,7 @@ impl PostgresStore {
             cfg.application_name("hookbridge");
         }
         let mgr = Manager::from_config(
-            cfg,
+            cfg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -64,7 +78,13 @@ impl PostgresStore {
             .recycle_timeout(Some(WAIT))
             .build()
             .map_err(|e| StoreError::Db(format!("PostgreSQL pool: {e}")))?;
-        let store = Self { pool, secrets };
+        let origin: Arc<str> = ulid::Ulid::new().to_string().into();
+        let store = Self {
+            pool,
+            secrets,
+            cfg,
+            origin,
+        };
         {
             let mut c = store.conn().await?;
             schema::migrate(&mut c).await?;
@@ -103,137 +123,6 @@ impl PostgresStore {
     async fn conn(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
     }
-}
-
-fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => pg_err(e),
-        other => StoreError::Unavailable(format!("PostgreSQL: {other}")),
-    }
-}
-
-/// A server that cannot be reached, is shutting down or refuses connections is
-/// "unavailable" (503, retry); an error the server answered with is a database error.
-pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    if let Some(db) = e.as_db_error() {
-        let code = db.code().code();
-        return match code {
-            "53100" => StoreError::DiskFull,
-            // connection exceptions, operator intervention (shutdown, restart), too many
-            // connections, cannot connect now (starting up)
-            c if c.starts_with("08") || c.starts_with("57P") || c == "53300" => {
-                StoreError::Unavailable(format!("PostgreSQL: {db}"))
-            }
-            _ => StoreError::Db(format!("PostgreSQL: {db}")),
-        };
-    }
-    let source = std::error::Error::source(&e);
-    let io = source.is_some_and(|s| s.is::<std::io::Error>());
-    // "error connecting to server" alone does not say why: add the cause (refused, timeout).
-    let why = match source {
-        Some(s) => format!("PostgreSQL: {e}: {s}"),
-        None => format!("PostgreSQL: {e}"),
-    };
-    if e.is_closed() || io || e.to_string().starts_with("error connecting") {
-        StoreError::Unavailable(why)
-    } else {
-        StoreError::Db(why)
-    }
-}
-
-impl From<tokio_postgres::Error> for StoreError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        pg_err(e)
-    }
-}
-
-/// A column this version cannot read is a database error naming the table and key.
-fn get<'a, T: tokio_postgres::types::FromSql<'a>>(r: &'a Row, i: usize) -> Result<T> {
-    r.try_get(i)
-        .map_err(|e| StoreError::Db(format!("column {i}: {e}")))
-}
-
-fn time_at(r: &Row, i: usize) -> Result<DateTime<Utc>> {
-    let v: i64 = get(r, i)?;
-    from_micros(v).ok_or_else(|| StoreError::Db(format!("column {i}: time {v} out of range")))
-}
-
-fn opt_time_at(r: &Row, i: usize) -> Result<Option<DateTime<Utc>>> {
-    get::<Option<i64>>(r, i)?
-        .map(|v| from_micros(v).ok_or_else(|| StoreError::Db(format!("time {v} out of range"))))
-        .transpose()
-}
-
-fn json_at<T: serde::de::DeserializeOwned>(r: &Row, i: usize, what: &str) -> Result<T> {
-    let s: String = get(r, i)?;
-    serde_json::from_str(&s).map_err(|e| StoreError::Db(format!("{what}: {e}")))
-}
-
-fn to_json<T: Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::Db(e.to_string()))
-}
-
-const ORG_COLS: &str = "name, display_name, created_at, limits";
-const USER_COLS: &str = "name, org, password_hash, public_keys, upload";
-const HOOK_COLS: &str = "id, org, kind, url, events, path_template, secret, enabled, disabled_reason, created_at, failing_since, rollup";
-
-fn org_row(r: &Row) -> Result<Org> {
-    Ok(Org {
-        id: get(r, 0)?,
-        name: get(r, 1)?,
-        created_at: time_at(r, 2)?,
-        limits: json_at(r, 3, "org limits")?,
-    })
-}
-
-fn user_row(r: &Row) -> Result<SftpUser> {
-    let hash: Option<String> = get(r, 2)?;
-    Ok(SftpUser {
-        name: get(r, 0)?,
-        org: get(r, 1)?,
-        has_password: hash.is_some(),
-        password_hash: hash,
-        public_keys: json_at(r, 3, "public keys")?,
-        upload: get(r, 4)?,
-    })
-}
-
-/// A webhook whose `HOOK_COLS` start at column `o`.
-fn hook_row(r: &Row, o: usize, sb: &SecretBox) -> Result<Webhook> {
-    let id: String = get(r, o)?;
-    let kind: String = get(r, o + 2)?;
-    let rollup = match get::<Option<String>>(r, o + 11)? {
-        None => None,
-        Some(j) => Some(
-            serde_json::from_str(&j)
-                .map_err(|e| StoreError::Db(format!("webhook {id}: rollup: {e}")))?,
-        ),
-    };
-    let secret = match get::<Option<String>>(r, o + 6)? {
-        Some(s) if SecretBox::is_sealed(&s) => Some(sb.open(&id, &s).map_err(StoreError::Db)?),
-        other => other,
-    };
-    Ok(Webhook {
-        org: get(r, o + 1)?,
-        kind: WebhookKind::parse(&kind)
-            .ok_or_else(|| StoreError::Db(format!("webhook {id}: unknown kind {kind:?}")))?,
-        url: get(r, o + 3)?,
-        events: json_at(r, o + 4, "webhook events")?,
-        path_template: get(r, o + 5)?,
-        secret,
-        enabled: get(r, o + 7)?,
-        disabled_reason: get(r, o + 8)?,
-        created_at: time_at(r, o + 9)?,
-        failing_since: opt_time_at(r, o + 10)?,
-        // As SQLite reads it (`rows::hook_row_at`): a roll-up hook writes NDJSON.gz.
-        format: if rollup.is_some() {
-            crate::rollups::Format::NdjsonGz
-        } else {
-            crate::rollups::Format::Json
-        },
-        rollup,
-        id,
-    })
 }
 
 #[async_trait]
@@ -553,7 +442,7 @@ impl Store for PostgresStore {
     }
 
     async fn record_attempts(&self, batch: Vec<AttemptRecord>) -> Result<()> {
-        queue::record_attempts(self, batch).await
+        attempts::record_attempts(self, batch).await
     }
 
     async fn list_deliveries(
@@ -677,5 +566,9 @@ impl Store for PostgresStore {
 
     async fn rollup_backlog(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
         self.rollup_backlog_stats().await
+    }
+
+    fn job_wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        Some(notify::spawn(self.cfg.clone(), self.origin.clone()))
     }
 }

@@ -2,19 +2,58 @@
 
 use chrono::{DateTime, Utc};
 
-use super::super::health::{AttemptRecord, HookEffect};
 use super::super::rows::micros;
 use super::super::*;
 use super::{get, hook_row, opt_time_at, time_at, to_json, usage, PostgresStore};
+
+/// Times a batch that lost a deadlock or serialization conflict with another node is run
+/// again before the caller hears "unavailable" (503, Retry-After).
+const CONTENTION_TRIES: u32 = 3;
 
 pub(super) async fn commit_events(
     s: &PostgresStore,
     batch: Vec<NewEvent>,
     files_done: Vec<(String, String)>,
 ) -> Result<Vec<CommitOutcome>> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match commit_once(s, &batch, &files_done).await {
+            Err(e) if super::is_contention(&e) && tries < CONTENTION_TRIES => {
+                metrics::counter!("hookbridge_store_conflict_retries_total").increment(1);
+                tracing::debug!(error = %e, "ingest batch lost a lock conflict with another node; running it again");
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn commit_once(
+    s: &PostgresStore,
+    batch: &[NewEvent],
+    files_done: &[(String, String)],
+) -> Result<Vec<CommitOutcome>> {
     let mut c = s.conn().await?;
     let tx = c.transaction().await?;
-    mark_done(&tx, &files_done).await?;
+    mark_done(&tx, files_done).await?;
+    // Quota rows are locked below one event at a time, in batch order; two nodes
+    // committing batches for the same orgs in another order would deadlock. Locking the
+    // existing rows first, sorted by org, makes every batch take them in one order.
+    let mut orgs: Vec<&str> = batch
+        .iter()
+        .filter(|e| !e.files.is_empty())
+        .map(|e| e.org.as_str())
+        .collect();
+    orgs.sort_unstable();
+    orgs.dedup();
+    if orgs.len() > 1 {
+        tx.query(
+            "SELECT org FROM org_usage WHERE org = ANY($1) ORDER BY org FOR UPDATE",
+            &[&orgs],
+        )
+        .await?;
+    }
+    let mut new_jobs = false;
     let now = micros(Utc::now());
     let ins_event = tx
         .prepare_cached(
@@ -105,12 +144,16 @@ pub(super) async fn commit_events(
         for (did, wid) in &ev.deliveries {
             tx.execute(&ins_delivery, &[did, &ev.org, wid, &ev.id, &pending, &now])
                 .await?;
+            new_jobs = true;
         }
-        usage::stage_lines(&tx, &ev).await?;
+        usage::stage_lines(&tx, ev).await?;
         out.push(match over {
             Some(why) => CommitOutcome::Deferred { result, why },
             None => CommitOutcome::New(result),
         });
+    }
+    if new_jobs {
+        super::notify::notify(&tx, &s.origin).await?;
     }
     tx.commit().await?;
     Ok(out)
@@ -198,20 +241,23 @@ pub(super) async fn jobs(
            AND (d.lease_until IS NULL OR d.lease_until < $1)
            AND NOT (d.id = ANY($3)) AND NOT (d.webhook_id = ANY($4))";
     let sql = if claim.is_some() {
+        // `old_claim`: a claim still on a due job is one whose lease expired (outcomes and
+        // hand-backs clear it), i.e. a takeover.
         format!(
-            "WITH c AS (
-               UPDATE deliveries SET claim = $6, lease_until = $7 WHERE id IN (
-                 SELECT d.id FROM deliveries d WHERE {due}
-                 ORDER BY d.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-               RETURNING id, org, webhook_id, event_id, attempts, created_at, next_attempt_at)
-             SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
+            "WITH o AS (
+               SELECT d.id, d.claim AS old_claim FROM deliveries d WHERE {due}
+               ORDER BY d.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),
+             c AS (
+               UPDATE deliveries u SET claim = $6, lease_until = $7 FROM o WHERE u.id = o.id
+               RETURNING u.id, u.org, u.webhook_id, u.event_id, u.attempts, u.created_at, u.next_attempt_at, o.old_claim)
+             SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}, d.old_claim
              FROM c d JOIN events e ON e.org = d.org AND e.id = d.event_id
              LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
              ORDER BY d.next_attempt_at"
         )
     } else {
         format!(
-            "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
+            "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}, NULL::text
              FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
              LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
              WHERE {due}
@@ -245,6 +291,7 @@ pub(super) async fn jobs(
                     None
                 },
                 claim: claim.clone(),
+                took_over: get::<Option<String>>(r, 20)?.map(ClaimId),
             })
         })
         .collect()
@@ -262,105 +309,6 @@ pub(super) async fn next_due_at(s: &PostgresStore, busy: Busy) -> Result<Option<
         )
         .await?;
     opt_time_at(&r, 0)
-}
-
-pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>) -> Result<()> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let mut c = s.conn().await?;
-    let tx = c.transaction().await?;
-    let now = micros(Utc::now());
-    let ins = tx
-        .prepare_cached(
-            "INSERT INTO attempts (delivery_id, at, status, latency_ms, error, response_excerpt, outcome)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .await?;
-    let upd = tx
-        .prepare_cached(
-            "UPDATE deliveries SET status = $2, attempts = attempts + 1, next_attempt_at = $3, last_status = $4,
-               last_error = $5, updated_at = $6, claim = NULL, lease_until = NULL
-             WHERE id = $1 AND claim IS NOT DISTINCT FROM $7",
-        )
-        .await?;
-    let ok_hook = tx
-        .prepare_cached(
-            "UPDATE webhooks SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
-        )
-        .await?;
-    let failing_hook = tx
-        .prepare_cached(
-            "UPDATE webhooks SET failing_since = $2 WHERE id = $1 AND failing_since IS NULL",
-        )
-        .await?;
-    let disable = tx
-        .prepare_cached("UPDATE webhooks SET enabled = FALSE, disabled_reason = $2 WHERE id = $1")
-        .await?;
-    // As on SQLite: an effect just applied to a webhook is not applied again in this batch.
-    let mut last: std::collections::HashMap<&str, u8> = Default::default();
-    const OK: u8 = 1;
-    const FAILING: u8 = 2;
-    const DISABLED: u8 = 3;
-    for rec in &batch {
-        let (job, a) = (&rec.job, &rec.attempt);
-        let status = a.status().map(i32::from);
-        let (st, next) = rec.outcome.job_state();
-        let claim = job.claim.as_ref().map(|c| c.0.as_str());
-        let updated = tx
-            .execute(
-                &upd,
-                &[
-                    &job.id,
-                    &st.as_str(),
-                    &next.map(micros),
-                    &status,
-                    &a.error,
-                    &now,
-                    &claim,
-                ],
-            )
-            .await?;
-        if updated == 0 {
-            // The lease ran out and another claim took the job (or it was deleted): that
-            // claimer's outcome stands; this one is not recorded (at-least-once delivery).
-            tracing::warn!(delivery = %job.id, "outcome of an expired claim not recorded; the job was claimed again");
-            continue;
-        }
-        tx.execute(
-            &ins,
-            &[
-                &job.id,
-                &micros(a.at),
-                &status,
-                &(a.latency_ms as i64),
-                &a.error,
-                &a.response_excerpt,
-                &a.result.as_str(),
-            ],
-        )
-        .await?;
-        let hook = job.webhook_id.as_str();
-        match &rec.hook {
-            HookEffect::Healthy => {
-                if last.insert(hook, OK) != Some(OK) {
-                    tx.execute(&ok_hook, &[&hook]).await?;
-                }
-            }
-            HookEffect::Disable { reason } => {
-                tx.execute(&disable, &[&hook, reason]).await?;
-                last.insert(hook, DISABLED);
-            }
-            HookEffect::Failing { at } => {
-                if last.insert(hook, FAILING) != Some(FAILING) {
-                    tx.execute(&failing_hook, &[&hook, &micros(*at)]).await?;
-                }
-            }
-            HookEffect::None => {}
-        }
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 pub(super) async fn list_deliveries(
@@ -436,12 +384,13 @@ pub(super) async fn replay(
     delivery_id: Option<&str>,
     since: Option<DateTime<Utc>>,
 ) -> Result<u64> {
-    let c = s.conn().await?;
+    let mut c = s.conn().await?;
+    let tx = c.transaction().await?;
     let now = micros(Utc::now());
     let pending = DeliveryStatus::Pending.as_str();
     let n = match delivery_id {
         Some(did) => {
-            c.execute(
+            tx.execute(
                 "UPDATE deliveries SET status = $5, attempts = 0, next_attempt_at = $4, updated_at = $4
                  WHERE org = $1 AND webhook_id = $2 AND id = $3",
                 &[&org, &webhook_id, &did, &now, &pending],
@@ -449,7 +398,7 @@ pub(super) async fn replay(
             .await?
         }
         None => {
-            c.execute(
+            tx.execute(
                 "UPDATE deliveries SET status = $5, attempts = 0, next_attempt_at = $4, updated_at = $4
                  WHERE org = $1 AND webhook_id = $2 AND created_at >= $3",
                 &[&org, &webhook_id, &since.map(micros).unwrap_or(0), &now, &pending],
@@ -457,6 +406,10 @@ pub(super) async fn replay(
             .await?
         }
     };
+    if n > 0 {
+        super::notify::notify(&tx, &s.origin).await?;
+    }
+    tx.commit().await?;
     Ok(n)
 }
 

@@ -64,6 +64,7 @@ impl SqliteStore {
                     };
                     Ok(DeliveryJob {
                         claim: None,
+                        took_over: None,
                         id: r.get(0)?,
                         org: r.get(1)?,
                         webhook_id: r.get(2)?,
