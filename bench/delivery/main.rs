@@ -16,6 +16,11 @@
 //! 4. latency: events paced (open loop) at half that sustained rate, then 1,000 ev/s posted from 16 connections; for each, p50/p99/max
 //!    of "POST sent" → "202 received" (bound by the group commit's fsync, printed next to
 //!    the disk's own fsync time) and "202 received" → "receiver got it" (our scheduling).
+//!
+//! With `BENCH_PG_ADMIN_URL` (`bench/delivery/run --postgres` starts the engines), the same
+//! run with the daemon's state in a fresh PostgreSQL database and its org folders on S3
+//! (`BENCH_S3_ENDPOINT`, `BENCH_S3_BUCKET`), as a scaled-out node runs; POST → 202 is then
+//! printed next to PostgreSQL's own commit time as well.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -23,70 +28,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
 use serde_json::json;
 
+#[path = "../common.rs"]
+mod common;
+use common::{
+    arg, cpu_secs, cpu_split, fsync_probe, median, raw_rate, summary, Recv, ADMIN, SECRET,
+    SECRETS_KEY,
+};
+
 const CONC: usize = 64;
-const SECRET: &str = "bench-ingress-secret-0123456789";
-const ADMIN: &str = "bench-admin-token-0123456789";
-
-struct Recv {
-    count: AtomicU64,
-    /// When the latest webhook request (not raw) was answered.
-    last: Mutex<Option<Instant>>,
-    arrivals: Mutex<HashMap<String, Instant>>,
-    /// Closed: webhook requests wait, so jobs pile up in the outbox during ingest.
-    gate: tokio::sync::watch::Sender<bool>,
-}
-
-async fn receive(State(st): State<Arc<Recv>>, uri: axum::http::Uri, body: Bytes) -> &'static str {
-    let mut gate = st.gate.subscribe();
-    let _ = gate.wait_for(|open| *open).await;
-    st.count.fetch_add(1, Ordering::Relaxed);
-    // The same work for raw and webhook requests (parse, record), so the two rates compare.
-    if uri.path() != "/raw" {
-        *st.last.lock().unwrap() = Some(Instant::now());
-    }
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
-        if let Some(id) = v["id"].as_str() {
-            st.arrivals
-                .lock()
-                .unwrap()
-                .entry(id.to_owned())
-                .or_insert_with(Instant::now);
-        }
-    }
-    "ok"
-}
-
-/// utime + stime of a process, in seconds, from its `/proc/<pid>/stat` (0 if unreadable).
-fn cpu_secs(stat_path: &str) -> f64 {
-    let (user, sys) = cpu_split(stat_path);
-    user + sys
-}
-
-/// (utime, stime) of a process in seconds: how much of its CPU is the kernel's (sockets,
-/// fsync, futex wake-ups), which no change to our own code removes.
-fn cpu_split(stat_path: &str) -> (f64, f64) {
-    let Ok(s) = std::fs::read_to_string(stat_path) else {
-        return (0.0, 0.0);
-    };
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-    let hz = 100.0; // USER_HZ on Linux
-    (ticks(11) / hz, ticks(12) / hz)
-}
-
-fn arg(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {
@@ -96,31 +47,51 @@ async fn main() {
         .nth(1)
         .expect("usage: bench_delivery <path to release hookbridge>");
 
-    let st = Arc::new(Recv {
-        count: AtomicU64::new(0),
-        last: Mutex::default(),
-        arrivals: Mutex::default(),
-        gate: tokio::sync::watch::Sender::new(true),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let recv_addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(receive).with_state(st.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (st, recv_addr) = common::start_receiver().await;
 
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONC)
         .build()
         .unwrap();
 
-    // 2. hookbridge, release build, durable SQLite state.
+    // 2. hookbridge, release build, durable state: SQLite in the data dir by default; with
+    // BENCH_PG_ADMIN_URL, PostgreSQL (a fresh database on that server) and the org folders
+    // on S3 (BENCH_S3_ENDPOINT, bucket BENCH_S3_BUCKET), as a scaled-out node runs.
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
+    let port = common::free_port();
+    let pg_admin = std::env::var("BENCH_PG_ADMIN_URL").ok();
+    let (top, backend) = match &pg_admin {
+        Some(admin_url) => {
+            let url = common::fresh_database(admin_url, "hb_bench_delivery").await;
+            let endpoint = std::env::var("BENCH_S3_ENDPOINT").expect("BENCH_S3_ENDPOINT");
+            let bucket = std::env::var("BENCH_S3_BUCKET").expect("BENCH_S3_BUCKET");
+            let prefix = format!("bench-delivery-{}", ulid::Ulid::new());
+            (
+                format!(
+                    r#"node_id = "bench"
+[store]
+url = "{url}"
+secrets_key = "{SECRETS_KEY}"
+[storage]
+kind = "s3"
+bucket = "{bucket}"
+prefix = "{prefix}"
+endpoint = "{endpoint}"
+allow_http = true
+"#
+                ),
+                "PostgreSQL (synchronous_commit on) + org folders on S3 (SeaweedFS)",
+            )
+        }
+        None => (
+            String::new(),
+            "SQLite (synchronous=FULL) + local org folders",
+        ),
     };
+    println!("state: {backend}");
     let cfg = format!(
         r#"data_dir = "{data}"
-[http]
+{top}[http]
 listen = "127.0.0.1:{port}"
 max_pending_events = 100000
 [sftp]
@@ -141,19 +112,8 @@ level = "warn"
     );
     let cfg_path = dir.path().join("hookbridge.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let mut child: Child = Command::new(&bin)
-        .args(["serve", "--config"])
-        .arg(&cfg_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start hookbridge");
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while client.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "hookbridge did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut child: Child = common::start_daemon(&bin, &cfg_path, &base, &client).await;
     let admin = |m: reqwest::Method, p: &str, b: serde_json::Value| {
         client
             .request(m, format!("{base}{p}"))
@@ -172,23 +132,13 @@ level = "warn"
     .await
     .unwrap();
     assert_eq!(r.status(), 201);
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"org": "bench", "exp": chrono::Utc::now().timestamp() + 3600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = common::ingress_token("bench");
     let events_url = format!("{base}/v1/orgs/bench/events");
     let post = {
         let (client, token, url) = (client.clone(), token.clone(), events_url.clone());
         move |id: String| {
             let (client, token, url) = (client.clone(), token.clone(), url.clone());
-            async move {
-                let b = json!({"id": id, "type": "payment",
-                    "data": {"paymentId": "pay_1", "amount": 1999, "currency": "EUR", "customerId": "cus_1"}});
-                let r = client.post(&url).bearer_auth(&token).json(&b).send().await;
-                matches!(r, Ok(r) if r.status().as_u16() == 202).then(Instant::now)
-            }
+            async move { common::post_event(&client, &url, &token, &id).await }
         }
     };
 
@@ -201,7 +151,7 @@ level = "warn"
     let mut hb_sys_share = Vec::new();
     let hb_stat = format!("/proc/{}/stat", child.id());
     for round in 0..rounds {
-        let (raw_before, raw_cpu) = raw_rate(&client, recv_addr, raw_secs as f64 / 2.0).await;
+        let (raw_before, raw_cpu) = raw_rate(&client, recv_addr, raw_secs as f64 / 2.0, CONC).await;
         // Hold the receiver while ingesting, so the outbox fills; then measure the drain.
         st.gate.send_replace(false);
         let t0 = Instant::now();
@@ -250,7 +200,7 @@ level = "warn"
         callgrind(&["-d"], child.id());
         let last = st.last.lock().unwrap().unwrap_or_else(Instant::now);
         let rate = n_events as f64 / (last - t_open).as_secs_f64();
-        let (raw_after, _) = raw_rate(&client, recv_addr, raw_secs as f64 / 2.0).await;
+        let (raw_after, _) = raw_rate(&client, recv_addr, raw_secs as f64 / 2.0, CONC).await;
         let raw = (raw_before + raw_after) / 2.0;
         println!(
             "round {}: ingest {n_events} events (durable, {CONC} posters) at {ingest_rate:.0} ev/s; drain {rate:.0} deliveries/s; raw {raw_before:.0} / {raw_after:.0} req/s before / after; ratio {:.2}",
@@ -297,6 +247,13 @@ level = "warn"
         "disk fsync (4 KiB append + fdatasync, data dir)  {}",
         fsync_probe(dir.path(), 200)
     );
+    if let Some(admin_url) = &pg_admin {
+        // On PostgreSQL, POST -> 202 waits for its commit (the WAL flush), not a local fsync.
+        println!(
+            "PostgreSQL commit (one-row INSERT per transaction, one connection)  {}",
+            common::pg_commit_probe(admin_url, 200).await
+        );
+    }
     latency_phase(&st, "half", lat_rate, None, post.clone()).await;
     let rate16 = arg("BENCH_RATE16", 1000) as f64;
     latency_phase(&st, "c16", rate16, Some(16), post.clone()).await;
@@ -451,81 +408,6 @@ async fn latency_phase<F, Fut>(
     );
     println!("  POST -> 202      {}", summary(&mut to_202));
     println!("  202 -> delivered {}", summary(&mut to_recv));
-}
-
-fn summary(v: &mut [Duration]) -> String {
-    if v.is_empty() {
-        return "no samples".into();
-    }
-    v.sort();
-    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    format!(
-        "p50 {:7.2} ms  p99 {:7.2} ms  max {:7.2} ms",
-        ms(pct(0.50)),
-        ms(pct(0.99)),
-        ms(v[v.len() - 1])
-    )
-}
-
-/// The disk's fsync time where hookbridge keeps its state: 4 KiB appended and fdatasync'd,
-/// `n` times.
-fn fsync_probe(dir: &std::path::Path, n: usize) -> String {
-    use std::io::Write;
-    let path = dir.join("fsync-probe");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let block = [7u8; 4096];
-    let mut v: Vec<Duration> = (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f.write_all(&block).unwrap();
-            f.sync_data().unwrap();
-            t.elapsed()
-        })
-        .collect();
-    let _ = std::fs::remove_file(&path);
-    summary(&mut v)
-}
-
-/// The raw request rate of this program's generator (`CONC` connections) against the
-/// receiver for `secs`, and the CPU this process (generator and receiver) spent per request.
-async fn raw_rate(client: &reqwest::Client, recv: std::net::SocketAddr, secs: f64) -> (f64, f64) {
-    let body = json!({"id": "raw", "type": "payment", "org": "bench", "timestamp": "2026-01-01T00:00:00.000000Z",
-        "data": {"paymentId": "pay_1", "amount": 1999, "currency": "EUR", "customerId": "cus_1"}})
-    .to_string();
-    let stop = Instant::now() + Duration::from_secs_f64(secs);
-    let done = Arc::new(AtomicU64::new(0));
-    let cpu0 = cpu_secs("/proc/self/stat");
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..CONC {
-        let (c, b, done) = (client.clone(), body.clone(), done.clone());
-        let url = format!("http://{recv}/raw");
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < stop {
-                if c.post(&url)
-                    .header("content-type", "application/json")
-                    .body(b.clone())
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-                {
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let n = done.load(Ordering::Relaxed) as f64;
-    let cpu = cpu_secs("/proc/self/stat") - cpu0;
-    (n / started.elapsed().as_secs_f64(), cpu * 1e6 / n.max(1.0))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Runs `callgrind_control <args> <pid>` when `BENCH_CALLGRIND` is set (hookbridge started
