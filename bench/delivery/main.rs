@@ -227,8 +227,8 @@ level = "warn"
         median(&mut recv_us),
         median(&mut raw_us)
     );
-    if std::env::var_os("BENCH_CALLGRIND").is_some() {
-        // Under callgrind the timings below mean nothing; the instruction counts are written.
+    if std::env::var_os("BENCH_CALLGRIND").is_some() || std::env::var_os("BENCH_PERF").is_some() {
+        // Under a profiler the timings below mean nothing; the profile is written.
         let _ = child.kill();
         let _ = child.wait();
         return;
@@ -412,7 +412,38 @@ async fn latency_phase<F, Fut>(
 
 /// Runs `callgrind_control <args> <pid>` when `BENCH_CALLGRIND` is set (hookbridge started
 /// under `valgrind --tool=callgrind --instr-atstart=no`), to count the drain's instructions.
+/// With `BENCH_PERF=<file>` instead, the drain of a native daemon is sampled by
+/// `perf record -e cpu-clock -g` into that file (valgrind hides ADX and SHA-NI from aws-lc,
+/// so only a native profile shows the crypto's real share).
 fn callgrind(args: &[&str], pid: u32) {
+    if let Some(out) = std::env::var_os("BENCH_PERF") {
+        static PERF: Mutex<Option<Child>> = Mutex::new(None);
+        match args {
+            ["-i", "on"] => {
+                let child = Command::new("perf")
+                    .args(["record", "-e", "cpu-clock", "-F", "4999", "-g", "-p"])
+                    .arg(pid.to_string())
+                    .arg("-o")
+                    .arg(&out)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start perf record");
+                *PERF.lock().unwrap() = Some(child);
+            }
+            ["-i", "off"] => {
+                if let Some(mut child) = PERF.lock().unwrap().take() {
+                    // perf writes its file on SIGINT.
+                    let _ = Command::new("kill")
+                        .args(["-INT", &child.id().to_string()])
+                        .status();
+                    let _ = child.wait();
+                }
+            }
+            _ => {}
+        }
+        return;
+    }
     if std::env::var_os("BENCH_CALLGRIND").is_some() {
         let ok = Command::new("callgrind_control")
             .args(args)

@@ -99,7 +99,10 @@ pub(crate) async fn post_signed(
         .delivery
         .client
         .post(parsed)
-        .header(header::CONTENT_TYPE, "application/json")
+        .header(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        )
         .body(body);
     client::exchange(signed.apply(req), timeout).await
 }

@@ -163,7 +163,7 @@ struct Claims<'a> {
     iat: i64,
     exp: i64,
     jti: &'a str,
-    body_sha256: String,
+    body_sha256: &'a str,
 }
 
 /// What one signed request carries.
@@ -177,12 +177,18 @@ pub struct SignedHeaders {
 
 impl SignedHeaders {
     pub fn apply(self, mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        use reqwest::header::HeaderName;
+        // Static names: parsing a custom name from a `&str` copies it into a new buffer
+        // on every request.
         req = req
             .header(reqwest::header::AUTHORIZATION, self.authorization)
-            .header("webhook-id", self.webhook_id)
-            .header("webhook-timestamp", self.webhook_timestamp);
+            .header(HeaderName::from_static("webhook-id"), self.webhook_id)
+            .header(
+                HeaderName::from_static("webhook-timestamp"),
+                self.webhook_timestamp,
+            );
         if let Some(s) = self.webhook_signature {
-            req = req.header("webhook-signature", s);
+            req = req.header(HeaderName::from_static("webhook-signature"), s);
         }
         req
     }
@@ -282,6 +288,7 @@ impl Signer {
         secret: Option<&str>,
     ) -> Result<SignedHeaders, SigningError> {
         let now = Utc::now();
+        let mut body_hex = [0u8; 64];
         let claims = Claims {
             iss: &self.issuer,
             sub: org,
@@ -289,7 +296,10 @@ impl Signer {
             iat: now.timestamp(),
             exp: (now + JWT_TTL).timestamp(),
             jti: id,
-            body_sha256: hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body).as_ref()),
+            body_sha256: hex_into(
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body).as_ref(),
+                &mut body_hex,
+            ),
         };
         let ring = self.read();
         let active = ring
@@ -305,9 +315,14 @@ impl Signer {
         auth.push_str(BEARER);
         auth.push_str(&active.header_b64);
         auth.push('.');
-        let json =
-            serde_json::to_vec(&claims).map_err(|e| SigningError::Key(format!("JSON: {e}")))?;
-        URL_SAFE_NO_PAD.encode_string(json, &mut auth);
+        // The claims JSON goes through a per-thread buffer: one allocation less per request.
+        CLAIMS_BUF.with_borrow_mut(|json| {
+            json.clear();
+            serde_json::to_writer(&mut *json, &claims)
+                .map_err(|e| SigningError::Key(format!("JSON: {e}")))?;
+            URL_SAFE_NO_PAD.encode_string(&json[..], &mut auth);
+            Ok::<_, SigningError>(())
+        })?;
         let sig = active.pair.sign(&auth.as_bytes()[BEARER.len()..]);
         drop(ring);
         auth.push('.');
@@ -339,6 +354,22 @@ impl Signer {
     }
 }
 
+thread_local! {
+    static CLAIMS_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+}
+
+/// Lowercase hex of a 32-byte digest, written into `out` (no allocation).
+fn hex_into<'a>(digest: &[u8], out: &'a mut [u8; 64]) -> &'a str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, b) in digest.iter().take(32).enumerate() {
+        out[2 * i] = DIGITS[(b >> 4) as usize];
+        out[2 * i + 1] = DIGITS[(b & 0xf) as usize];
+    }
+    // Only ASCII hex digits were written.
+    std::str::from_utf8(&out[..digest.len().min(32) * 2]).unwrap_or_default()
+}
+
+#[cfg(test)]
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -419,6 +450,16 @@ mod tests {
             );
         }
         assert_eq!(s.hmac_keys.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn body_hash_hex_is_lowercase_and_matches_the_allocating_form() {
+        let digest = Sha256::digest(b"hookbridge");
+        let mut out = [0u8; 64];
+        assert_eq!(hex_into(&digest, &mut out), hex(&digest));
+        assert!(hex_into(&digest, &mut out)
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     }
 
     #[test]
