@@ -26,6 +26,7 @@
 
 pub mod closer;
 mod parts;
+pub mod replay;
 
 use std::time::Duration;
 
@@ -194,6 +195,14 @@ pub fn stage(targets: &[Target], kind: EventType, at: DateTime<Utc>) -> Vec<Stag
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sftp_view_hides_this_layout() {
+        assert_eq!(
+            ROOT,
+            format!("/{}", crate::storage::complete_view::ROLLUP_DIR)
+        );
+    }
 
     #[test]
     fn partitions_and_close_times() {
