@@ -102,13 +102,17 @@ async fn close(app: &App, p: &PartitionRef) -> Result<(), CloseError> {
     };
     let now = crate::clock::now();
     let hook = app.store.get_webhook(&p.org, &p.hook).await?;
-    let Some(spec) = hook.and_then(|h| h.rollup) else {
-        // The hook (or its org) is gone or no longer rolls up: nothing to write to.
+    let Some(hook) = hook else {
+        // The hook (or its org) is gone: nothing to write for.
         tracing::info!(org = %p.org, hook = %p.hook, partition = %p.partition, lines = lines.len(),
-            "roll-up hook removed or changed; dropping its staged lines");
+            "roll-up hook removed; dropping its staged lines");
         app.store.close_partition(p, through, 0, 0, now).await?;
         return Ok(());
     };
+    // A hook switched back to per-event files still gets what was staged (202'd) for it.
+    let max_part_bytes = hook
+        .rollup
+        .map_or(super::DEFAULT_MAX_PART_BYTES, |r| r.max_part_bytes);
     let closed_before = lines.iter().any(|l| l.closed_before);
     let org = OrgName::new(&p.org)?;
     let folder = format!("{ROOT}/{}", p.partition);
@@ -116,7 +120,7 @@ async fn close(app: &App, p: &PartitionRef) -> Result<(), CloseError> {
         .into_iter()
         .map(|l| (l.accepted_at, l.envelope))
         .collect();
-    let Some((parts, manifest)) = build_parts(&rows, spec.max_part_bytes) else {
+    let Some((parts, manifest)) = build_parts(&rows, max_part_bytes) else {
         return Ok(());
     };
     let file = |name: &str, body: Bytes| -> Result<EventFile, CloseError> {

@@ -83,6 +83,13 @@ impl Period {
         }
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
+        }
+    }
+
     /// Start of the period holding `t` (UTC).
     pub fn start(self, t: DateTime<Utc>) -> DateTime<Utc> {
         let h = match self {
