@@ -177,7 +177,7 @@ fn rollup_form(action: &str, csrf: &str, h: &Webhook) -> Markup {
                 label for=(id("close_after")) { "Close after (grace, e.g. 5m)" }
                 input id=(id("close_after")) type="text" name="close_after" value=(close_after) placeholder="5m";
                 label for=(id("max_part_bytes")) { "Most bytes per part" }
-                input id=(id("max_part_bytes")) type="number" min="65536" name="max_part_bytes" value=(max_part) placeholder="134217728";
+                input id=(id("max_part_bytes")) type="number" name="max_part_bytes" value=(max_part) placeholder="134217728";
                 p { button.secondary type="submit" name="action" value="rollup" { "Save roll-up settings" } }
             }
         }

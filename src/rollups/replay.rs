@@ -29,15 +29,15 @@ pub async fn rebuild_range(
              holding events accepted in that range are rebuilt",
         ));
     };
+    if since > now {
+        return Err(Problem::bad_request(format!(
+            "`since` ({since}) is in the future: no event was accepted then"
+        )));
+    }
     let until = until.unwrap_or(now);
     if until <= since {
         return Err(Problem::bad_request(format!(
             "`until` ({until}) must be after `since` ({since})"
-        )));
-    }
-    if since > now {
-        return Err(Problem::bad_request(format!(
-            "`since` ({since}) is in the future: no event was accepted then"
         )));
     }
     if let Some(org) = app.store.get_org(&hook.org).await? {
