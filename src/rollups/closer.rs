@@ -157,7 +157,9 @@ async fn close(app: &App, p: &PartitionRef) -> Result<(), CloseError> {
     // Counted after the close commits: a crash in between under-counts until a recount
     // (`POST …/usage/recount`), it never charges a partition twice. A rebuild takes out
     // what it removed of the earlier close (counted then); what a crashed first close
-    // left was never counted.
+    // left was never counted. A kill -9 in the middle of a rebuild can leave the count off
+    // by that partition's files (what the crashed rebuild removed is never taken out);
+    // a recount fixes it, as for any crash between the files and the count.
     let (out_files, out_bytes) = if closed_before {
         (gone_files as i64, gone_bytes as i64)
     } else {

@@ -64,11 +64,30 @@ fn digests(root: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Roll-up folders (in the storage itself, not through SFTP) with files but no `_SUCCESS`.
+/// Paths of the files under `/rollups` of `org`, listed in the storage itself (not through
+/// SFTP); `None` when a folder vanished mid-walk (a rebuild is deleting): ask again.
+async fn rollup_paths(d: &Daemon, org_name: &str) -> Option<Vec<String>> {
+    let s = d.storage();
+    let org = hookbridge::storage::OrgName::new(org_name).unwrap();
+    let files = s.walk(&org).await.ok()?;
+    Some(
+        files
+            .into_iter()
+            .map(|f| f.path.virtual_path())
+            .filter(|p| p.starts_with("/rollups/"))
+            .collect(),
+    )
+}
+
+/// Roll-up folders with files but no `_SUCCESS`.
 async fn half_written(d: &Daemon, org_name: &str) -> Vec<String> {
-    let files = d.org_files(org_name).await;
+    let paths = loop {
+        if let Some(p) = rollup_paths(d, org_name).await {
+            break p;
+        }
+    };
     let mut dirs: BTreeMap<String, bool> = BTreeMap::new();
-    for p in files.keys().filter(|p| p.starts_with("/rollups/")) {
+    for p in &paths {
         let (dir, name) = p.rsplit_once('/').unwrap();
         *dirs.entry(dir.to_owned()).or_default() |= name == "_SUCCESS";
     }
@@ -76,6 +95,38 @@ async fn half_written(d: &Daemon, org_name: &str) -> Vec<String> {
         .filter(|(_, done)| !done)
         .map(|(d, _)| d)
         .collect()
+}
+
+/// Lines waiting for a close or rebuild (`hookbridge_rollup_staged_lines`, set by the
+/// closer after each pass); `None` before the first pass.
+async fn staged_lines(d: &Daemon) -> Option<u64> {
+    let m = d.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix("hookbridge_rollup_staged_lines "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// Events in complete partitions, or `None` while files change under the count (a
+/// rebuild deleting what was just listed).
+async fn complete_events(d: &Daemon, org_name: &str) -> Option<u64> {
+    let s = d.storage();
+    let org = hookbridge::storage::OrgName::new(org_name).unwrap();
+    let paths = rollup_paths(d, org_name).await?;
+    let mut n = 0;
+    for p in paths.iter().filter(|p| p.ends_with("/_manifest.json")) {
+        if !paths.contains(&p.replace("/_manifest.json", "/_SUCCESS")) {
+            continue;
+        }
+        let path = hookbridge::storage::StoragePath::parse(p).unwrap();
+        let body = hookbridge::storage::read_small(&*s, &org, &path, 1 << 20)
+            .await
+            .ok()?;
+        n += serde_json::from_slice::<Value>(&body).unwrap()["events"]
+            .as_u64()
+            .unwrap();
+    }
+    Some(n)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -160,7 +211,10 @@ async fn replay_rebuilds_a_range_hidden_until_whole_with_the_same_bytes_across_k
         }
         eprintln!("attempt {attempt}: the rebuild finished before the kill; again");
         wait_for("the rebuild done", Duration::from_secs(60), || async {
-            (closed_events(&d, "rb").await == N as u64).then_some(())
+            (staged_lines(&d).await == Some(0)
+                && half_written(&d, "rb").await.is_empty()
+                && complete_events(&d, "rb").await == Some(N as u64))
+            .then_some(())
         })
         .await;
     }
@@ -210,8 +264,10 @@ async fn replay_rebuilds_a_range_hidden_until_whole_with_the_same_bytes_across_k
         "the rebuilt partitions complete",
         Duration::from_secs(120),
         || async {
-            (half_written(&d, "rb").await.is_empty() && closed_events(&d, "rb").await == N as u64)
-                .then_some(())
+            (staged_lines(&d).await == Some(0)
+                && half_written(&d, "rb").await.is_empty()
+                && complete_events(&d, "rb").await == Some(N as u64))
+            .then_some(())
         },
     )
     .await;
