@@ -16,17 +16,23 @@ use crate::harness::*;
 use crate::webdriver::Browser;
 
 /// Posts `n` `payment` events with a padded body (so a partition is many parts).
-async fn post_payments(d: &Daemon, org_name: &str, n: usize, writers: usize) -> HashSet<String> {
+async fn post_payments(
+    d: &Daemon,
+    org_name: &str,
+    prefix: &str,
+    n: usize,
+    writers: usize,
+) -> HashSet<String> {
     let url = d.url(&format!("/v1/orgs/{org_name}/events"));
     let token = d.token(org_name);
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..writers {
-        let (url, token) = (url.clone(), token.clone());
+        let (url, token, prefix) = (url.clone(), token.clone(), prefix.to_owned());
         tasks.spawn(async move {
             let client = reqwest::Client::new();
             let mut ids = Vec::new();
             for i in (w..n).step_by(writers) {
-                let id = format!("evt_rb{i:06}");
+                let id = format!("evt_{prefix}{i:06}");
                 let body = json!({"id": id, "type": "payment",
                     "data": {"i": i, "pad": format!("{i:0>600}")}});
                 let r = client
@@ -151,7 +157,7 @@ async fn replay_rebuilds_a_range_hidden_until_whole_with_the_same_bytes_across_k
     .await;
     let since = clock.now() - chrono::Duration::seconds(1);
     const N: usize = 8000;
-    let posted = post_payments(&d, "rb", N, 8).await;
+    let posted = post_payments(&d, "rb", "rb", N, 8).await;
     wait_for(
         "every event in a closed partition",
         Duration::from_secs(120),
@@ -490,4 +496,57 @@ async fn console_changes_rollup_settings_in_a_real_browser() {
         (Some("ndjson.gz"), Some("day"), Some("2m")),
         "{got}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_period_changed_by_patch_applies_to_new_events_and_open_partitions_still_close() {
+    if !require("sftp") {
+        return;
+    }
+    let clock = Clock::new(3600.0);
+    let d = Daemon::start_opts(Opts {
+        env: vec![clock.env()],
+        ..Opts::default()
+    })
+    .await;
+    org(&d, "pc").await;
+    rollup_hook(&d, "pc", json!({"events": ["payment"]})).await;
+    let hourly = post_payments(&d, "pc", "h", 300, 4).await;
+    let (s, b) = d
+        .admin(
+            "PATCH",
+            "/v1/orgs/pc/webhooks/etl",
+            Some(json!({"rollup": "day"})),
+        )
+        .await;
+    assert_eq!((s, b["rollup"].as_str()), (200, Some("day")), "{b}");
+    let daily = post_payments(&d, "pc", "d", 300, 4).await;
+    wait_for(
+        "every event in a complete partition",
+        Duration::from_secs(120),
+        || async {
+            (staged_lines(&d).await == Some(0) && complete_events(&d, "pc").await == Some(600))
+                .then_some(())
+        },
+    )
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = pull(&d, "pc", tmp.path()).await;
+    let lines = check_manifests(&root);
+    assert_eq!(
+        lines.len(),
+        600,
+        "an event lost or doubled across the change"
+    );
+    for (id, dir) in &lines {
+        let in_hour = dir.rsplit('/').next().unwrap().starts_with("hour=");
+        if hourly.contains(id) {
+            assert!(in_hour, "{id} (before the change) in {dir}");
+        } else {
+            assert!(
+                daily.contains(id) && !in_hour,
+                "{id} (after the change) in {dir}"
+            );
+        }
+    }
 }
