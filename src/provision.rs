@@ -258,6 +258,11 @@ pub struct HookPatch {
     pub path_template: Option<String>,
     pub enabled: Option<bool>,
     pub rotate_secret: bool,
+    /// Roll-up settings, checked as at creation against the hook's current ones.
+    pub format: Option<String>,
+    pub rollup: Option<String>,
+    pub close_after: Option<String>,
+    pub max_part_bytes: Option<u64>,
 }
 
 pub fn new_webhook_secret() -> String {
@@ -324,6 +329,7 @@ pub fn patch_webhook(
     patch: HookPatch,
     allow_private: bool,
 ) -> Result<bool, ProvisionError> {
+    patch_rollup(hook, &patch)?;
     if let Some(u) = patch.url {
         hook.url = Some(u);
     }
@@ -345,6 +351,62 @@ pub fn patch_webhook(
     }
     check_webhook(hook, allow_private)?;
     Ok(rotated)
+}
+
+/// Applies the roll-up part of `patch`: unset fields keep the hook's current settings
+/// (when it stays a roll-up), then the whole is checked by the rules of creation.
+///
+/// What a change does to partitions already open (their lines are staged with their
+/// partition and close time): a new `rollup` period or `close_after` applies to events
+/// accepted from then on, open partitions close as they were planned; `max_part_bytes`
+/// applies to every partition closed or rebuilt from then on; `"format": "json"` stops
+/// staging, and what was staged still closes (with the default part size).
+fn patch_rollup(hook: &mut Webhook, patch: &HookPatch) -> Result<(), ProvisionError> {
+    if patch.format.is_none()
+        && patch.rollup.is_none()
+        && patch.close_after.is_none()
+        && patch.max_part_bytes.is_none()
+    {
+        // A path_template on a roll-up hook is refused as at creation.
+        if hook.rollup.is_some() && patch.path_template.is_some() {
+            return Err(invalid(
+                "path_template",
+                "not with \"format\": \"ndjson.gz\": roll-ups go to /rollups/<type>/dt=…/",
+            ));
+        }
+        return Ok(());
+    }
+    let format = patch.format.clone().unwrap_or_else(|| match hook.format {
+        rollups::Format::Json => "json".into(),
+        rollups::Format::NdjsonGz => "ndjson.gz".into(),
+    });
+    let cur = hook.rollup.filter(|_| format == "ndjson.gz");
+    let spec = HookSpec {
+        id: None,
+        kind: String::new(),
+        url: None,
+        events: Vec::new(),
+        path_template: patch.path_template.clone(),
+        enabled: None,
+        format: Some(format),
+        rollup: patch
+            .rollup
+            .clone()
+            .or_else(|| cur.map(|c| c.rollup.as_str().to_owned())),
+        close_after: patch
+            .close_after
+            .clone()
+            .or_else(|| cur.map(|c| humantime::format_duration(c.close_after).to_string())),
+        max_part_bytes: patch.max_part_bytes.or(cur.map(|c| c.max_part_bytes)),
+    };
+    let (format, rollup) = rollup_of(hook.kind, &spec)?;
+    if rollup.is_some() {
+        // Roll-ups have no file template; one kept from the per-event format goes.
+        hook.path_template = None;
+    }
+    hook.format = format;
+    hook.rollup = rollup;
+    Ok(())
 }
 
 /// Kind-specific rules of a webhook about to be stored, including the SSRF guard.

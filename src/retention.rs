@@ -17,6 +17,9 @@ use crate::limits::OrgUsage;
 use crate::storage::{OrgName, Storage, StorageError, StoragePath};
 use crate::App;
 
+/// The completion marker of a roll-up partition.
+const MARKER: &str = crate::storage::complete_view::SUCCESS;
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepStats {
     pub usage: OrgUsage,
@@ -46,8 +49,23 @@ pub async fn sweep_org(
         .flatten();
     let mut stats = SweepStats::default();
     let mut emptied: BTreeSet<StoragePath> = BTreeSet::new();
-    for f in storage.walk(org).await? {
-        let expired = cutoff.is_some_and(|c| f.mtime < c);
+    // A folder with a `_SUCCESS` (a roll-up partition) expires whole, with its marker's
+    // time, and the marker goes first: readers never see a "complete" partition with
+    // parts missing (the SFTP view hides a partition without its marker).
+    let mut files = storage.walk(org).await?;
+    files.sort_by_key(|f| f.path.name() != Some(MARKER));
+    let marked: std::collections::HashMap<StoragePath, SystemTime> = files
+        .iter()
+        .filter(|f| f.path.name() == Some(MARKER))
+        .filter_map(|f| Some((f.path.parent()?, f.mtime)))
+        .collect();
+    for f in files {
+        let mtime = f
+            .path
+            .parent()
+            .and_then(|p| marked.get(&p).copied())
+            .unwrap_or(f.mtime);
+        let expired = cutoff.is_some_and(|c| mtime < c);
         if expired {
             let virt = f.path.virtual_path();
             let was_downloaded = downloaded.contains(&virt);
@@ -155,6 +173,21 @@ pub async fn sweep_all(app: &App) {
             }
             Err(e) => {
                 tracing::warn!(org = %org.id, error = %e, "retention sweep failed; retrying next round")
+            }
+        }
+        // Roll-up lines kept for rebuilds go with the retention of the files they make
+        // (accept times are on the daemon's clock, as the partitions are).
+        if limits.retention_days > 0 {
+            let before =
+                crate::clock::now() - chrono::Duration::days(i64::from(limits.retention_days));
+            match app.store.prune_rollup_lines(&org.id, before).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(org = %org.id, lines = n, "roll-up lines past retention dropped")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(org = %org.id, error = %e, "roll-up lines past retention not dropped; retrying next round")
+                }
             }
         }
     }

@@ -104,7 +104,10 @@ fn row(org: &str, csrf: &str, h: &Webhook, shown: Option<&(String, Notice)>) -> 
             td data-label="Destination" {
                 @match h.kind {
                     WebhookKind::Http => code { (h.url.as_deref().unwrap_or("")) },
-                    WebhookKind::Sftp => code { (h.template()) },
+                    WebhookKind::Sftp => @match h.rollup {
+                        Some(r) => code { "/rollups/<type>/dt=…" @if r.rollup == crate::rollups::Period::Hour { "/hour=…" } "/ (ndjson.gz)" },
+                        None => code { (h.template()) },
+                    },
                 }
             }
             td data-label="Events" {
@@ -134,8 +137,48 @@ fn row(org: &str, csrf: &str, h: &Webhook, shown: Option<&(String, Notice)>) -> 
                         }
                         button.danger type="submit" name="action" value="delete" { "Delete" }
                     }
+                    @if h.kind == WebhookKind::Sftp { (rollup_form(&action, csrf, h)) }
                 }
                 @if let Some((id, n)) = shown { @if *id == h.id { (n.render()) } }
+            }
+        }
+    }
+}
+
+/// The roll-up settings of an `sftp` hook (format, period, grace, part size), changed by
+/// the same patch as `PATCH …/webhooks/{id}`; blank fields keep the current value.
+fn rollup_form(action: &str, csrf: &str, h: &Webhook) -> Markup {
+    let id = |f: &str| format!("{f}-{}", h.id);
+    let period = h.rollup.map(|r| r.rollup.as_str());
+    let close_after = h
+        .rollup
+        .map(|r| humantime::format_duration(r.close_after).to_string())
+        .unwrap_or_default();
+    let max_part = h
+        .rollup
+        .map(|r| r.max_part_bytes.to_string())
+        .unwrap_or_default();
+    html! {
+        details.rollup {
+            summary { "Roll-up settings" }
+            form method="post" action=(action) {
+                (csrf_field(csrf))
+                label for=(id("format")) { "Format" }
+                select id=(id("format")) name="format" {
+                    option value="json" selected[h.rollup.is_none()] { "json (one file per event)" }
+                    option value="ndjson.gz" selected[h.rollup.is_some()] { "ndjson.gz (roll-ups under /rollups)" }
+                }
+                label for=(id("rollup")) { "Period" }
+                select id=(id("rollup")) name="rollup" {
+                    option value="" selected[period.is_none()] { "—" }
+                    option value="hour" selected[period == Some("hour")] { "hour" }
+                    option value="day" selected[period == Some("day")] { "day" }
+                }
+                label for=(id("close_after")) { "Close after (grace, e.g. 5m)" }
+                input id=(id("close_after")) type="text" name="close_after" value=(close_after) placeholder="5m";
+                label for=(id("max_part_bytes")) { "Most bytes per part" }
+                input id=(id("max_part_bytes")) type="number" name="max_part_bytes" value=(max_part) placeholder="134217728";
+                p { button.secondary type="submit" name="action" value="rollup" { "Save roll-up settings" } }
             }
         }
     }
@@ -270,6 +313,12 @@ async fn act(
                 text: "New signing secret (shown once, copy it now):".into(),
                 code: h.secret,
             }),
+        Some("rollup") => match rollup_patch(&form) {
+            Ok(p) => admin::update_webhook(&c.app, hook, p, false)
+                .await
+                .map(|_| Notice::ok("Roll-up settings saved.")),
+            Err(p) => Err(p),
+        },
         Some("delete") => {
             admin::remove_webhook(&c.app, &org, &id).await?;
             let shown = Shown {
@@ -298,6 +347,28 @@ async fn act(
         ..Default::default()
     };
     render(&c, &org, &s.csrf, shown, status).await
+}
+
+/// The roll-up form as a patch: with "json" the roll-up fields are left out (they only
+/// go with "ndjson.gz"); blank fields keep the hook's current values.
+fn rollup_patch(form: &Form) -> Result<HookPatch, crate::ingress::problem::Problem> {
+    let format = form.text("format");
+    let json = format.as_deref() == Some("json");
+    let max_part_bytes = match form.text("max_part_bytes").filter(|_| !json) {
+        None => None,
+        Some(v) => Some(v.parse::<u64>().map_err(|_| {
+            crate::ingress::problem::Problem::bad_request(format!(
+                "max_part_bytes: {v:?} is not a whole number of bytes"
+            ))
+        })?),
+    };
+    Ok(HookPatch {
+        format,
+        rollup: form.text("rollup").filter(|_| !json),
+        close_after: form.text("close_after").filter(|_| !json),
+        max_part_bytes,
+        ..Default::default()
+    })
 }
 
 /// `payment: ok · HTTP 200 · 12 ms · the endpoint answered HTTP 200`.

@@ -230,6 +230,9 @@ struct ReplayRequest {
     since: Option<DateTime<Utc>>,
     #[serde(default, deserialize_with = "not_null")]
     delivery_id: Option<String>,
+    /// End of the range (exclusive), roll-up hooks only.
+    #[serde(default, deserialize_with = "not_null")]
+    until: Option<DateTime<Utc>>,
 }
 
 async fn replay(
@@ -238,9 +241,29 @@ async fn replay(
     body: Bytes,
 ) -> ApiResult<Response> {
     let hook = find_hook(&app, &org, &id).await?;
+    if hook.rollup.is_some() {
+        let req: ReplayRequest = parse_body(&body)?;
+        if req.delivery_id.is_some() {
+            return Err(Problem::bad_request(
+                "a roll-up webhook has no deliveries: give `since` (and `until`) to rebuild                  the partitions of that range",
+            ));
+        }
+        let parts =
+            crate::rollups::replay::rebuild_range(&app, &hook, req.since, req.until).await?;
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "replayed": parts.len(), "partitions": parts })),
+        )
+            .into_response());
+    }
     // Before the body, so that a disabled hook says so whatever was sent.
     replayable(&hook)?;
     let req: ReplayRequest = parse_body(&body)?;
+    if req.until.is_some() {
+        return Err(Problem::bad_request(
+            "`until` is for roll-up webhooks; replay deliveries with `since` or `delivery_id`",
+        ));
+    }
     let n = replay_deliveries(&app, &hook, req.delivery_id.as_deref(), req.since).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "replayed": n }))).into_response())
 }

@@ -381,6 +381,14 @@ struct PatchHook {
     rotate_secret: bool,
     #[serde(default = "yes")]
     verify: bool,
+    #[serde(default, deserialize_with = "not_null")]
+    format: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    rollup: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    close_after: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    max_part_bytes: Option<u64>,
 }
 
 async fn patch_hook(
@@ -396,6 +404,10 @@ async fn patch_hook(
         path_template: req.path_template,
         enabled: req.enabled,
         rotate_secret: req.rotate_secret,
+        format: req.format,
+        rollup: req.rollup,
+        close_after: req.close_after,
+        max_part_bytes: req.max_part_bytes,
     };
     let (hook, rotated) = update_webhook(&app, hook, patch, req.verify).await?;
     Ok(Json(hook_json(&hook, rotated)))

@@ -26,6 +26,7 @@
 
 pub mod closer;
 mod parts;
+pub mod replay;
 
 use std::time::Duration;
 
@@ -79,6 +80,13 @@ impl Period {
             "hour" => Some(Period::Hour),
             "day" => Some(Period::Day),
             _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
         }
     }
 
@@ -194,6 +202,14 @@ pub fn stage(targets: &[Target], kind: EventType, at: DateTime<Utc>) -> Vec<Stag
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sftp_view_hides_this_layout() {
+        assert_eq!(
+            ROOT,
+            format!("/{}", crate::storage::complete_view::ROLLUP_DIR)
+        );
+    }
 
     #[test]
     fn partitions_and_close_times() {

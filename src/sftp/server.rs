@@ -591,7 +591,8 @@ impl Conn {
             org,
             upload: user.upload,
             ip: self.peer.ip(),
-            storage,
+            // Roll-up partitions show only once complete (see `complete_view`).
+            storage: Arc::new(crate::storage::complete_view::CompleteView::new(storage)),
             max_upload: self.shared.app.config.sftp.max_upload_bytes,
             max_handles: self.shared.app.config.sftp.max_handles_per_session,
             budget: self.shared.handles.clone(),

@@ -12,6 +12,7 @@
 //!
 //! Paths are [`StoragePath`]s, cleaned and checked before a backend sees them.
 
+pub mod complete_view;
 mod config;
 pub mod local;
 mod path;

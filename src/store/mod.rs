@@ -577,10 +577,11 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<bool>;
-    /// The staged lines of `p` in accept order: (accept sequence, accept time, envelope).
+    /// Every line of `p` (open, and kept from an earlier close) in accept order.
     async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>>;
-    /// After its files are all written: records `p` as closed (events, bytes) and drops its
-    /// lines up to `through_seq`, and its lease, in one transaction.
+    /// After its files are all written: records `p` as closed (events, bytes), marks its
+    /// lines up to `through_seq` closed (kept for rebuilds) and drops its lease, in one
+    /// transaction.
     async fn close_partition(
         &self,
         p: &PartitionRef,
@@ -633,6 +634,25 @@ pub trait Store: Send + Sync + 'static {
     fn job_wakeups(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
         None
     }
+
+    // ---- Roll-up rebuilds (issue 14 item 5) ----
+    // A closed partition's lines stay in the store (marked closed) for as long as the org
+    // keeps its files, so that a replay can rebuild it from the very same lines.
+    /// Reopens every closed partition of `hook` that holds a line accepted in
+    /// `[from, until)`, whole: its lines are due again at `now` and the closer rebuilds it.
+    /// Returns the partitions reopened (a partition still open or being closed is left
+    /// to that close).
+    async fn reopen_partitions(
+        &self,
+        org: &str,
+        hook: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>>;
+    /// Drops the kept lines of closed partitions of `org` accepted before `before`
+    /// (retention: their files are past it too). Returns how many.
+    async fn prune_rollup_lines(&self, org: &str, before: DateTime<Utc>) -> Result<u64>;
 }
 
 /// A source address refused by the SFTP defender until `until`, on every node.
@@ -666,6 +686,9 @@ pub struct StagedRow {
     pub seq: i64,
     pub accepted_at: DateTime<Utc>,
     pub envelope: String,
+    /// The line was in a partition closed before (a rebuild, or a line that came after
+    /// its partition closed): the partition's earlier files were counted in the usage.
+    pub closed_before: bool,
 }
 
 pub const DEFAULT_PATH_TEMPLATE: &str = "/{type}/{date}/{timestamp}_{id}.json";

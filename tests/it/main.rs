@@ -23,6 +23,7 @@ mod e2e_pg_restart;
 mod e2e_preauth;
 mod e2e_reload;
 mod e2e_rollups;
+mod e2e_rollups_replay;
 mod e2e_rules;
 mod e2e_sftp;
 mod e2e_sftp_badinput;

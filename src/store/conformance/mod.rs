@@ -19,7 +19,7 @@ use nodes::*;
 mod rollups;
 use queue::*;
 mod wakeups;
-use rollups::rollup_claims_and_closes;
+use rollups::{rollup_claims_and_closes, rollup_reopen_and_prune};
 
 type S = Arc<dyn Store>;
 
@@ -157,6 +157,7 @@ macro_rules! with_shared_cases {
             deleting_an_org_forgets_its_events,
             usage_quota_and_taken_paths,
             rollup_claims_and_closes,
+            rollup_reopen_and_prune,
             ping_answers,
             bans_keep_the_later_end_and_expire,
             shared_secrets_first_writer_wins_and_rotations_count,

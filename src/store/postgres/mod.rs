@@ -415,6 +415,21 @@ impl Store for PostgresStore {
         nodes::secret_replace(self, name, version, value).await
     }
 
+    async fn reopen_partitions(
+        &self,
+        org: &str,
+        hook: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        self.rollup_reopen(org, hook, from, until, now).await
+    }
+
+    async fn prune_rollup_lines(&self, org: &str, before: DateTime<Utc>) -> Result<u64> {
+        self.rollup_prune(org, before).await
+    }
+
     async fn due_jobs(
         &self,
         now: DateTime<Utc>,

@@ -9,6 +9,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("002_usage_rollups.sql"),
     include_str!("003_nodes.sql"),
     include_str!("004_leases.sql"),
+    include_str!("005_rollup_keep.sql"),
 ];
 
 /// An arbitrary constant: the advisory lock all hookbridge nodes take to migrate.

@@ -193,7 +193,7 @@ impl PostgresStore {
             .query(
                 "SELECT l.org, l.hook, l.partition, MIN(l.closes_at) AS c FROM rollup_lines l
                  LEFT JOIN rollup_partitions p ON p.hook = l.hook AND p.partition = l.partition
-                 WHERE l.closes_at <= $1 AND (p.lease_until IS NULL OR p.lease_until < $1)
+                 WHERE l.state IN (0, 2) AND l.closes_at <= $1 AND (p.lease_until IS NULL OR p.lease_until < $1)
                  GROUP BY l.org, l.hook, l.partition ORDER BY c LIMIT $2",
                 &[&micros(now), &(limit as i64)],
             )
@@ -233,7 +233,7 @@ impl PostgresStore {
         let c = self.conn().await?;
         let rows = c
             .query(
-                "SELECT seq, accepted_at, envelope FROM rollup_lines
+                "SELECT seq, accepted_at, envelope, state FROM rollup_lines
                  WHERE hook = $1 AND partition = $2 ORDER BY seq",
                 &[&p.hook, &p.partition],
             )
@@ -244,6 +244,7 @@ impl PostgresStore {
                     seq: get(r, 0)?,
                     accepted_at: time_at(r, 1)?,
                     envelope: get(r, 2)?,
+                    closed_before: get::<i16>(r, 3)? != 0,
                 })
             })
             .collect()
@@ -260,7 +261,8 @@ impl PostgresStore {
         let mut c = self.conn().await?;
         let tx = c.transaction().await?;
         tx.execute(
-            "DELETE FROM rollup_lines WHERE hook = $1 AND partition = $2 AND seq <= $3",
+            "UPDATE rollup_lines SET state = 1
+             WHERE hook = $1 AND partition = $2 AND seq <= $3 AND state IN (0, 2)",
             &[&p.hook, &p.partition, &through_seq],
         )
         .await?;
@@ -286,9 +288,57 @@ impl PostgresStore {
     pub(super) async fn rollup_backlog_stats(&self) -> Result<(u64, Option<DateTime<Utc>>)> {
         let c = self.conn().await?;
         let r = c
-            .query_one("SELECT COUNT(*), MIN(closes_at) FROM rollup_lines", &[])
+            .query_one(
+                "SELECT COUNT(*), MIN(closes_at) FROM rollup_lines WHERE state IN (0, 2)",
+                &[],
+            )
             .await?;
         let n: i64 = get(&r, 0)?;
         Ok((n as u64, super::opt_time_at(&r, 1)?))
+    }
+
+    pub(super) async fn rollup_reopen(
+        &self,
+        org: &str,
+        hook: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await?;
+        // Whole partitions: a line of one outside the range is rebuilt with it. Only
+        // closed lines (state 1) flip, so a partition a closer is writing right now is
+        // left to that close.
+        let rows = tx
+            .query(
+                "UPDATE rollup_lines SET state = 2, closes_at = $5
+                 WHERE hook = $2 AND state = 1 AND partition IN (
+                   SELECT DISTINCT partition FROM rollup_lines
+                   WHERE org = $1 AND accepted_at >= $3 AND accepted_at < $4 AND hook = $2
+                     AND state = 1)
+                 RETURNING partition",
+                &[&org, &hook, &micros(from), &micros(until), &micros(now)],
+            )
+            .await?;
+        tx.commit().await?;
+        let mut parts: Vec<String> = rows
+            .iter()
+            .map(|r| get::<String>(r, 0))
+            .collect::<Result<_>>()?;
+        parts.sort();
+        parts.dedup();
+        Ok(parts)
+    }
+
+    pub(super) async fn rollup_prune(&self, org: &str, before: DateTime<Utc>) -> Result<u64> {
+        let c = self.conn().await?;
+        let n = c
+            .execute(
+                "DELETE FROM rollup_lines WHERE org = $1 AND accepted_at < $2 AND state = 1",
+                &[&org, &micros(before)],
+            )
+            .await?;
+        Ok(n)
     }
 }

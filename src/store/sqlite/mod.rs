@@ -650,6 +650,21 @@ impl Store for SqliteStore {
         self.nodes_secret_replace(name, version, value).await
     }
 
+    async fn reopen_partitions(
+        &self,
+        org: &str,
+        hook: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        self.rollup_reopen(org, hook, from, until, now).await
+    }
+
+    async fn prune_rollup_lines(&self, org: &str, before: DateTime<Utc>) -> Result<u64> {
+        self.rollup_prune(org, before).await
+    }
+
     async fn release_node_claims(&self, _node: &str) -> Result<u64> {
         // One process owns the file: its in-flight set, not a lease, is the claim.
         Ok(0)

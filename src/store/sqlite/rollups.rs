@@ -33,6 +33,15 @@ CREATE TABLE rollup_partitions (
 ) WITHOUT ROWID;
 "#;
 
+/// Migration 9: lines are kept after their partition closes (state 1), for rebuilds by
+/// replay (state 2 = reopened), until the org's retention drops them.
+pub(super) const MIGRATION_KEEP: &str = r#"
+ALTER TABLE rollup_lines ADD COLUMN state INTEGER NOT NULL DEFAULT 0;
+DROP INDEX rollup_lines_closes;
+CREATE INDEX rollup_lines_due ON rollup_lines(state, closes_at);
+CREATE INDEX rollup_lines_kept ON rollup_lines(org, accepted_at);
+"#;
+
 /// Stages the roll-up lines of a new event (inside `commit_events`' transaction).
 pub(super) fn stage_lines(tx: &Transaction<'_>, ev: &NewEvent) -> Result<()> {
     if ev.lines.is_empty() {
@@ -72,7 +81,7 @@ impl SqliteStore {
             let mut st = c.prepare_cached(
                 "SELECT l.org, l.hook, l.partition, MIN(l.closes_at) AS c FROM rollup_lines l
                  LEFT JOIN rollup_partitions p ON p.hook = l.hook AND p.partition = l.partition
-                 WHERE l.closes_at <= ?1 AND (p.lease_until IS NULL OR p.lease_until < ?1)
+                 WHERE l.state IN (0, 2) AND l.closes_at <= ?1 AND (p.lease_until IS NULL OR p.lease_until < ?1)
                  GROUP BY l.hook, l.partition ORDER BY c LIMIT ?2",
             )?;
             let rows = st.query_map(params![micros(now), limit as i64], |r| {
@@ -110,7 +119,7 @@ impl SqliteStore {
         let p = p.clone();
         self.with_reader(move |c, _| {
             let mut st = c.prepare_cached(
-                "SELECT seq, accepted_at, envelope FROM rollup_lines
+                "SELECT seq, accepted_at, envelope, state FROM rollup_lines
                  WHERE hook = ?1 AND partition = ?2 ORDER BY seq",
             )?;
             let rows = st
@@ -119,15 +128,17 @@ impl SqliteStore {
                         r.get::<_, i64>(0)?,
                         r.get::<_, i64>(1)?,
                         r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
                     ))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             rows.into_iter()
-                .map(|(seq, at, envelope)| {
+                .map(|(seq, at, envelope, state)| {
                     Ok(StagedRow {
                         seq,
                         accepted_at: time_of(at)?,
                         envelope,
+                        closed_before: state != 0,
                     })
                 })
                 .collect()
@@ -147,7 +158,8 @@ impl SqliteStore {
         self.with_writer(move |c| {
             let tx = c.transaction()?;
             tx.execute(
-                "DELETE FROM rollup_lines WHERE hook = ?1 AND partition = ?2 AND seq <= ?3",
+                "UPDATE rollup_lines SET state = 1
+                 WHERE hook = ?1 AND partition = ?2 AND seq <= ?3 AND state IN (0, 2)",
                 params![p.hook, p.partition, through_seq],
             )?;
             tx.execute(
@@ -167,13 +179,64 @@ impl SqliteStore {
         self.with_reader(move |c, _| {
             let (n, min): (i64, Option<i64>) = c
                 .query_row(
-                    "SELECT COUNT(*), MIN(closes_at) FROM rollup_lines",
+                    "SELECT COUNT(*), MIN(closes_at) FROM rollup_lines WHERE state IN (0, 2)",
                     [],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?
                 .unwrap_or((0, None));
             Ok((n as u64, min.map(time_of).transpose()?))
+        })
+        .await
+    }
+
+    pub(super) async fn rollup_reopen(
+        &self,
+        org: &str,
+        hook: &str,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
+        let (org, hook) = (org.to_owned(), hook.to_owned());
+        self.with_writer(move |c| {
+            let tx = c.transaction()?;
+            let parts = {
+                let mut st = tx.prepare_cached(
+                    "SELECT DISTINCT partition FROM rollup_lines
+                     WHERE org = ?1 AND accepted_at >= ?3 AND accepted_at < ?4 AND hook = ?2
+                       AND state = 1
+                     ORDER BY partition",
+                )?;
+                let rows = st.query_map(params![org, hook, micros(from), micros(until)], |r| {
+                    r.get::<_, String>(0)
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            {
+                // Whole partitions: a line of one outside the range is rebuilt with it.
+                let mut up = tx.prepare_cached(
+                    "UPDATE rollup_lines SET state = 2, closes_at = ?3
+                     WHERE hook = ?1 AND partition = ?2 AND state = 1",
+                )?;
+                for p in &parts {
+                    up.execute(params![hook, p, micros(now)])?;
+                }
+            }
+            tx.commit()?;
+            Ok(parts)
+        })
+        .await
+    }
+
+    pub(super) async fn rollup_prune(&self, org: &str, before: DateTime<Utc>) -> Result<u64> {
+        let org = org.to_owned();
+        self.with_writer(move |c| {
+            let n = c.execute(
+                "DELETE FROM rollup_lines WHERE org = ?1 AND accepted_at < ?2 AND state = 1",
+                params![org, micros(before)],
+            )?;
+            Ok(n as u64)
         })
         .await
     }

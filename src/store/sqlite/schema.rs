@@ -134,6 +134,8 @@ CREATE TABLE shared_secrets (
     version INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    // 9: roll-up lines kept after their partition closes, for rebuilds by replay.
+    super::rollups::MIGRATION_KEEP,
 ];
 
 pub(super) fn open(path: &Path) -> Result<Connection> {
