@@ -13,17 +13,6 @@ use serde_json::{json, Value};
 use crate::e2e_sftp::{keygen, py, run, sftp_batch, sha256_file, user};
 use crate::harness::*;
 
-const TYPES: [&str; 8] = [
-    "inboundMessage",
-    "messageSend",
-    "deliveryReport",
-    "payment",
-    "setStatus",
-    "conversationClosed",
-    "moveToQueue",
-    "conversationAssignment",
-];
-
 async fn daemon(s3: bool) -> Option<Daemon> {
     let server = if s3 {
         Some(crate::seaweed::server().await?)

@@ -7,17 +7,6 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-const TYPES: [&str; 8] = [
-    "inboundMessage",
-    "messageSend",
-    "deliveryReport",
-    "payment",
-    "setStatus",
-    "conversationClosed",
-    "moveToQueue",
-    "conversationAssignment",
-];
-
 fn read_json(p: &std::path::Path) -> Value {
     serde_json::from_slice(&std::fs::read(p).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))

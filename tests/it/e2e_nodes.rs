@@ -212,27 +212,16 @@ async fn a_live_node_writes_the_files_of_events_another_node_left_pending() {
     .await;
 }
 
-/// Two nodes on one PostgreSQL database and one S3 prefix (they share the data dir only
-/// for their key files): events posted alternately to A and B for one HTTP webhook made
+/// Two nodes on one PostgreSQL database and one S3 prefix, each with its own data dir:
+/// events posted alternately to A and B for one HTTP webhook made
 /// through A are each delivered exactly once, counted by `webhook-id` at a real receiver,
 /// though both nodes' workers claim from the same queue; and a file written by A is read
 /// byte-identical through B's storage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_postgres_deliver_each_event_once() {
-    if !crate::harness::require_that(
-        "HOOKBRIDGE_TEST_PG_URL (a PostgreSQL admin URL)",
-        std::env::var("HOOKBRIDGE_TEST_PG_URL").is_ok(),
-    ) {
-        return;
-    }
-    let Some(s3) = crate::seaweed::server().await else {
-        assert!(
-            crate::harness::require_that("SeaweedFS (weed)", false),
-            "unreachable"
-        );
+    let Some((url, s3)) = crate::harness::pg_and_s3_or_skip().await else {
         return;
     };
-    let url = crate::harness::fresh_pg_database().await;
     let prefix = crate::seaweed::unique_prefix("nodes");
     let a = Daemon::start_opts(Opts {
         top: r#"node_id = "a""#,
@@ -247,7 +236,6 @@ async fn two_nodes_on_postgres_deliver_each_event_once() {
         store_url: Some(url),
         s3: Some(s3),
         s3_prefix: Some(prefix),
-        data_dir: Some(a.data_dir()),
         ..Default::default()
     })
     .await;
@@ -334,20 +322,9 @@ per_endpoint_concurrency = 16";
 /// B logs and counts those takeovers; and B was woken by A's commits (NOTIFY).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_node_mid_drain_loses_nothing_and_its_leases_are_taken_over() {
-    if !crate::harness::require_that(
-        "HOOKBRIDGE_TEST_PG_URL (a PostgreSQL admin URL)",
-        std::env::var("HOOKBRIDGE_TEST_PG_URL").is_ok(),
-    ) {
-        return;
-    }
-    let Some(s3) = crate::seaweed::server().await else {
-        assert!(
-            crate::harness::require_that("SeaweedFS (weed)", false),
-            "unreachable"
-        );
+    let Some((url, s3)) = crate::harness::pg_and_s3_or_skip().await else {
         return;
     };
-    let url = crate::harness::fresh_pg_database().await;
     let prefix = crate::seaweed::unique_prefix("kill");
     let a = Daemon::start_opts(Opts {
         top: r#"node_id = "a""#,
@@ -363,7 +340,6 @@ async fn killing_a_node_mid_drain_loses_nothing_and_its_leases_are_taken_over() 
         store_url: Some(url),
         s3: Some(s3),
         s3_prefix: Some(prefix),
-        data_dir: Some(a.data_dir()),
         delivery: KILL_DELIVERY,
         ..Default::default()
     })
@@ -493,13 +469,9 @@ async fn killing_a_node_mid_drain_loses_nothing_and_its_leases_are_taken_over() 
 /// by NOTIFY: B counts a wake-up from `notify` and delivers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_committed_by_another_node_wakes_this_one_by_notify() {
-    if !crate::harness::require_that(
-        "HOOKBRIDGE_TEST_PG_URL (a PostgreSQL admin URL)",
-        std::env::var("HOOKBRIDGE_TEST_PG_URL").is_ok(),
-    ) {
+    let Some(url) = crate::harness::pg_database_or_skip().await else {
         return;
-    }
-    let url = crate::harness::fresh_pg_database().await;
+    };
     let b = Daemon::start_opts(Opts {
         top: r#"node_id = "b""#,
         store_url: Some(url.clone()),

@@ -13,24 +13,9 @@ use crate::harness::{require_that, wait_for, Daemon, Opts, PG_SECRETS_KEY};
 
 const T: Duration = Duration::from_secs(30);
 
-/// PostgreSQL and S3, or `None` (a skip, or a failure under CI=true).
-async fn engines() -> Option<(String, crate::seaweed::S3Server)> {
-    if !require_that(
-        "HOOKBRIDGE_TEST_PG_URL (a PostgreSQL admin URL)",
-        std::env::var("HOOKBRIDGE_TEST_PG_URL").is_ok(),
-    ) {
-        return None;
-    }
-    let Some(s3) = crate::seaweed::server().await else {
-        assert!(require_that("SeaweedFS (weed)", false), "unreachable");
-        return None;
-    };
-    Some((crate::harness::fresh_pg_database().await, s3))
-}
-
 /// Nodes `a` and `b` of one service: one database, one S3 prefix, each its own data dir.
 async fn two_nodes(generated_secrets: bool, extra: &str) -> Option<(Daemon, Daemon)> {
-    let (url, s3) = engines().await?;
+    let (url, s3) = crate::harness::pg_and_s3_or_skip().await?;
     let prefix = crate::seaweed::unique_prefix("identity");
     let node = |id: &'static str| Opts {
         top: id,
@@ -320,7 +305,7 @@ async fn a_scale_out_node_without_the_shared_secrets_key_refuses_to_start() {
     );
 
     // A node with a key of its own among nodes that sealed with another.
-    let Some((url, s3)) = engines().await else {
+    let Some((url, s3)) = crate::harness::pg_and_s3_or_skip().await else {
         return;
     };
     let a = Daemon::start_opts(Opts {
@@ -415,7 +400,7 @@ async fn a_single_node_moving_to_postgres_keeps_its_host_key_and_signing_keys() 
         "`ssh-keyscan` (OpenSSH client)",
         Command::new("ssh-keyscan").output().is_ok(),
     );
-    let Some((url, _)) = engines().await else {
+    let Some((url, _)) = crate::harness::pg_and_s3_or_skip().await else {
         return;
     };
     let mut single = Daemon::start_opts(Opts {

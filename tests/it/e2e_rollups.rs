@@ -14,17 +14,6 @@ use sha2::{Digest, Sha256};
 use crate::e2e_sftp::{keygen, org, sftp_batch, user};
 use crate::harness::*;
 
-const TYPES: [&str; 8] = [
-    "inboundMessage",
-    "messageSend",
-    "deliveryReport",
-    "payment",
-    "setStatus",
-    "conversationClosed",
-    "moveToQueue",
-    "conversationAssignment",
-];
-
 /// The test clock: 1 real second is `SPEED` simulated seconds, from `origin` on.
 pub(crate) struct Clock {
     pub(crate) origin: i64,

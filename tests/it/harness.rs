@@ -605,6 +605,29 @@ impl Burst {
     }
 }
 
+/// A fresh PostgreSQL database for a test that needs one, or `None`: a skip with a message,
+/// or a failure under CI=true (`require_that`).
+pub async fn pg_database_or_skip() -> Option<String> {
+    if !require_that(
+        "HOOKBRIDGE_TEST_PG_URL (a PostgreSQL admin URL)",
+        std::env::var("HOOKBRIDGE_TEST_PG_URL").is_ok(),
+    ) {
+        return None;
+    }
+    Some(fresh_pg_database().await)
+}
+
+/// A fresh PostgreSQL database and the shared S3 server, for the scale-out tests; `None` as
+/// [`pg_database_or_skip`].
+pub async fn pg_and_s3_or_skip() -> Option<(String, crate::seaweed::S3Server)> {
+    let url = pg_database_or_skip().await?;
+    let Some(s3) = crate::seaweed::server().await else {
+        assert!(require_that("SeaweedFS (weed)", false), "unreachable");
+        return None;
+    };
+    Some((url, s3))
+}
+
 /// A new, empty database on the PostgreSQL of `HOOKBRIDGE_TEST_PG_URL` (an admin URL), and
 /// its URL: each daemon gets its own, so no test sees another's state.
 pub async fn fresh_pg_database() -> String {
@@ -623,3 +646,15 @@ pub async fn fresh_pg_database() -> String {
         .expect("HOOKBRIDGE_TEST_PG_URL is postgres://…/database");
     format!("{base}/{db}")
 }
+
+/// The eight event types of the platform, for tests that post one of each.
+pub const TYPES: [&str; 8] = [
+    "inboundMessage",
+    "messageSend",
+    "deliveryReport",
+    "payment",
+    "setStatus",
+    "conversationClosed",
+    "moveToQueue",
+    "conversationAssignment",
+];
