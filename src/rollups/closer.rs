@@ -55,7 +55,11 @@ pub async fn pass(app: &App, cancel: &CancellationToken) -> Result<usize, CloseE
             }
             let now = crate::clock::now();
             let until = now + crate::clock::simulated(LEASE);
-            if !app.store.claim_partition(&p, now, until).await? {
+            if !app
+                .store
+                .claim_partition(&p, &app.config.node_id, now, until)
+                .await?
+            {
                 continue;
             }
             any = true;

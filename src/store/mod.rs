@@ -569,11 +569,14 @@ pub trait Store: Send + Sync + 'static {
     /// Partitions with staged lines whose close time is at or before `now` and that no one
     /// holds a live lease on; at most `limit`, earliest close first.
     async fn due_partitions(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<PartitionRef>>;
-    /// Takes the lease on `p` until `until` if no one else holds a live one (a shared store
-    /// makes this one atomic conditional update, so only one node closes a partition).
+    /// Takes the lease on `p` for `node` until `until` if no one else holds a live one (a
+    /// shared store makes this one atomic conditional update, so only one node closes a
+    /// partition). The node is kept with the lease so that `release_node_claims` can hand
+    /// it back when that node restarts.
     async fn claim_partition(
         &self,
         p: &PartitionRef,
+        node: &str,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<bool>;
@@ -598,9 +601,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A cheap round trip to the store, for `/readyz`.
     async fn ping(&self) -> Result<()>;
-    /// Hands back the job leases held under `node`'s claims (its previous run died with
-    /// jobs in flight): they are due again at once instead of when the leases expire.
-    /// Returns how many. SQLite has no leases: 0.
+    /// Hands back the leases held under `node`'s claims, on delivery jobs and on roll-up
+    /// partitions (its previous run died with them in hand): they are due again at once
+    /// instead of when the leases expire. Returns how many. SQLite, which one process owns,
+    /// drops every lease when it opens the file: 0.
     async fn release_node_claims(&self, node: &str) -> Result<u64>;
     /// Records a ban of `ban.ip`; an existing ban of the address keeps the later end.
     async fn put_ban(&self, ban: &Ban) -> Result<()>;

@@ -19,7 +19,10 @@ use nodes::*;
 mod rollups;
 use queue::*;
 mod wakeups;
-use rollups::{rollup_claims_and_closes, rollup_reopen_and_prune};
+use rollups::{
+    a_node_releases_only_its_own_partition_leases, rollup_claims_and_closes,
+    rollup_reopen_and_prune,
+};
 
 type S = Arc<dyn Store>;
 
@@ -173,6 +176,7 @@ with_shared_cases!(postgres:
     an_expired_lease_is_claimable_again,
     a_stale_claim_cannot_record,
     a_node_releases_only_its_own_leases,
+    a_node_releases_only_its_own_partition_leases,
 );
 
 #[tokio::test]

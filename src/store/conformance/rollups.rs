@@ -41,15 +41,15 @@ pub(super) async fn rollup_claims_and_closes(s: S) {
         (&p.org, &p.hook, &p.partition)
     );
     let lease = closes + Duration::minutes(5);
-    assert!(s.claim_partition(&p, closes, lease).await.unwrap());
+    assert!(s.claim_partition(&p, "n", closes, lease).await.unwrap());
     assert!(
-        !s.claim_partition(&p, closes, lease).await.unwrap(),
+        !s.claim_partition(&p, "n", closes, lease).await.unwrap(),
         "a live lease was taken twice"
     );
     assert!(s.due_partitions(closes, 10).await.unwrap().is_empty());
     let later = lease + Duration::seconds(1);
     assert!(
-        s.claim_partition(&p, later, later + Duration::minutes(5))
+        s.claim_partition(&p, "n", later, later + Duration::minutes(5))
             .await
             .unwrap(),
         "an expired lease was not taken over"
@@ -69,7 +69,7 @@ pub(super) async fn rollup_claims_and_closes(s: S) {
     assert_eq!(s.rollup_backlog().await.unwrap(), (1, Some(closes)));
     // The close dropped the lease: what is left is due again, and claimable.
     assert_eq!(s.due_partitions(later, 10).await.unwrap().len(), 1);
-    assert!(s.claim_partition(&p, later, later).await.unwrap());
+    assert!(s.claim_partition(&p, "n", later, later).await.unwrap());
 }
 
 /// A replay reopens closed partitions whole (those with a line accepted in the range,
@@ -114,7 +114,7 @@ pub(super) async fn rollup_reopen_and_prune(s: S) {
     // Close wh's hour 10 and other's hour 10; wh's hour 11 stays open.
     for p in [&p10, &o10] {
         assert!(s
-            .claim_partition(p, t, t + Duration::minutes(5))
+            .claim_partition(p, "n", t, t + Duration::minutes(5))
             .await
             .unwrap());
         let l = s.partition_lines(p).await.unwrap();
@@ -150,7 +150,7 @@ pub(super) async fn rollup_reopen_and_prune(s: S) {
         .unwrap()
         .is_empty());
     assert!(s
-        .claim_partition(&p10, t, t + Duration::minutes(5))
+        .claim_partition(&p10, "n", t, t + Duration::minutes(5))
         .await
         .unwrap());
     s.close_partition(&p10, l[1].seq, 2, 1, t).await.unwrap();
@@ -170,4 +170,59 @@ pub(super) async fn rollup_reopen_and_prune(s: S) {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// A node restarted after kill -9 hands back the partition it was closing (due again at
+/// once, not when its lease runs out); a partition another node holds stays held.
+pub(super) async fn a_node_releases_only_its_own_partition_leases(s: S) {
+    org(&s, "acme").await;
+    let at = Utc.with_ymd_and_hms(2026, 11, 25, 10, 15, 0).unwrap();
+    let closes = at + Duration::hours(1);
+    let staged = |id: &str, partition: &str| {
+        let mut e = event("acme", id, &[], &[]);
+        e.lines = vec![StagedLine {
+            hook: "wh".into(),
+            partition: partition.into(),
+            closes_at: closes,
+        }];
+        e.accepted_at = Some(at);
+        e
+    };
+    s.commit_events(
+        vec![staged("e1", "2026-11-25/10"), staged("e2", "2026-11-25/11")],
+        vec![],
+    )
+    .await
+    .unwrap();
+    let part = |partition: &str| PartitionRef {
+        org: "acme".into(),
+        hook: "wh".into(),
+        partition: partition.into(),
+    };
+    let (pa, pb) = (part("2026-11-25/10"), part("2026-11-25/11"));
+    let lease = closes + Duration::minutes(10);
+    assert!(s
+        .claim_partition(&pa, "node-a", closes, lease)
+        .await
+        .unwrap());
+    assert!(s
+        .claim_partition(&pb, "node-a_b", closes, lease)
+        .await
+        .unwrap());
+    assert!(s.due_partitions(closes, 10).await.unwrap().is_empty());
+    assert_eq!(s.release_node_claims("node-a").await.unwrap(), 1);
+    let due = s.due_partitions(closes, 10).await.unwrap();
+    assert_eq!(
+        due.iter().map(|p| p.partition.as_str()).collect::<Vec<_>>(),
+        ["2026-11-25/10"],
+        "only node-a's partition was handed back"
+    );
+    assert!(s
+        .claim_partition(&pa, "node-c", closes, lease)
+        .await
+        .unwrap());
+    assert!(!s
+        .claim_partition(&pb, "node-c", closes, lease)
+        .await
+        .unwrap());
 }

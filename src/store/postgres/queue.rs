@@ -466,14 +466,24 @@ pub(super) async fn move_downloads(
     Ok(())
 }
 
-/// `Store::release_node_claims`: a prefix match on the claim (not LIKE: node ids may hold `_`).
+/// `Store::release_node_claims`: jobs by a prefix match on the claim (not LIKE: node ids may
+/// hold `_`), roll-up partitions by their lease's node.
 pub(super) async fn release_node_claims(s: &PostgresStore, node: &str) -> Result<u64> {
     let c = s.conn().await?;
     let prefix = ClaimId::node_prefix(node);
-    Ok(c.execute(
-        "UPDATE deliveries SET claim = NULL, lease_until = NULL
-         WHERE claim IS NOT NULL AND left(claim, length($1)) = $1",
-        &[&prefix],
-    )
-    .await?)
+    let jobs = c
+        .execute(
+            "UPDATE deliveries SET claim = NULL, lease_until = NULL
+             WHERE claim IS NOT NULL AND left(claim, length($1)) = $1",
+            &[&prefix],
+        )
+        .await?;
+    let partitions = c
+        .execute(
+            "UPDATE rollup_partitions SET lease_until = NULL, lease_node = NULL
+             WHERE lease_node = $1 AND lease_until IS NOT NULL",
+            &[&node],
+        )
+        .await?;
+    Ok(jobs + partitions)
 }

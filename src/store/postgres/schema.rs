@@ -10,6 +10,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("003_nodes.sql"),
     include_str!("004_leases.sql"),
     include_str!("005_rollup_keep.sql"),
+    include_str!("006_partition_lease_node.sql"),
 ];
 
 /// An arbitrary constant: the advisory lock all hookbridge nodes take to migrate.

@@ -212,6 +212,7 @@ impl PostgresStore {
     pub(super) async fn rollup_claim(
         &self,
         p: &PartitionRef,
+        node: &str,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<bool> {
@@ -220,10 +221,11 @@ impl PostgresStore {
         // comes second sees the first one's live lease and changes nothing.
         let n = c
             .execute(
-                "INSERT INTO rollup_partitions (hook, partition, org, lease_until) VALUES ($1, $2, $3, $5)
-                 ON CONFLICT (hook, partition) DO UPDATE SET lease_until = $5
+                "INSERT INTO rollup_partitions (hook, partition, org, lease_until, lease_node)
+                 VALUES ($1, $2, $3, $5, $6)
+                 ON CONFLICT (hook, partition) DO UPDATE SET lease_until = $5, lease_node = $6
                    WHERE rollup_partitions.lease_until IS NULL OR rollup_partitions.lease_until < $4",
-                &[&p.hook, &p.partition, &p.org, &micros(now), &micros(until)],
+                &[&p.hook, &p.partition, &p.org, &micros(now), &micros(until), &node],
             )
             .await?;
         Ok(n == 1)
@@ -269,7 +271,7 @@ impl PostgresStore {
         tx.execute(
             "INSERT INTO rollup_partitions (hook, partition, org, lease_until, closed_at, events, bytes)
              VALUES ($1, $2, $3, NULL, $4, $5, $6)
-             ON CONFLICT (hook, partition) DO UPDATE SET lease_until = NULL, closed_at = $4,
+             ON CONFLICT (hook, partition) DO UPDATE SET lease_until = NULL, lease_node = NULL, closed_at = $4,
                events = $5, bytes = $6",
             &[
                 &p.hook,

@@ -716,10 +716,11 @@ impl Store for SqliteStore {
     async fn claim_partition(
         &self,
         p: &PartitionRef,
+        node: &str,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<bool> {
-        self.rollup_claim(p, now, until).await
+        self.rollup_claim(p, node, now, until).await
     }
 
     async fn partition_lines(&self, p: &PartitionRef) -> Result<Vec<StagedRow>> {

@@ -96,9 +96,11 @@ impl SqliteStore {
         .await
     }
 
+    /// One process owns the file (its leases are dropped at open), so the node is not kept.
     pub(super) async fn rollup_claim(
         &self,
         p: &PartitionRef,
+        _node: &str,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<bool> {
