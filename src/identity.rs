@@ -73,6 +73,10 @@ pub struct Keeper {
     host_key_file: PathBuf,
     /// Scale-out: the store and the key shared values are sealed with.
     shared: Option<(Arc<dyn Store>, Arc<SecretBox>)>,
+    /// Read-change-replace cycles on this node take turns ([`Keeper::one_at_a_time`]):
+    /// with files the write is the only compare-and-set there is, so two rotations at
+    /// once would both "win" (one key lost) and share one temp file.
+    replacing: tokio::sync::Mutex<()>,
 }
 
 /// The row that pins `store.secrets_key`: its sealed value is written by the first node and
@@ -93,6 +97,7 @@ impl Keeper {
             secrets_dir: config.data_dir.join("secrets"),
             host_key_file: config.host_key_path(),
             shared: config.store.url.as_ref().map(|_| (store.clone(), sealer)),
+            replacing: tokio::sync::Mutex::new(()),
         };
         if let Some((store, sealer)) = &keeper.shared {
             let shared_err = |message: String| IdentityError::Shared {
@@ -121,6 +126,7 @@ impl Keeper {
                 secrets_dir: config.data_dir.join("secrets"),
                 host_key_file: config.host_key_path(),
                 shared: None,
+                replacing: tokio::sync::Mutex::new(()),
             });
         };
         let sealer = Arc::new(SecretBox::load_or_create(config)?);
@@ -223,6 +229,12 @@ impl Keeper {
         }
     }
 
+    /// Held by a caller around its read → change → [`Keeper::replace`] cycle, so that two
+    /// on this node (two rotation requests at once) do not both build on the same value.
+    pub async fn one_at_a_time(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.replacing.lock().await
+    }
+
     /// Replaces the value of `slot` if it is still at `version`; `None` when another node
     /// replaced it first (read it with [`Keeper::current`] and decide again).
     pub async fn replace(
@@ -232,8 +244,9 @@ impl Keeper {
         value: &str,
     ) -> Result<Option<Versioned>, IdentityError> {
         let Some((store, sealer)) = &self.shared else {
-            // One process owns the file: the write is the whole compare-and-set. fsync'd
-            // off the async workers.
+            // One process owns the file, and its read-modify-replace cycles take turns
+            // under [`Keeper::one_at_a_time`]: the write is the whole compare-and-set.
+            // fsync'd off the async workers.
             let (path, body) = (self.file(slot), value.to_owned());
             tokio::task::spawn_blocking(move || write_file(&path, &body))
                 .await
@@ -349,6 +362,7 @@ mod tests {
             secrets_dir: dir.join("secrets"),
             host_key_file: dir.join("host_key"),
             shared: shared.map(|s| (s, Arc::new(SecretBox::from_base64(&key).unwrap()))),
+            replacing: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -56,7 +56,14 @@ pub async fn sweep_org(
     files.sort_by_key(|f| f.path.name() != Some(MARKER));
     let marked: std::collections::HashMap<StoragePath, SystemTime> = files
         .iter()
-        .filter(|f| f.path.name() == Some(MARKER))
+        // Only roll-up partitions: a `_SUCCESS` an uploader (or Spark) left in its own
+        // folder says nothing of the files beside it.
+        .filter(|f| {
+            f.path.name() == Some(MARKER)
+                && f.path
+                    .virtual_path()
+                    .starts_with(&format!("{}/", crate::rollups::ROOT))
+        })
         .filter_map(|f| Some((f.path.parent()?, f.mtime)))
         .collect();
     for f in files {
@@ -364,5 +371,49 @@ mod tests {
             "emptied folders are removed"
         );
         assert!(root.exists());
+    }
+
+    /// A roll-up partition expires whole with its `_SUCCESS`'s time; a `_SUCCESS` outside
+    /// `/rollups` (an uploader's) does not make the old files beside it look fresh.
+    #[tokio::test]
+    async fn only_rollup_markers_date_their_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage =
+            LocalStorage::open(&dir.path().join("orgs"), &dir.path().join("tmp")).unwrap();
+        let org = OrgName::new("o").unwrap();
+        storage.create_org(&org).await.unwrap();
+        let root = dir.path().join("orgs/o");
+        let part = root.join("rollups/payment/dt=2020-01-01/hour=00");
+        let upload = root.join("uploads");
+        std::fs::create_dir_all(&part).unwrap();
+        std::fs::create_dir_all(&upload).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10 * 86400);
+        for (folder, name) in [
+            (&part, "part-0.ndjson.gz"),
+            (&part, "_SUCCESS"),
+            (&upload, "old.csv"),
+            (&upload, "_SUCCESS"),
+        ] {
+            std::fs::write(folder.join(name), b"x").unwrap();
+        }
+        // The parts are old, the partition's marker fresh: the partition stays whole.
+        // In the upload folder the marker is fresh but the old file beside it expires.
+        for f in [part.join("part-0.ndjson.gz"), upload.join("old.csv")] {
+            let f = std::fs::File::options().write(true).open(f).unwrap();
+            f.set_times(std::fs::FileTimes::new().set_modified(old))
+                .unwrap();
+        }
+        let limits = crate::config::LimitsConfig {
+            retention_days: 7,
+            retention_removes_undownloaded: true,
+            ..Default::default()
+        }
+        .for_org(&Default::default());
+        let s = sweep_org(&storage, &org, &limits, &HashSet::new(), SystemTime::now())
+            .await
+            .unwrap();
+        assert_eq!(s.removed_paths, ["/uploads/old.csv"]);
+        assert!(part.join("part-0.ndjson.gz").exists() && part.join("_SUCCESS").exists());
+        assert!(upload.join("_SUCCESS").exists());
     }
 }

@@ -41,6 +41,7 @@ pub async fn load(keeper: &Keeper, issuer: &str) -> Result<Signer, KeyringError>
 /// Rotates the kept ring from what this node holds; returns the new key id. This node signs
 /// with the new key at once; the others once they poll.
 pub async fn rotate(keeper: &Keeper, signer: &Signer) -> Result<String, KeyringError> {
+    let _turn = keeper.one_at_a_time().await;
     for _ in 0..ROTATE_TRIES {
         let base = signer.version();
         let (ring, kid) = signer.rotated()?;

@@ -245,7 +245,8 @@ async fn replay(
         let req: ReplayRequest = parse_body(&body)?;
         if req.delivery_id.is_some() {
             return Err(Problem::bad_request(
-                "a roll-up webhook has no deliveries: give `since` (and `until`) to rebuild                  the partitions of that range",
+                "a roll-up webhook has no deliveries: give `since` (and `until`) to rebuild \
+                 the partitions of that range",
             ));
         }
         let parts =

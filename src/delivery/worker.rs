@@ -74,14 +74,20 @@ struct Queues {
 }
 
 impl Queues {
-    fn push(&mut self, in_flight: &InFlight, claimed: Instant, jobs: Vec<DeliveryJob>) {
+    fn push(&mut self, node: &str, in_flight: &InFlight, claimed: Instant, jobs: Vec<DeliveryJob>) {
         let mut set = lock(in_flight);
         for job in jobs {
             if let Some(old) = &job.took_over {
-                // The claim's node prefix says whose lease ran out (a dead or stalled node).
+                // The claim's node prefix says whose lease ran out: another node (dead or
+                // stalled), or this one, which let a lease lapse unused (see "lease too
+                // short" below) and so sent nothing under it.
                 let from = old.0.split('/').next().unwrap_or_default();
-                metrics::counter!("hookbridge_delivery_lease_takeovers_total").increment(1);
-                tracing::warn!(delivery = %job.id, from_node = %from, expired_claim = %old.0, "took over a delivery job whose lease expired under another claim; it is sent again with the same webhook-id");
+                if from == node {
+                    tracing::debug!(delivery = %job.id, expired_claim = %old.0, "claimed again a job whose lease this node let lapse unused");
+                } else {
+                    metrics::counter!("hookbridge_delivery_lease_takeovers_total").increment(1);
+                    tracing::warn!(delivery = %job.id, from_node = %from, expired_claim = %old.0, "took over a delivery job whose lease expired under another claim; it is sent again with the same webhook-id");
+                }
             }
             set.insert(job.id.clone());
             self.by_hook
@@ -204,7 +210,7 @@ pub async fn run(
                 Ok(jobs) => {
                     metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "handoff")
                         .increment(jobs.len() as u64);
-                    queued.push(&in_flight, asked, jobs);
+                    queued.push(&node, &in_flight, asked, jobs);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot claim new deliveries; they stay due in the store");
@@ -231,7 +237,7 @@ pub async fn run(
                     next_due = None;
                     metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "poll")
                         .increment(jobs.len() as u64);
-                    queued.push(&in_flight, asked, jobs);
+                    queued.push(&node, &in_flight, asked, jobs);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read due deliveries; retrying shortly");

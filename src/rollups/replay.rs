@@ -5,8 +5,8 @@
 //! rewritten, and a kill -9 during the rebuild leaves it reopened, so the redo finishes it.
 //!
 //! The lines come from the store, where a closed partition's lines are kept for as long
-//! as the org's retention keeps files (`retention_days`; forever when 0). A range that
-//! starts before that is refused: its lines may be gone.
+//! as the org's retention keeps files (`retention_days`; forever when 0). A range whose
+//! first partition began before that is refused: some of its lines may be gone.
 
 use chrono::{DateTime, Utc};
 
@@ -43,10 +43,17 @@ pub async fn rebuild_range(
     if let Some(org) = app.store.get_org(&hook.org).await? {
         let days = app.current().limits.for_org(&org.limits).retention_days;
         let kept_from = now - chrono::Duration::days(i64::from(days));
-        if days > 0 && since < kept_from {
+        // Retention drops lines one by one, but a rebuild rewrites a partition whole: one
+        // that began before `kept_from` may have lost its first lines, and rebuilding it
+        // would drop events already published. So the partition holding `since` must begin
+        // inside the kept window; the day's start bounds both periods (a hook may have
+        // changed from daily to hourly).
+        let first = super::Period::Day.start(since);
+        if days > 0 && first < kept_from {
             return Err(Problem::bad_request(format!(
-                "`since` ({since}) is before {kept_from}: the org keeps files and roll-up \
-                 lines for {days} days (retention_days), so older partitions cannot be rebuilt"
+                "`since` ({since}) falls in a partition that began at {first}, before \
+                 {kept_from}: the org keeps files and roll-up lines for {days} days \
+                 (retention_days), so partitions that began earlier cannot be rebuilt"
             )));
         }
     }
