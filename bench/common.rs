@@ -335,6 +335,36 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Writes `<dir>/hookbridge.toml` for a bench daemon listening on `port`: HTTP only, the
+/// bench's tokens, deliveries to loopback allowed with `conc` requests per endpoint. `top`
+/// holds the node's own top-level keys and sections (node id, store, storage).
+pub fn write_config(dir: &Path, top: &str, port: u16, conc: usize) -> std::path::PathBuf {
+    let cfg = format!(
+        r#"data_dir = "{data}"
+{top}[http]
+listen = "127.0.0.1:{port}"
+max_pending_events = 100000
+[sftp]
+enabled = false
+[ingress]
+jwt_hs256_secret = "{SECRET}"
+[admin]
+token = "{ADMIN}"
+[delivery]
+allow_private_destinations = true
+workers = 128
+per_endpoint_concurrency = {conc}
+request_timeout = "120s"
+[log]
+level = "warn"
+"#,
+        data = dir.join("data").display()
+    );
+    let path = dir.join("hookbridge.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
 /// Starts `bin serve --config cfg` (stderr inherited: warnings show in the bench output)
 /// once `check-config` passes (it reaches the store and the object store, which may still
 /// be starting), and waits until `/readyz` answers 200.

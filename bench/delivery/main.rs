@@ -33,8 +33,7 @@ use serde_json::json;
 #[path = "../common.rs"]
 mod common;
 use common::{
-    arg, cpu_secs, cpu_split, fsync_probe, median, raw_rate, summary, Recv, ADMIN, SECRET,
-    SECRETS_KEY,
+    arg, cpu_secs, cpu_split, fsync_probe, median, raw_rate, summary, Recv, ADMIN, SECRETS_KEY,
 };
 
 const CONC: usize = 64;
@@ -89,29 +88,7 @@ allow_http = true
         ),
     };
     println!("state: {backend}");
-    let cfg = format!(
-        r#"data_dir = "{data}"
-{top}[http]
-listen = "127.0.0.1:{port}"
-max_pending_events = 100000
-[sftp]
-enabled = false
-[ingress]
-jwt_hs256_secret = "{SECRET}"
-[admin]
-token = "{ADMIN}"
-[delivery]
-allow_private_destinations = true
-workers = 128
-per_endpoint_concurrency = {CONC}
-request_timeout = "120s"
-[log]
-level = "warn"
-"#,
-        data = dir.path().join("data").display()
-    );
-    let cfg_path = dir.path().join("hookbridge.toml");
-    std::fs::write(&cfg_path, cfg).unwrap();
+    let cfg_path = common::write_config(dir.path(), &top, port, CONC);
     let base = format!("http://127.0.0.1:{port}");
     let mut child: Child = common::start_daemon(&bin, &cfg_path, &base, &client).await;
     let admin = |m: reqwest::Method, p: &str, b: serde_json::Value| {

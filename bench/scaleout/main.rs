@@ -29,7 +29,7 @@ use serde_json::json;
 
 #[path = "../common.rs"]
 mod common;
-use common::{arg, cpu_secs, median, raw_rate, Recv, ADMIN, SECRET, SECRETS_KEY};
+use common::{arg, cpu_secs, median, raw_rate, Recv, ADMIN, SECRETS_KEY};
 
 const CONC: usize = 64;
 
@@ -377,30 +377,8 @@ allow_http = true
         let node_dir = dir.join(format!("node{k}"));
         std::fs::create_dir_all(&node_dir).unwrap();
         // The same file on every node but `node_id` (and, here, the data dir and port).
-        let cfg = format!(
-            r#"data_dir = "{data}"
-node_id = "node{k}"
-{shared}[http]
-listen = "127.0.0.1:{port}"
-max_pending_events = 100000
-[sftp]
-enabled = false
-[ingress]
-jwt_hs256_secret = "{SECRET}"
-[admin]
-token = "{ADMIN}"
-[delivery]
-allow_private_destinations = true
-workers = 128
-per_endpoint_concurrency = {CONC}
-request_timeout = "120s"
-[log]
-level = "warn"
-"#,
-            data = node_dir.join("data").display()
-        );
-        let cfg_path = node_dir.join("hookbridge.toml");
-        std::fs::write(&cfg_path, cfg).unwrap();
+        let top = format!("node_id = \"node{k}\"\n{shared}");
+        let cfg_path = common::write_config(&node_dir, &top, port, CONC);
         let base = format!("http://127.0.0.1:{port}");
         children.push(common::start_daemon(&env.bin, &cfg_path, &base, client).await);
         bases.push(base);
