@@ -219,26 +219,9 @@ async fn a_live_node_writes_the_files_of_events_another_node_left_pending() {
 /// byte-identical through B's storage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_postgres_deliver_each_event_once() {
-    let Some((url, s3)) = crate::harness::pg_and_s3_or_skip().await else {
+    let Some((a, b)) = crate::harness::two_nodes_on_pg_and_s3("nodes", Opts::default).await else {
         return;
     };
-    let prefix = crate::seaweed::unique_prefix("nodes");
-    let a = Daemon::start_opts(Opts {
-        top: r#"node_id = "a""#,
-        store_url: Some(url.clone()),
-        s3: Some(s3.clone()),
-        s3_prefix: Some(prefix.clone()),
-        ..Default::default()
-    })
-    .await;
-    let b = Daemon::start_opts(Opts {
-        top: r#"node_id = "b""#,
-        store_url: Some(url),
-        s3: Some(s3),
-        s3_prefix: Some(prefix),
-        ..Default::default()
-    })
-    .await;
     a.org_with_sftp_hook("acme").await;
     let r = crate::e2e_delivery::Receiver::start().await;
     crate::e2e_delivery::http_hook(&a, "acme", &r.url("/h"), &["*"], false).await;
@@ -322,28 +305,13 @@ per_endpoint_concurrency = 16";
 /// B logs and counts those takeovers; and B was woken by A's commits (NOTIFY).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_node_mid_drain_loses_nothing_and_its_leases_are_taken_over() {
-    let Some((url, s3)) = crate::harness::pg_and_s3_or_skip().await else {
+    let node = || Opts {
+        delivery: KILL_DELIVERY,
+        ..Default::default()
+    };
+    let Some((a, b)) = crate::harness::two_nodes_on_pg_and_s3("kill", node).await else {
         return;
     };
-    let prefix = crate::seaweed::unique_prefix("kill");
-    let a = Daemon::start_opts(Opts {
-        top: r#"node_id = "a""#,
-        store_url: Some(url.clone()),
-        s3: Some(s3.clone()),
-        s3_prefix: Some(prefix.clone()),
-        delivery: KILL_DELIVERY,
-        ..Default::default()
-    })
-    .await;
-    let b = Daemon::start_opts(Opts {
-        top: r#"node_id = "b""#,
-        store_url: Some(url),
-        s3: Some(s3),
-        s3_prefix: Some(prefix),
-        delivery: KILL_DELIVERY,
-        ..Default::default()
-    })
-    .await;
     a.org_with_sftp_hook("acme").await;
     let r = crate::e2e_delivery::Receiver::start().await;
     crate::e2e_delivery::http_hook(&a, "acme", &r.url("/h"), &["*"], false).await;

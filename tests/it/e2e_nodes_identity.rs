@@ -13,23 +13,14 @@ use crate::harness::{require_that, wait_for, Daemon, Opts, PG_SECRETS_KEY};
 
 const T: Duration = Duration::from_secs(30);
 
-/// Nodes `a` and `b` of one service: one database, one S3 prefix, each its own data dir.
+/// Nodes `a` and `b` of one service, each on its own disk.
 async fn two_nodes(generated_secrets: bool, extra: &str) -> Option<(Daemon, Daemon)> {
-    let (url, s3) = crate::harness::pg_and_s3_or_skip().await?;
-    let prefix = crate::seaweed::unique_prefix("identity");
-    let node = |id: &'static str| Opts {
-        top: id,
+    crate::harness::two_nodes_on_pg_and_s3("identity", || Opts {
         extra,
-        store_url: Some(url.clone()),
-        s3: Some(s3.clone()),
-        s3_prefix: Some(prefix.clone()),
         generated_secrets,
         ..Default::default()
-    };
-    let a = Daemon::start_opts(node(r#"node_id = "a""#)).await;
-    let b = Daemon::start_opts(node(r#"node_id = "b""#)).await;
-    assert_ne!(a.data_dir(), b.data_dir());
-    Some((a, b))
+    })
+    .await
 }
 
 /// `hookbridge ARGS --config <d's config>` with the environment `d` runs with.

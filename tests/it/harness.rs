@@ -628,6 +628,31 @@ pub async fn pg_and_s3_or_skip() -> Option<(String, crate::seaweed::S3Server)> {
     Some((url, s3))
 }
 
+/// Nodes `a` and `b` of one service: one fresh PostgreSQL database, one S3 prefix (named
+/// after `name`), each node its own data dir. `node` gives the options both nodes share
+/// (`delivery`, `extra`, …); the store, the S3 prefix and `node_id` are set here. `None` as
+/// [`pg_database_or_skip`].
+pub async fn two_nodes_on_pg_and_s3<'a>(
+    name: &str,
+    node: impl Fn() -> Opts<'a>,
+) -> Option<(Daemon, Daemon)> {
+    let (url, s3) = pg_and_s3_or_skip().await?;
+    let prefix = crate::seaweed::unique_prefix(name);
+    let start = |id: &'static str| {
+        Daemon::start_opts(Opts {
+            top: id,
+            store_url: Some(url.clone()),
+            s3: Some(s3.clone()),
+            s3_prefix: Some(prefix.clone()),
+            ..node()
+        })
+    };
+    let a = start(r#"node_id = "a""#).await;
+    let b = start(r#"node_id = "b""#).await;
+    assert_ne!(a.data_dir(), b.data_dir());
+    Some((a, b))
+}
+
 /// A new, empty database on the PostgreSQL of `HOOKBRIDGE_TEST_PG_URL` (an admin URL), and
 /// its URL: each daemon gets its own, so no test sees another's state.
 pub async fn fresh_pg_database() -> String {
