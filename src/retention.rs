@@ -317,13 +317,26 @@ mod tests {
     use super::*;
     use crate::storage::local::LocalStorage;
 
-    #[tokio::test]
-    async fn expired_files_go_per_policy_and_usage_counts_the_rest() {
+    /// Local storage in a temp dir holding the org `o` (its folder: `<dir>/orgs/o`).
+    async fn org_o() -> (tempfile::TempDir, LocalStorage, OrgName) {
         let dir = tempfile::tempdir().unwrap();
         let storage =
             LocalStorage::open(&dir.path().join("orgs"), &dir.path().join("tmp")).unwrap();
         let org = OrgName::new("o").unwrap();
         storage.create_org(&org).await.unwrap();
+        (dir, storage, org)
+    }
+
+    /// Sets the mtime of `path` to `t`.
+    fn age(path: &std::path::Path, t: SystemTime) {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_times(std::fs::FileTimes::new().set_modified(t))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn expired_files_go_per_policy_and_usage_counts_the_rest() {
+        let (dir, storage, org) = org_o().await;
         let root = dir.path().join("orgs/o");
         let day = root.join("payment/2020-01-01");
         std::fs::create_dir_all(&day).unwrap();
@@ -332,12 +345,7 @@ mod tests {
         std::fs::write(root.join("fresh.json"), b"{\"a\":1}\n").unwrap();
         let old = SystemTime::now() - Duration::from_secs(10 * 86400);
         for f in ["old-read.json", "old-unread.json"] {
-            let f = std::fs::File::options()
-                .write(true)
-                .open(day.join(f))
-                .unwrap();
-            f.set_times(std::fs::FileTimes::new().set_modified(old))
-                .unwrap();
+            age(&day.join(f), old);
         }
         // Downloads come from the store, not from atime.
         let downloaded: HashSet<String> = ["/payment/2020-01-01/old-read.json".to_owned()].into();
@@ -377,11 +385,7 @@ mod tests {
     /// `/rollups` (an uploader's) does not make the old files beside it look fresh.
     #[tokio::test]
     async fn only_rollup_markers_date_their_folder() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage =
-            LocalStorage::open(&dir.path().join("orgs"), &dir.path().join("tmp")).unwrap();
-        let org = OrgName::new("o").unwrap();
-        storage.create_org(&org).await.unwrap();
+        let (dir, storage, org) = org_o().await;
         let root = dir.path().join("orgs/o");
         let part = root.join("rollups/payment/dt=2020-01-01/hour=00");
         let upload = root.join("uploads");
@@ -399,9 +403,7 @@ mod tests {
         // The parts are old, the partition's marker fresh: the partition stays whole.
         // In the upload folder the marker is fresh but the old file beside it expires.
         for f in [part.join("part-0.ndjson.gz"), upload.join("old.csv")] {
-            let f = std::fs::File::options().write(true).open(f).unwrap();
-            f.set_times(std::fs::FileTimes::new().set_modified(old))
-                .unwrap();
+            age(&f, old);
         }
         let limits = crate::config::LimitsConfig {
             retention_days: 7,
