@@ -10,6 +10,13 @@
 //! closer deletes `_SUCCESS` first) hides the partition again while it is rewritten.
 //! The closer, retention and usage work on the storage itself, not through this view.
 //!
+//! Writes: `/rollups` and everything in it is hookbridge's output, and a replay rebuilds a
+//! partition by deleting its folder whole, with whatever else is in it. So nothing may be
+//! created there (files, folders, `/rollups` itself) nor moved in from outside it: that is
+//! "permission denied", as OpenSSH answers in a folder the user may not write, with a
+//! warning in the log naming the org and path. Reading, deleting, and renaming out of the
+//! tree or within it work as anywhere else: what moves within it was hookbridge's output.
+//!
 //! Cost: one `stat` of `_SUCCESS` per partition folder a request touches (cached for the
 //! length of one listing), and for a day folder of hourly partitions one listing page of
 //! it; the per-event folders pay nothing.
@@ -58,6 +65,27 @@ fn place(path: &StoragePath) -> Place {
     }
     // A file (or anything) directly in the day folder belongs to a daily partition.
     day().map(Place::In).unwrap_or(Place::Free)
+}
+
+/// Whether `path` is `/rollups` or anything in it.
+fn in_rollup_tree(path: &StoragePath) -> bool {
+    path.segments().first().is_some_and(|s| s == ROLLUP_DIR)
+}
+
+/// Refuses `op` on `path` when it would add to the roll-up tree (see the module doc).
+fn refuse_in_rollups(org: &OrgName, path: &StoragePath, op: &str) -> StorageResult<()> {
+    if !in_rollup_tree(path) {
+        return Ok(());
+    }
+    tracing::warn!(
+        org = %org,
+        path = %path,
+        op,
+        "SFTP write into /rollups refused (permission denied): the roll-up tree is \
+         hookbridge's output and a replay deletes a partition whole; the client must write \
+         outside /rollups"
+    );
+    Err(StorageError::PermissionDenied)
 }
 
 #[derive(Debug)]
@@ -271,11 +299,15 @@ impl Storage for CompleteView {
         let mut c = Checker::new(&*self.inner, org);
         c.require(from).await?;
         c.require_parent(to).await?;
+        if !in_rollup_tree(from) {
+            refuse_in_rollups(org, to, "rename")?;
+        }
         self.inner.rename(org, from, to, mode).await
     }
 
     async fn mkdir(&self, org: &OrgName, path: &StoragePath) -> StorageResult<()> {
         Checker::new(&*self.inner, org).require_parent(path).await?;
+        refuse_in_rollups(org, path, "mkdir")?;
         self.inner.mkdir(org, path).await
     }
 
@@ -291,6 +323,7 @@ impl Storage for CompleteView {
         opts: UploadOptions,
     ) -> StorageResult<Box<dyn UploadHandle>> {
         Checker::new(&*self.inner, org).require_parent(path).await?;
+        refuse_in_rollups(org, path, "create")?;
         self.inner.create_upload(org, path, opts).await
     }
 
@@ -356,5 +389,105 @@ mod tests {
             place(&p("/rollups/t/dt=2026-01-01/hour=03/_manifest.json")),
             Place::In(p("/rollups/t/dt=2026-01-01/hour=03"))
         );
+    }
+
+    /// A view over local storage holding one complete and one incomplete daily partition
+    /// and a user file `/mine.txt`.
+    async fn fixture() -> (tempfile::TempDir, CompleteView, OrgName) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = super::super::local::LocalStorage::open(
+            &dir.path().join("orgs"),
+            &dir.path().join("tmp"),
+        )
+        .unwrap();
+        let org = OrgName::new("org").unwrap();
+        s.create_org(&org).await.unwrap();
+        let root = dir.path().join("orgs/org");
+        for (day, done) in [("2026-01-01", true), ("2026-01-02", false)] {
+            let d = root.join(format!("rollups/t/dt={day}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("part-0.ndjson.gz"), day).unwrap();
+            if done {
+                std::fs::write(d.join(SUCCESS), "").unwrap();
+            }
+        }
+        std::fs::write(root.join("mine.txt"), "mine").unwrap();
+        (dir, CompleteView::new(Arc::new(s)), org)
+    }
+
+    /// Every file under `dir`, with its bytes.
+    fn tree(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    todo.push(p);
+                } else {
+                    out.push((p.clone(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn nothing_is_added_to_the_rollup_tree_but_its_files_move_and_go() {
+        let (dir, v, org) = fixture().await;
+        let rollups = dir.path().join("orgs/org/rollups");
+        let before = tree(&rollups);
+        let opts = UploadOptions {
+            exclusive: true,
+            keep_existing: false,
+            max_bytes: 1 << 20,
+        };
+        let denied = |r: StorageResult<()>, what: &str| {
+            assert!(
+                matches!(r, Err(StorageError::PermissionDenied)),
+                "{what}: {r:?}"
+            )
+        };
+        let mine = p("/mine.txt");
+        for path in [
+            "/rollups",
+            "/rollups/x",
+            "/rollups/t/x",
+            "/rollups/t/dt=2026-01-01/x",
+            "/rollups/t/dt=2026-01-03",
+            "/rollups/t/dt=2026-01-01/hour=00",
+        ] {
+            let to = p(path);
+            let r = v.create_upload(&org, &to, opts).await;
+            denied(r.map(|_| ()), &format!("create {path}"));
+            denied(v.mkdir(&org, &to).await, &format!("mkdir {path}"));
+            let r = v.rename(&org, &mine, &to, RenameMode::NoReplace).await;
+            denied(r, &format!("rename into {path}"));
+        }
+        // The incomplete partition stays out of sight rather than refused.
+        let hidden = p("/rollups/t/dt=2026-01-02/x");
+        let r = v.create_upload(&org, &hidden, opts).await;
+        assert!(matches!(r.err(), Some(StorageError::NotFound)));
+        assert_eq!(tree(&rollups), before, "the roll-up tree changed");
+
+        // Outside the tree (even under a similar name) writes work; inside, files are read,
+        // moved within and out, and deleted.
+        v.mkdir(&org, &p("/rollups-old")).await.unwrap();
+        let part = p("/rollups/t/dt=2026-01-01/part-0.ndjson.gz");
+        let h = v.open_read(&org, &part).await.unwrap();
+        assert_eq!(&h.read_at(0, 64, 0).await.unwrap()[..], b"2026-01-01");
+        let moved = p("/rollups/t/dt=2026-01-01/part-9.ndjson.gz");
+        let mode = RenameMode::NoReplace;
+        v.rename(&org, &part, &moved, mode).await.unwrap();
+        v.rename(&org, &moved, &p("/rollups-old/part"), mode)
+            .await
+            .unwrap();
+        v.delete(&org, &p("/rollups/t/dt=2026-01-01/_SUCCESS"))
+            .await
+            .unwrap();
+        assert!(rollups.join("t/dt=2026-01-02/part-0.ndjson.gz").exists());
+        assert!(!rollups.join("t/dt=2026-01-01/_SUCCESS").exists());
+        assert!(dir.path().join("orgs/org/rollups-old/part").exists());
     }
 }

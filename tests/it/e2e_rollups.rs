@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeZone, Timelike, Utc};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::e2e_sftp::{keygen, org, sftp_batch, user};
+use crate::e2e_sftp::{keygen, org, post, sftp_batch, user};
 use crate::harness::*;
 
 /// The test clock: 1 real second is `SPEED` simulated seconds, from `origin` on.
@@ -484,4 +484,81 @@ async fn bad_rollup_settings_are_refused_with_a_reason() {
     assert_eq!(s, 201, "{b}");
     assert_eq!(b["close_after"], "5m");
     assert_eq!(b["max_part_bytes"], 134217728);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sftp_users_cannot_write_into_the_rollup_tree_and_its_partitions_stay_whole() {
+    if !require("sftp") {
+        return;
+    }
+    // 1 real second = 1 simulated hour: an hourly partition closes within seconds.
+    let clock = Clock::new(3600.0);
+    let d = Daemon::start_opts(Opts {
+        env: vec![clock.env()],
+        ..Opts::default()
+    })
+    .await;
+    org(&d, "ro").await;
+    rollup_hook(&d, "ro", json!({})).await;
+    for i in 0..5 {
+        post(&d, "ro", &format!("evt_ro{i}"), "payment").await;
+    }
+    wait_for(
+        "the events in a closed partition",
+        Duration::from_secs(60),
+        || async { (closed_events(&d, "ro").await == 5).then_some(()) },
+    )
+    .await;
+    let rollups = || async {
+        let mut files = d.org_files("ro").await;
+        files.retain(|p, _| p.starts_with("/rollups/"));
+        files
+    };
+    let before = rollups().await;
+    let success = before.keys().find(|p| p.ends_with("/_SUCCESS")).unwrap();
+    let partition = success.trim_end_matches("/_SUCCESS").to_owned();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(tmp.path(), "up", "ed25519");
+    let body = json!({"public_keys": [public], "upload": true});
+    user(&d, "ro", "up", body).await;
+    std::fs::write(tmp.path().join("mine.txt"), "the user's own bytes").unwrap();
+    let (ok, out) = sftp_batch(&d, "up", &key, "put mine.txt /mine.txt\n", tmp.path()).await;
+    assert!(ok, "an upload outside /rollups: {out}");
+    for batch in [
+        format!("put mine.txt {partition}/mine.txt\n"),
+        format!("put mine.txt {partition}/_SUCCESS.tmp\n"),
+        format!("mkdir {partition}/mine\n"),
+        "put mine.txt /rollups/mine.txt\n".to_owned(),
+        "mkdir /rollups/payment/dt=2000-01-01\n".to_owned(),
+        format!("rename /mine.txt {partition}/mine.txt\n"),
+    ] {
+        let (ok, out) = sftp_batch(&d, "up", &key, &batch, tmp.path()).await;
+        assert!(!ok, "{batch} worked: {out}");
+        assert!(out.contains("Permission denied"), "{batch}: {out}");
+    }
+    assert_eq!(rollups().await, before, "the roll-up tree changed");
+    assert!(
+        d.log().contains("SFTP write into /rollups refused"),
+        "no log line says why"
+    );
+
+    // Its files are still the user's to read, move within or out, and delete.
+    let part = before
+        .keys()
+        .find(|p| p.starts_with(&partition) && p.ends_with(".ndjson.gz"))
+        .unwrap();
+    let batch = format!(
+        "get {part} got.gz\nrename {part} {partition}/moved.gz\n\
+         rename {partition}/moved.gz /taken.gz\nrm {partition}/_manifest.json\n"
+    );
+    let (ok, out) = sftp_batch(&d, "up", &key, &batch, tmp.path()).await;
+    assert!(ok, "{batch}: {out}");
+    assert_eq!(
+        std::fs::read(tmp.path().join("got.gz")).unwrap(),
+        before[part]
+    );
+    let files = d.org_files("ro").await;
+    assert_eq!(files.get("/taken.gz"), Some(&before[part]));
+    assert!(!files.contains_key(&format!("{partition}/_manifest.json")));
 }
