@@ -437,12 +437,12 @@ async fn killing_a_node_mid_drain_loses_nothing_and_its_leases_are_taken_over() 
 /// by NOTIFY: B counts a wake-up from `notify` and delivers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_committed_by_another_node_wakes_this_one_by_notify() {
-    let Some(url) = crate::harness::pg_database_or_skip().await else {
+    let Some(db) = crate::harness::pg_database_or_skip().await else {
         return;
     };
     let b = Daemon::start_opts(Opts {
         top: r#"node_id = "b""#,
-        store_url: Some(url.clone()),
+        pg: Some(db.clone()),
         ..Default::default()
     })
     .await;
@@ -469,7 +469,7 @@ async fn a_job_committed_by_another_node_wakes_this_one_by_notify() {
         ..Default::default()
     };
     let sealer = hookbridge::secrets::SecretBox::load_or_create(&cfg).unwrap();
-    let other = hookbridge::store::PostgresStore::open(&url, std::sync::Arc::new(sealer))
+    let other = hookbridge::store::PostgresStore::open(&db.url, std::sync::Arc::new(sealer))
         .await
         .unwrap();
     use hookbridge::store::Store;

@@ -296,11 +296,11 @@ async fn a_scale_out_node_without_the_shared_secrets_key_refuses_to_start() {
     );
 
     // A node with a key of its own among nodes that sealed with another.
-    let Some((url, s3)) = crate::harness::pg_and_s3_or_skip().await else {
+    let Some((db, s3)) = crate::harness::pg_and_s3_or_skip().await else {
         return;
     };
     let a = Daemon::start_opts(Opts {
-        store_url: Some(url.clone()),
+        pg: Some(db.clone()),
         s3: Some(s3),
         ..Default::default()
     })
@@ -311,7 +311,7 @@ async fn a_scale_out_node_without_the_shared_secrets_key_refuses_to_start() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("store.secrets_key"), "{err}");
     let dir2 = tempfile::tempdir().unwrap();
-    let out = serve(&config(dir2.path()), &url, Some(&other));
+    let out = serve(&config(dir2.path()), &db.url, Some(&other));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("store.secrets_key"), "{err}");
@@ -391,7 +391,7 @@ async fn a_single_node_moving_to_postgres_keeps_its_host_key_and_signing_keys() 
         "`ssh-keyscan` (OpenSSH client)",
         Command::new("ssh-keyscan").output().is_ok(),
     );
-    let Some((url, _)) = crate::harness::pg_and_s3_or_skip().await else {
+    let Some((db, _)) = crate::harness::pg_and_s3_or_skip().await else {
         return;
     };
     let mut single = Daemon::start_opts(Opts {
@@ -412,7 +412,7 @@ async fn a_single_node_moving_to_postgres_keeps_its_host_key_and_signing_keys() 
     let host_key = have_keyscan.then(|| keyscan(single.sftp_port));
     let keys = jwks(&single).await;
     assert_eq!(single.terminate(), Some(0));
-    single.store_url = Some(url.clone());
+    single.store_url = Some(db.url.clone());
     single.spawn().await;
     assert!(
         single.log().contains("imported this file"),
@@ -420,7 +420,7 @@ async fn a_single_node_moving_to_postgres_keeps_its_host_key_and_signing_keys() 
         single.log()
     );
     let other = Daemon::start_opts(Opts {
-        store_url: Some(url),
+        pg: Some(db.clone()),
         ..Default::default()
     })
     .await;

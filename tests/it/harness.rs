@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub use crate::pg::{
+    fresh_pg_database, pg_and_s3_or_skip, pg_database_or_skip, two_nodes_on_pg_and_s3, PgDatabase,
+};
+
 pub const INGRESS_SECRET: &str = "test-ingress-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// `store.secrets_key` of every daemon on PostgreSQL (scale-out requires one; nodes on one
@@ -89,6 +93,8 @@ pub struct Daemon {
     pub s3: Option<(crate::seaweed::S3Server, String)>,
     /// The daemon's own PostgreSQL database (`HOOKBRIDGE_TEST_STORE=postgres`), else SQLite.
     pub store_url: Option<String>,
+    /// The database this daemon keeps alive (dropped after the process is killed).
+    _pg: Option<std::sync::Arc<PgDatabase>>,
     /// Environment variables of the daemon process (e.g. `HOOKBRIDGE_TEST_CLOCK`).
     pub env: Vec<(String, String)>,
     /// No `admin.token` / `ingress.jwt_hs256_secret` in the config: the daemon generates them.
@@ -112,8 +118,12 @@ pub struct Opts<'a> {
     /// Org folders on this S3 server (under a prefix of the daemon's own) instead of
     /// the local data dir. `HOOKBRIDGE_TEST_STORAGE=s3` sets it for every daemon.
     pub s3: Option<crate::seaweed::S3Server>,
-    /// The state in this PostgreSQL database instead of SQLite.
+    /// The state in this PostgreSQL database instead of SQLite (one the test made itself:
+    /// a fresh one goes in `pg`).
     pub store_url: Option<String>,
+    /// The state in this fresh database ([`fresh_pg_database`]), which the daemon keeps
+    /// alive: the last daemon (or test) holding it drops it.
+    pub pg: Option<std::sync::Arc<PgDatabase>>,
     /// Environment variables of the daemon process.
     pub env: Vec<(String, String)>,
     /// The key prefix on `s3`; several daemons given the same one share their org folders
@@ -136,6 +146,7 @@ impl Default for Opts<'_> {
             http_extra: "",
             s3: None,
             store_url: None,
+            pg: None,
             env: Vec::new(),
             s3_prefix: None,
             top: "",
@@ -197,14 +208,16 @@ impl Daemon {
                 .unwrap_or_else(|| crate::seaweed::unique_prefix("daemon"));
             (s, prefix)
         });
-        let store_url = match (
-            o.store_url,
+        let pg = match (
+            o.pg,
+            &o.store_url,
             std::env::var("HOOKBRIDGE_TEST_STORE").as_deref(),
         ) {
-            (Some(u), _) => Some(u),
-            (None, Ok("postgres")) => Some(fresh_pg_database().await),
+            (Some(db), _, _) => Some(db),
+            (None, None, Ok("postgres")) => Some(fresh_pg_database().await),
             _ => None,
         };
+        let store_url = o.store_url.or_else(|| pg.as_ref().map(|db| db.url.clone()));
         let dir = tempfile::Builder::new()
             .prefix("hookbridge-it-")
             .tempdir()
@@ -221,6 +234,7 @@ impl Daemon {
             top_config: o.top.to_owned(),
             s3,
             store_url,
+            _pg: pg,
             env: o.env,
             generated_secrets: o.generated_secrets,
             child: None,
@@ -516,6 +530,7 @@ level = "info,hookbridge=debug"
 }
 
 impl Drop for Daemon {
+    /// Kills the process; its database (`pg`) goes after, with the fields.
     fn drop(&mut self) {
         self.kill9();
     }
@@ -603,73 +618,6 @@ impl Burst {
         while self.tasks.join_next().await.is_some() {}
         self.acked.lock().unwrap().clone()
     }
-}
-
-/// A fresh PostgreSQL database for a test that needs one, or `None`: a skip with a message,
-/// or a failure under CI=true (`require_that`).
-pub async fn pg_database_or_skip() -> Option<String> {
-    if !require_that(
-        "HOOKBRIDGE_TEST_PG_URL (a PostgreSQL admin URL)",
-        std::env::var("HOOKBRIDGE_TEST_PG_URL").is_ok(),
-    ) {
-        return None;
-    }
-    Some(fresh_pg_database().await)
-}
-
-/// A fresh PostgreSQL database and the shared S3 server, for the scale-out tests; `None` as
-/// [`pg_database_or_skip`].
-pub async fn pg_and_s3_or_skip() -> Option<(String, crate::seaweed::S3Server)> {
-    let url = pg_database_or_skip().await?;
-    let Some(s3) = crate::seaweed::server().await else {
-        assert!(require_that("SeaweedFS (weed)", false), "unreachable");
-        return None;
-    };
-    Some((url, s3))
-}
-
-/// Nodes `a` and `b` of one service: one fresh PostgreSQL database, one S3 prefix (named
-/// after `name`), each node its own data dir. `node` gives the options both nodes share
-/// (`delivery`, `extra`, …); the store, the S3 prefix and `node_id` are set here. `None` as
-/// [`pg_database_or_skip`].
-pub async fn two_nodes_on_pg_and_s3<'a>(
-    name: &str,
-    node: impl Fn() -> Opts<'a>,
-) -> Option<(Daemon, Daemon)> {
-    let (url, s3) = pg_and_s3_or_skip().await?;
-    let prefix = crate::seaweed::unique_prefix(name);
-    let start = |id: &'static str| {
-        Daemon::start_opts(Opts {
-            top: id,
-            store_url: Some(url.clone()),
-            s3: Some(s3.clone()),
-            s3_prefix: Some(prefix.clone()),
-            ..node()
-        })
-    };
-    let a = start(r#"node_id = "a""#).await;
-    let b = start(r#"node_id = "b""#).await;
-    assert_ne!(a.data_dir(), b.data_dir());
-    Some((a, b))
-}
-
-/// A new, empty database on the PostgreSQL of `HOOKBRIDGE_TEST_PG_URL` (an admin URL), and
-/// its URL: each daemon gets its own, so no test sees another's state.
-pub async fn fresh_pg_database() -> String {
-    let admin = std::env::var("HOOKBRIDGE_TEST_PG_URL")
-        .expect("HOOKBRIDGE_TEST_STORE=postgres needs HOOKBRIDGE_TEST_PG_URL (an admin URL)");
-    let db = format!("hb_{}", ulid::Ulid::new().to_string().to_lowercase());
-    let (c, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-        .await
-        .expect("connect to HOOKBRIDGE_TEST_PG_URL");
-    tokio::spawn(conn);
-    c.batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
-    let (base, _) = admin
-        .rsplit_once('/')
-        .expect("HOOKBRIDGE_TEST_PG_URL is postgres://…/database");
-    format!("{base}/{db}")
 }
 
 /// The eight event types of the platform, for tests that post one of each.

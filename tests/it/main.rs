@@ -30,4 +30,5 @@ mod e2e_sftp_badinput;
 mod e2e_sftp_rules;
 mod e2e_storage;
 mod e2e_storage_jail;
+mod pg;
 mod webdriver;

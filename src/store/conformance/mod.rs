@@ -44,12 +44,18 @@ impl Backend {
     }
 }
 
+/// Drops a test's database; a failure is said on stderr (the test itself passed).
 async fn drop_database(admin: &str, db: &str) {
-    if let Ok((c, conn)) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await {
-        tokio::spawn(conn);
-        let _ = c
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-            .await;
+    let dropped = match tokio_postgres::connect(admin, tokio_postgres::NoTls).await {
+        Ok((c, conn)) => {
+            tokio::spawn(conn);
+            c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = dropped {
+        eprintln!("test database {db} left on the server: {e}");
     }
 }
 
