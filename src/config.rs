@@ -152,7 +152,7 @@ pub struct IngressConfig {
     pub max_token_lifetime: Dur,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Bearer token of the admin API (env `HOOKBRIDGE_ADMIN_TOKEN`); the admin API is off without it.
@@ -462,12 +462,6 @@ impl Default for IngressConfig {
             jwt_hs256_secret: None,
             max_token_lifetime: Dur(Duration::from_secs(24 * 3600)),
         }
-    }
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self { token: None }
     }
 }
 

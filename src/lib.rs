@@ -189,9 +189,10 @@ pub async fn open_storage(config: &Config) -> Result<Arc<dyn storage::Storage>, 
     Ok(s)
 }
 
+/// What the hook of [`run_with_hook`] may fail with.
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;
-/// Runs once the App is built and before serving starts (e.g. the demo setup).
 
+/// Serves on `listeners` until `cancel`, then drains and returns (see the module doc).
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -204,6 +205,8 @@ pub async fn run(
     .await
 }
 
+/// [`run`], with `hook` run once the App is built and before serving starts (e.g. the
+/// demo setup).
 pub async fn run_with_hook(
     config: Config,
     listeners: Listeners,

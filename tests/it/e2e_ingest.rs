@@ -166,6 +166,18 @@ async fn post_raw(
     (status, body, ctype)
 }
 
+/// A bad post: what it is, org, bearer token, Content-Type, body, the status it gets, and
+/// a text its problem `detail` holds.
+type BadPost<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Vec<u8>,
+    u16,
+    &'a str,
+);
+
 #[tokio::test]
 async fn every_error_is_problem_json_with_a_reason_and_writes_nothing() {
     let d = Daemon::start().await;
@@ -188,7 +200,7 @@ async fn every_error_is_problem_json_with_a_reason_and_writes_nothing() {
         let pad = "x".repeat(1 << 20);
         serde_json::to_vec(&json!({"type": "payment", "data": {"pad": pad}})).unwrap()
     };
-    let cases: Vec<(&str, &str, Option<&str>, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    let cases: Vec<BadPost> = vec![
         (
             "malformed JSON",
             "acme",
