@@ -41,6 +41,18 @@ impl Clock {
     }
 }
 
+/// A daemon on a test clock of `speed` simulated seconds a real second, with org `org_name`.
+pub(crate) async fn clocked_daemon(speed: f64, org_name: &str) -> (Clock, Daemon) {
+    let clock = Clock::new(speed);
+    let d = Daemon::start_opts(Opts {
+        env: vec![clock.env()],
+        ..Opts::default()
+    })
+    .await;
+    org(&d, org_name).await;
+    (clock, d)
+}
+
 fn hour_key(t: DateTime<Utc>) -> String {
     format!("{}/{:02}", t.format("%Y-%m-%d"), t.hour())
 }
@@ -252,13 +264,7 @@ async fn twenty_thousand_events_over_simulated_hours_read_by_duckdb() {
         return;
     }
     // 1 real second = 30 simulated minutes: 20,000 posts span a few simulated hours.
-    let clock = Clock::new(1800.0);
-    let d = Daemon::start_opts(Opts {
-        env: vec![clock.env()],
-        ..Opts::default()
-    })
-    .await;
-    org(&d, "etl").await;
+    let (clock, d) = clocked_daemon(1800.0, "etl").await;
     let hook = rollup_hook(&d, "etl", json!({"max_part_bytes": 262144})).await;
     assert_eq!(hook["format"], "ndjson.gz");
     assert_eq!(hook["rollup"], "hour");
@@ -368,13 +374,7 @@ async fn kill_9_while_closing_keeps_exactly_once_and_per_event_hook_gets_all_too
         return;
     }
     // 1 real second = 20 simulated minutes.
-    let clock = Clock::new(1200.0);
-    let mut d = Daemon::start_opts(Opts {
-        env: vec![clock.env()],
-        ..Opts::default()
-    })
-    .await;
-    org(&d, "both").await;
+    let (clock, mut d) = clocked_daemon(1200.0, "both").await;
     // Small parts: closing a partition writes many files, so the kill lands mid-close.
     rollup_hook(&d, "both", json!({"max_part_bytes": 65536})).await;
     let (s, b) = d
@@ -492,13 +492,7 @@ async fn sftp_users_cannot_write_into_the_rollup_tree_and_its_partitions_stay_wh
         return;
     }
     // 1 real second = 1 simulated hour: an hourly partition closes within seconds.
-    let clock = Clock::new(3600.0);
-    let d = Daemon::start_opts(Opts {
-        env: vec![clock.env()],
-        ..Opts::default()
-    })
-    .await;
-    org(&d, "ro").await;
+    let (_clock, d) = clocked_daemon(3600.0, "ro").await;
     rollup_hook(&d, "ro", json!({})).await;
     for i in 0..5 {
         post(&d, "ro", &format!("evt_ro{i}"), "payment").await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::e2e_rollups::{check_manifests, closed_events, pull, rollup_hook, Clock};
+use crate::e2e_rollups::{check_manifests, clocked_daemon, closed_events, pull, rollup_hook};
 use crate::e2e_sftp::{keygen, org, sftp_batch, user};
 use crate::harness::*;
 use crate::webdriver::Browser;
@@ -141,13 +141,7 @@ async fn replay_rebuilds_a_range_hidden_until_whole_with_the_same_bytes_across_k
         return;
     }
     // 1 real second = 1 simulated hour: a day closes within half a minute.
-    let clock = Clock::new(3600.0);
-    let mut d = Daemon::start_opts(Opts {
-        env: vec![clock.env()],
-        ..Opts::default()
-    })
-    .await;
-    org(&d, "rb").await;
+    let (clock, mut d) = clocked_daemon(3600.0, "rb").await;
     // Smallest parts: one daily partition is ~90 parts, so a rebuild takes a while.
     rollup_hook(
         &d,
@@ -503,13 +497,7 @@ async fn a_period_changed_by_patch_applies_to_new_events_and_open_partitions_sti
     if !require("sftp") {
         return;
     }
-    let clock = Clock::new(3600.0);
-    let d = Daemon::start_opts(Opts {
-        env: vec![clock.env()],
-        ..Opts::default()
-    })
-    .await;
-    org(&d, "pc").await;
+    let (_clock, d) = clocked_daemon(3600.0, "pc").await;
     rollup_hook(&d, "pc", json!({"events": ["payment"]})).await;
     let hourly = post_payments(&d, "pc", "h", 300, 4).await;
     let (s, b) = d
