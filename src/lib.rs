@@ -238,7 +238,7 @@ pub async fn run_with_hook(
     retention::count_uncounted(&*store, &*storage).await;
 
     let spool_cancel = CancellationToken::new();
-    let (announcer, announced) = delivery::handoff();
+    let (announcer, announced) = delivery::handoff(&config);
     let (spool, spool_task) = Spool::start(
         store.clone(),
         storage.clone(),

@@ -26,9 +26,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::Announcer;
+use crate::delivery::{Announcer, Handed};
 use crate::storage::{EventFile, OrgName, Storage, StorageError, StoragePath, StorageResult};
-use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError};
+use crate::store::{CommitOutcome, IngestResult, NewEvent, Store, StoreError, Webhook};
 
 const MAX_BATCH: usize = 512;
 
@@ -83,6 +83,9 @@ pub enum Committed {
 
 struct Request {
     event: NewEvent,
+    /// The webhooks of `event.deliveries`, as the request read them: handed to the
+    /// scheduler with the jobs, so a new job needs no read of the store.
+    hooks: Vec<Webhook>,
     reply: oneshot::Sender<Result<Committed, SpoolError>>,
 }
 
@@ -122,13 +125,25 @@ impl Spool {
         )
     }
 
-    pub async fn submit(&self, event: NewEvent) -> Result<Committed, SpoolError> {
+    /// Commits `event`; `hooks` holds the webhooks its deliveries go to.
+    pub async fn submit(
+        &self,
+        event: NewEvent,
+        hooks: Vec<Webhook>,
+    ) -> Result<Committed, SpoolError> {
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(SpoolError::Overloaded);
         }
         let (reply, rx) = oneshot::channel();
-        let sent = self.tx.send(Request { event, reply }).await;
+        let sent = self
+            .tx
+            .send(Request {
+                event,
+                hooks,
+                reply,
+            })
+            .await;
         if sent.is_err() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(SpoolError::ShuttingDown);
@@ -183,10 +198,17 @@ async fn committer(
         }
         waiting.fetch_sub(batch.len(), Ordering::AcqRel);
         let marked = std::mem::take(&mut done_not_marked);
-        let (fresh_jobs, failed) =
-            commit_batch(&store, &storage, batch, marked, &mut done_not_marked).await;
+        let (fresh_jobs, failed) = commit_batch(
+            &store,
+            &storage,
+            &announce,
+            batch,
+            marked,
+            &mut done_not_marked,
+        )
+        .await;
         // Durable and answered: the scheduler sends them without polling the store.
-        announce.announce(fresh_jobs);
+        announce.hand_over(fresh_jobs);
         if failed {
             let soon = tokio::time::Instant::now() + REPAIR_FIRST;
             repair_at = Some(repair_at.map_or(soon, |t| t.min(soon)));
@@ -236,15 +258,16 @@ async fn repair_pending(
     }
 }
 
-/// Commits and answers one batch; returns the (delivery id, webhook id) of the jobs of its
-/// new events, for the committer to announce, and whether any event's files failed.
+/// Commits and answers one batch; returns the jobs its commit inserted, for the committer
+/// to hand to the scheduler, and whether any event's files failed.
 async fn commit_batch(
     store: &Arc<dyn Store>,
     storage: &Arc<dyn Storage>,
+    announce: &Announcer,
     mut batch: Vec<Request>,
     marked: Vec<(String, String)>,
     done: &mut Vec<(String, String)>,
-) -> (Vec<(String, String)>, bool) {
+) -> (Handed, bool) {
     let started = Instant::now();
     let n = batch.len();
     // One accept time per batch, taken here rather than in the request handler, so that
@@ -258,17 +281,25 @@ async fn commit_batch(
         }
     }
     let events: Vec<NewEvent> = batch.iter().map(|r| r.event.clone()).collect();
+    let job_ids = || {
+        batch
+            .iter()
+            .flat_map(|r| r.event.deliveries.iter().map(|(d, _)| d.as_str()))
+    };
+    // No poll hands these jobs out from the moment they are committed: they are ours.
+    announce.reserve(job_ids());
     // Staged while the store commits; the store charges each event to its org's quota in
     // the commit itself, and what it defers is dropped with the rest not published.
     let (files, owner) = event_files(&events);
     let (commit, staged) = tokio::join!(
-        store.commit_events(events, marked.clone()),
+        store.commit_and_claim(events, marked.clone(), Some(announce.lease())),
         storage.stage_events(files)
     );
-    let outcomes = match commit {
-        Ok(o) => o,
+    let commit = match commit {
+        Ok(c) => c,
         Err(e) => {
             drop(staged);
+            announce.release(job_ids());
             // The marks were not applied: keep them for the next batch.
             done.extend(marked);
             let e = SpoolError::from(e);
@@ -276,18 +307,26 @@ async fn commit_batch(
             for r in batch {
                 let _ = r.reply.send(Err(clone_err(&e)));
             }
-            return (Vec::new(), false);
+            return (
+                Handed {
+                    since: started,
+                    jobs: Vec::new(),
+                },
+                false,
+            );
         }
     };
 
-    // Jobs of new events are durable now: the committer announces them to the scheduler
-    // once the files are in place too (a receiver may go and fetch them).
-    let fresh_jobs: Vec<(String, String)> = outcomes
-        .iter()
-        .zip(&batch)
-        .filter(|(o, _)| matches!(o, CommitOutcome::New(_)))
-        .flat_map(|(_, r)| r.event.deliveries.iter().cloned())
-        .collect();
+    // The jobs the commit inserted are durable now (new events, deferred ones too): the
+    // committer hands them over once the files are in place as well (a receiver may go
+    // and fetch them).
+    let fresh_jobs = announce.committed(
+        started,
+        &commit,
+        accepted,
+        batch.iter().map(|r| (&r.event, r.hooks.as_slice())),
+    );
+    let outcomes = commit.outcomes;
 
     // Events whose files must now appear: new ones (their temps are written), and known
     // ones left pending earlier (`redo`: written now from the envelope first recorded).

@@ -1,36 +1,160 @@
 //! The direct hand-off of freshly committed jobs from the spool's committer to the
-//! delivery scheduler, so new work never waits for a poll of the outbox.
+//! delivery scheduler, so new work never waits for a poll, a query or a claim.
 //!
-//! Only (delivery id, webhook id) pairs travel here, after their commit is durable. The scheduler still
-//! claims them through the store (`Store::claim_announced`), so the store stays the one
-//! source of truth: an id already delivered, in flight or gone is simply not handed out,
-//! and a lost announcement (full stop, crash) only means the job is found by the next
-//! poll of the outbox instead.
+//! 1. Before its commit, the committer *reserves* the batch's delivery ids in the
+//!    scheduler's in-flight set: from then on no poll of the outbox hands them out, so a
+//!    job is never both polled and handed over.
+//! 2. The commit records the jobs durably; on a shared store (PostgreSQL) the same
+//!    transaction claims them for this node under a lease (`Store::commit_and_claim`), so
+//!    no other node polls them either.
+//! 3. The committer *hands over* the jobs themselves (payload, and the webhook as the
+//!    request read it) with that claim; ids the commit did not insert are released.
+//!
+//! The outbox stays the durable record and the source of truth after a restart: a job
+//! lost here (shutdown, crash) is still due in the store, found by the next run's poll
+//! (a restarted node hands its old leases back at once: `Store::release_node_claims`),
+//! and sent with the same `webhook-id`.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::store::{CommitClaim, DeliveryJob, Lease, NewEvent, Webhook};
+
+/// Jobs a scheduler holds (queued, or being attempted until their outcome is durable) or
+/// the committer is about to hand it: never handed out by a poll.
+pub(super) type InFlight = Arc<Mutex<HashSet<String>>>;
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding this lock leaves plain data behind: still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Jobs one group commit inserted, handed over together.
+#[derive(Debug)]
+pub struct Handed {
+    /// When the commit started: a lease taken in it runs from no later than this.
+    pub since: Instant,
+    pub jobs: Vec<DeliveryJob>,
+}
 
 /// The committer's end: cheap to clone, never blocks.
 #[derive(Clone, Debug)]
-pub struct Announcer(mpsc::UnboundedSender<Vec<(String, String)>>);
+pub struct Announcer {
+    tx: mpsc::UnboundedSender<Handed>,
+    in_flight: InFlight,
+    lease: Lease,
+}
 
 /// The scheduler's end.
 #[derive(Debug)]
-pub struct Announcements(pub(super) mpsc::UnboundedReceiver<Vec<(String, String)>>);
+pub struct Announcements {
+    pub(super) rx: mpsc::UnboundedReceiver<Handed>,
+    pub(super) in_flight: InFlight,
+    pub(super) lease: Lease,
+}
 
-/// A connected pair. Unbounded on purpose: the committer must not wait on delivery, and
-/// what can queue here is bounded by the ingest rate (the scheduler drains it whenever it
-/// runs, and ids are small).
-pub fn handoff() -> (Announcer, Announcements) {
+/// The lease this node's scheduler holds delivery jobs under on a shared store: it must
+/// outlive an attempt (the request timeout), with room for the wait for a permit and the
+/// outcome's group commit (`delivery.lease_margin`). SQLite ignores leases.
+fn lease(config: &Config) -> Lease {
+    let d = &config.delivery;
+    Lease {
+        node: config.node_id.clone(),
+        length: d.request_timeout.0 * 2 + d.lease_margin.0,
+    }
+}
+
+/// A connected pair sharing one in-flight set and the node's lease. Unbounded on
+/// purpose: the committer must not wait on delivery; what queues here is bounded by the
+/// ingest rate (the scheduler drains it whenever it runs, and leaves jobs of deep queues
+/// in the store).
+pub fn handoff(config: &Config) -> (Announcer, Announcements) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (Announcer(tx), Announcements(rx))
+    let in_flight = InFlight::default();
+    let lease = lease(config);
+    (
+        Announcer {
+            tx,
+            in_flight: in_flight.clone(),
+            lease: lease.clone(),
+        },
+        Announcements {
+            rx,
+            in_flight,
+            lease,
+        },
+    )
 }
 
 impl Announcer {
-    /// Announces jobs, `(delivery id, webhook id)`, whose commit is durable. With no
-    /// scheduler running (shutting down) they are dropped: the jobs stay due in the store.
-    pub fn announce(&self, ids: Vec<(String, String)>) {
-        if !ids.is_empty() {
-            let _ = self.0.send(ids);
+    /// The lease the commit claims the batch's jobs under (see `Store::commit_and_claim`).
+    pub fn lease(&self) -> Lease {
+        self.lease.clone()
+    }
+
+    /// Keeps these delivery ids out of every poll until they are handed over or released.
+    pub fn reserve<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut set = lock(&self.in_flight);
+        set.extend(ids.into_iter().map(str::to_owned));
+    }
+
+    /// Gives back reserved ids no job was handed over for (not inserted, or the commit failed).
+    pub fn release<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut set = lock(&self.in_flight);
+        for id in ids {
+            set.remove(id);
+        }
+    }
+
+    /// The jobs `commit` inserted, built from their events (the payload is the envelope,
+    /// the webhook as the request read it); reserved ids it did not insert are released.
+    pub fn committed<'a>(
+        &self,
+        since: Instant,
+        commit: &CommitClaim,
+        accepted: DateTime<Utc>,
+        events: impl IntoIterator<Item = (&'a NewEvent, &'a [Webhook])>,
+    ) -> Handed {
+        let inserted: HashSet<&str> = commit.inserted.iter().map(String::as_str).collect();
+        let mut jobs = Vec::with_capacity(inserted.len());
+        let mut not_inserted = Vec::new();
+        for (ev, hooks) in events {
+            for (id, hook_id) in &ev.deliveries {
+                if !inserted.contains(id.as_str()) {
+                    not_inserted.push(id.as_str());
+                    continue;
+                }
+                jobs.push(DeliveryJob {
+                    id: id.clone(),
+                    org: ev.org.clone(),
+                    webhook_id: hook_id.clone(),
+                    event_id: ev.id.clone(),
+                    payload: ev.envelope_json.clone(),
+                    attempts: 0,
+                    created_at: accepted,
+                    webhook: hooks.iter().find(|h| &h.id == hook_id).cloned(),
+                    claim: commit.claim.clone(),
+                    took_over: None,
+                });
+            }
+        }
+        self.release(not_inserted);
+        Handed { since, jobs }
+    }
+
+    /// Hands over committed (durable) jobs whose ids were reserved. With no scheduler
+    /// running (shutting down) they are released: the jobs stay due in the store.
+    pub fn hand_over(&self, handed: Handed) {
+        if handed.jobs.is_empty() {
+            return;
+        }
+        if let Err(mpsc::error::SendError(h)) = self.tx.send(handed) {
+            self.release(h.jobs.iter().map(|j| j.id.as_str()));
         }
     }
 }

@@ -32,7 +32,7 @@ use crate::store::{new_id, DeliveryStatus, Webhook, WebhookKind};
 use crate::App;
 
 pub use client::SendError;
-pub use handoff::{handoff, Announcements, Announcer};
+pub use handoff::{handoff, Announcements, Announcer, Handed};
 pub use tests::{connection_test, TestResult, TESTS};
 
 /// Signing keys and HTTP clients, built once at start and shared by handlers and workers.

@@ -182,7 +182,7 @@ async fn sftp_test(
         lines: vec![],
         accepted_at: None,
     };
-    Ok(match app.spool.submit(new).await {
+    Ok(match app.spool.submit(new, Vec::new()).await {
         Ok(Committed::New(_)) | Ok(Committed::Known(_)) => {
             (true, None, format!("wrote the sample file {path}"))
         }

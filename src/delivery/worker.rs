@@ -1,12 +1,13 @@
 //! The scheduler: runs attempts of jobs from the durable outbox concurrently.
 //!
-//! * Jobs come two ways. A job just committed is announced by the spool's committer
-//!   (`handoff`) and claimed at once (`Store::claim_announced`, one read per announced
-//!   batch); it never waits for a poll. The outbox is polled (`Store::due_jobs`) only for
-//!   what announcements do not cover: the backlog at start, retries when they fall due,
-//!   replays, jobs left in the store while their webhook's queue was deep, and jobs other
-//!   nodes sharing the store committed (their wake-up, `Store::job_wakeups`, says when)
-//!   or left behind (an expired lease: taken over, logged and counted).
+//! * Jobs come two ways. A job just committed is handed over by the spool's committer
+//!   (`handoff`) with its payload, webhook and (on a shared store) the claim its commit
+//!   took: it starts without a poll, a read or a claim round trip. The outbox is polled
+//!   (`Store::due_jobs`) only for what hand-overs do not cover: the backlog at start,
+//!   retries when they fall due, replays, jobs left in the store while their webhook's
+//!   queue was deep, and jobs other nodes sharing the store committed (their wake-up,
+//!   `Store::job_wakeups`, says when) or left behind (an expired lease: taken over,
+//!   logged and counted).
 //! * On a shared store a claimed job carries a lease (2 × request timeout +
 //!   `delivery.lease_margin`). An attempt is started only with at least the request
 //!   timeout (+1 s) of its lease left; a job that waited longer for a permit is left for
@@ -24,7 +25,7 @@
 //!   twice; if the process dies first, the job is still due in the store and is tried
 //!   again at the next start with the same `webhook-id` (receivers dedupe on it).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,12 +35,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::client::SendError;
-use super::handoff::Announcements;
+use super::handoff::{lock, Announcements, Handed, InFlight};
 use super::retry;
 use crate::store::health::{self, AttemptRecord};
 use crate::store::{
-    Attempt, AttemptOutcome, AttemptResult, Busy, DeliveryJob, Lease, Store, TransportError,
-    WebhookKind,
+    Attempt, AttemptOutcome, AttemptResult, Busy, DeliveryJob, Store, TransportError, WebhookKind,
 };
 use crate::App;
 
@@ -54,12 +54,6 @@ const RECORD_PER_WORKER: usize = 4;
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
 type Recorded = (DeliveryJob, Attempt, AttemptOutcome);
-type InFlight = Arc<Mutex<HashSet<String>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock leaves plain data behind: still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What the recorder tells the scheduler after a group commit: the earliest moment a job
 /// it just recorded is due again (a retry, or a job whose outcome could not be written).
@@ -114,14 +108,10 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let cfg = app.config.delivery.clone();
-    // Claims on a shared (PostgreSQL) queue must outlive the attempt (request timeout plus
-    // room for the permit wait and the group commit). SQLite ignores the lease.
+    // Claims on a shared (PostgreSQL) queue outlive the attempt; SQLite ignores the lease.
     let node = app.config.node_id.clone();
-    let lease_length = cfg.request_timeout.0 * 2 + cfg.lease_margin.0;
-    let lease = Some(Lease {
-        node: node.clone(),
-        length: lease_length,
-    });
+    let lease_length = announced.lease.length;
+    let lease = Some(announced.lease.clone());
     // An attempt needs this much of its lease left to start (the request, and a second
     // for the outcome's commit): never sends past the lease.
     let lease_needed = cfg.request_timeout.0 + Duration::from_secs(1);
@@ -142,7 +132,8 @@ pub async fn run(
     let per_endpoint = cfg.per_endpoint_concurrency;
     let global = Arc::new(Semaphore::new(cfg.workers));
     let mut endpoints: HashMap<String, Arc<Semaphore>> = HashMap::new();
-    let in_flight: InFlight = Arc::default();
+    // Shared with the committer, which reserves new jobs here before it commits them.
+    let in_flight: InFlight = announced.in_flight.clone();
     let recorded = Arc::new(Notify::new());
     let due_again: DueAgain = Arc::default();
     let record_batch = cfg.workers * RECORD_PER_WORKER;
@@ -159,8 +150,8 @@ pub async fn run(
     let mut queued = Queues::default();
     // A webhook with this many jobs waiting gets no more until it drains.
     let deep = per_endpoint * 4;
-    // Announced (delivery id, webhook id) not claimed yet.
-    let mut fresh: Vec<(String, String)> = Vec::new();
+    // Jobs handed over by the committer, not queued yet.
+    let mut fresh: Vec<Handed> = Vec::new();
     // Poll the outbox when there is room: at start, when woken (replay), when the next
     // job falls due, and again right away while a poll comes back full.
     let mut poll = true;
@@ -182,45 +173,31 @@ pub async fn run(
             .retain(|k, s| s.available_permits() < per_endpoint || queued.by_hook.contains_key(k));
         let mut store_failed = false;
 
-        // 1. The direct path: claim what the committer just announced.
-        while let Ok(ids) = announced.0.try_recv() {
-            fresh.extend(ids);
+        // 1. The direct path: queue what the committer just handed over.
+        while let Ok(h) = announced.rx.try_recv() {
+            fresh.push(h);
         }
         if !fresh.is_empty() {
             let deep_hooks = queued.deep(deep);
-            let ids: Vec<String> = {
-                let set = lock(&in_flight);
-                fresh
-                    .drain(..)
-                    .filter(|(id, hook)| {
-                        let keep = !deep_hooks.contains(hook);
-                        deep_left |= !keep;
-                        keep && !set.contains(id)
-                    })
-                    .map(|(id, _)| id)
-                    .collect()
-            };
-            let busy = Busy {
-                deliveries: Vec::new(),
-                webhooks: deep_hooks,
-                lease: lease.clone(),
-            };
-            let asked = Instant::now();
-            match app.store.claim_announced(ids, Utc::now(), busy).await {
-                Ok(jobs) => {
-                    metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "handoff")
-                        .increment(jobs.len() as u64);
-                    queued.push(&node, &in_flight, asked, jobs);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot claim new deliveries; they stay due in the store");
-                    poll = true;
-                    store_failed = true;
-                }
+            // Jobs of a webhook whose queue is deep wait in the store instead of memory.
+            let mut left = Vec::new();
+            for h in fresh.drain(..) {
+                let (keep, drop): (Vec<_>, Vec<_>) = h
+                    .jobs
+                    .into_iter()
+                    .partition(|j| !deep_hooks.contains(&j.webhook_id));
+                metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "handoff")
+                    .increment(keep.len() as u64);
+                queued.push(&node, &in_flight, h.since, keep);
+                left.extend(drop);
+            }
+            if !left.is_empty() {
+                deep_left = true;
+                store_failed |= !leave_in_store(&app, &in_flight, left).await;
             }
         }
 
-        // 2. The outbox, for what the announcements do not cover.
+        // 2. The outbox, for what the hand-overs do not cover.
         if poll && queued.len < FETCH_MAX / 2 && !store_failed {
             let limit = FETCH_MAX - queued.len;
             let deep_hooks = queued.deep(deep);
@@ -310,9 +287,9 @@ pub async fn run(
         };
         tokio::select! {
             _ = cancel.cancelled() => break,
-            Some(ids) = announced.0.recv() => {
+            Some(h) = announced.rx.recv() => {
                 metrics::counter!("hookbridge_delivery_wakeups_total", "source" => "handoff").increment(1);
-                fresh.extend(ids);
+                fresh.push(h);
             }
             _ = app.delivery_wake.notified() => {
                 metrics::counter!("hookbridge_delivery_wakeups_total", "source" => "local").increment(1);
@@ -343,8 +320,10 @@ pub async fn run(
             }
         }
     }
-    // Jobs still waiting for a permit, or announced and not claimed, stay due in the store.
+    // Jobs still waiting for a permit, or handed over and not queued, stay due in the store
+    // (on a shared store, claimed until their lease expires or this node starts again).
     drop(queued);
+    drop(fresh);
 
     // Stop taking jobs; let the attempts under way finish (each bounded by the request
     // timeout) and their outcomes be written, so a clean stop repeats nothing.
@@ -365,6 +344,36 @@ pub async fn run(
         .await
         .map_err(|e| format!("delivery recorder failed: {e}"))?;
     Ok(())
+}
+
+/// Hands jobs the committer handed over back to the store, for a later poll: their claims
+/// (on a shared store) are released so that no lease has to run out first. False when the
+/// store could not be told (they are due again when their leases expire).
+async fn leave_in_store(app: &App, in_flight: &InFlight, jobs: Vec<DeliveryJob>) -> bool {
+    {
+        let mut set = lock(in_flight);
+        for j in &jobs {
+            set.remove(&j.id);
+        }
+    }
+    let mut by_claim: HashMap<&str, (&crate::store::ClaimId, Vec<String>)> = HashMap::new();
+    for j in &jobs {
+        if let Some(c) = &j.claim {
+            by_claim
+                .entry(c.0.as_str())
+                .or_insert_with(|| (c, Vec::new()))
+                .1
+                .push(j.id.clone());
+        }
+    }
+    let mut ok = true;
+    for (claim, ids) in by_claim.into_values() {
+        if let Err(e) = app.store.release_claims(claim, ids).await {
+            tracing::warn!(error = %e, "cannot hand back delivery jobs left for a later poll; they are taken again when their leases expire");
+            ok = false;
+        }
+    }
+    ok
 }
 
 /// The next wake-up from other nodes; never, without a source.

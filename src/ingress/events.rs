@@ -214,8 +214,9 @@ async fn ingest(
     let hooks = app.store.list_webhooks(org).await?;
     let mut files: Vec<String> = Vec::new();
     let mut deliveries = Vec::new();
+    let mut http_hooks = Vec::new();
     let mut rollups = Vec::new();
-    for h in hooks.iter().filter(|h| h.subscribed(env.kind)) {
+    for h in hooks.into_iter().filter(|h| h.subscribed(env.kind)) {
         match h.kind {
             WebhookKind::Sftp if h.rollup.is_some() => {
                 if let Some(spec) = h.rollup {
@@ -231,7 +232,10 @@ async fn ingest(
                     files.push(p);
                 }
             }
-            WebhookKind::Http => deliveries.push((new_id("dlv"), h.id.clone())),
+            WebhookKind::Http => {
+                deliveries.push((new_id("dlv"), h.id.clone()));
+                http_hooks.push(h);
+            }
         }
     }
     let envelope_json = env.to_json();
@@ -248,7 +252,7 @@ async fn ingest(
         lines: Vec::new(),
         accepted_at: None,
     };
-    match app.spool.submit(new).await? {
+    match app.spool.submit(new, http_hooks).await? {
         // Their delivery jobs were handed to the scheduler by the spool.
         Committed::New(r) => Ok((StatusCode::ACCEPTED, Json(r))),
         Committed::Known(r) => Ok((StatusCode::OK, Json(r))),

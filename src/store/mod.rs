@@ -190,6 +190,17 @@ pub struct IngestResult {
     pub deliveries: Vec<String>,
 }
 
+/// What `commit_and_claim` recorded.
+#[derive(Debug, Clone, Default)]
+pub struct CommitClaim {
+    /// One per event of the batch, in order.
+    pub outcomes: Vec<CommitOutcome>,
+    /// The delivery jobs the transaction inserted (of new events, deferred ones included).
+    pub inserted: Vec<String>,
+    /// The claim those jobs were inserted under, when a lease was asked for.
+    pub claim: Option<ClaimId>,
+}
+
 #[derive(Debug, Clone)]
 pub enum CommitOutcome {
     /// First time this id is seen: files must now be written.
@@ -477,11 +488,29 @@ pub trait Store: Send + Sync + 'static {
     async fn get_custom_value_endpoint(&self, org: &str) -> Result<Option<String>>;
 
     // Ingest (one durable transaction per group commit)
+    /// Records a batch of events, their delivery jobs and staged lines in one durable
+    /// transaction. With `lease`, the jobs it inserts are claimed by that node in the same
+    /// transaction (the claim `due_jobs` takes, so no other node is handed them while the
+    /// lease runs): the committer hands them to its own scheduler directly, and they never
+    /// wait for a poll or a claim round trip. SQLite ignores the lease (one process owns
+    /// the file; the scheduler's in-flight set is the claim).
+    async fn commit_and_claim(
+        &self,
+        batch: Vec<NewEvent>,
+        files_done: Vec<(String, String)>,
+        lease: Option<Lease>,
+    ) -> Result<CommitClaim>;
+    /// `commit_and_claim` without a lease: the jobs stay due for any scheduler's poll.
     async fn commit_events(
         &self,
         batch: Vec<NewEvent>,
         files_done: Vec<(String, String)>,
-    ) -> Result<Vec<CommitOutcome>>;
+    ) -> Result<Vec<CommitOutcome>> {
+        Ok(self
+            .commit_and_claim(batch, files_done, None)
+            .await?
+            .outcomes)
+    }
     async fn mark_files_done(&self, done: Vec<(String, String)>) -> Result<()>;
     /// Events whose files are charged but not marked written (crash, storage outage),
     /// without paths recorded as taken; deferred events wait for their repost.
@@ -495,19 +524,10 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>>;
-    /// Claims jobs just committed and announced by the spool (the direct hand-off): those
-    /// of `ids` still due and outside `busy`, with payload and webhook, in one round trip.
-    /// SQLite: one process owns the file, so the claim is the caller's in-flight set and
-    /// this is a read. A shared store (PostgreSQL) takes the lease here instead (`UPDATE …
-    /// SET lease_until … WHERE id = ANY($1) AND lease expired RETURNING …`), the same claim
-    /// `due_jobs` takes with `SKIP LOCKED`, so a job announced in one process and polled
-    /// by another is still sent once.
-    async fn claim_announced(
-        &self,
-        ids: Vec<String>,
-        now: DateTime<Utc>,
-        busy: Busy,
-    ) -> Result<Vec<DeliveryJob>>;
+    /// Hands back jobs `claim` holds (`commit_and_claim` claimed them, and the scheduler
+    /// will not send them soon: their webhook's queue is deep), so any node's poll takes
+    /// them when due instead of when the lease expires. Returns how many. SQLite: 0.
+    async fn release_claims(&self, claim: &ClaimId, ids: Vec<String>) -> Result<u64>;
     /// When the next job outside `busy` is due (may be in the past).
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>>;
     /// Records attempts and their outcomes in one durable transaction (group commit).

@@ -13,8 +13,10 @@ use super::*;
 use crate::event::EventType;
 use crate::secrets::SecretBox;
 
+mod handoff;
 mod nodes;
 mod queue;
+use handoff::*;
 use nodes::*;
 mod rollups;
 use queue::*;
@@ -157,7 +159,7 @@ macro_rules! with_shared_cases {
             pending_files_until_done,
             deferred_files_stay_pending,
             due_jobs_and_busy,
-            claim_announced_takes_only_the_named_due_jobs,
+            a_commit_names_the_jobs_it_inserted,
             attempts_and_health,
             list_deliveries_filters,
             replay_resets_jobs,
@@ -178,6 +180,8 @@ macro_rules! with_shared_cases {
 with_shared_cases!(sqlite:);
 
 with_shared_cases!(postgres:
+    jobs_claimed_at_commit_are_held_until_recorded_or_released,
+    commit_claims_are_released_with_the_node,
     concurrent_claimers_never_share_a_job,
     an_expired_lease_is_claimable_again,
     a_stale_claim_cannot_record,

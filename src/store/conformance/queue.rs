@@ -177,34 +177,6 @@ pub(super) async fn due_jobs_and_busy(s: S) {
     assert!(next <= Utc::now());
 }
 
-pub(super) async fn claim_announced_takes_only_the_named_due_jobs(s: S) {
-    with_jobs(&s, 3).await;
-    let got = s
-        .claim_announced(
-            vec!["d2".into(), "d0".into(), "nope".into()],
-            Utc::now(),
-            Busy::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(ids(&got), ["d0", "d2"]);
-    let busy = Busy {
-        deliveries: vec!["d0".into()],
-        webhooks: vec![],
-        ..Default::default()
-    };
-    let got = s
-        .claim_announced(vec!["d0".into()], Utc::now(), busy)
-        .await
-        .unwrap();
-    assert!(got.is_empty(), "a busy job is not handed out");
-    assert!(s
-        .claim_announced(vec![], Utc::now(), Busy::default())
-        .await
-        .unwrap()
-        .is_empty());
-}
-
 pub(super) async fn attempts_and_health(s: S) {
     with_jobs(&s, 4).await;
     let jobs = due(&s).await;
@@ -536,11 +508,6 @@ pub(super) async fn concurrent_claimers_never_share_a_job(s: S) {
         assert!(j.claim.is_some());
     }
     assert!(due(&s).await.is_empty(), "leased jobs are not handed out");
-    let announced = s
-        .claim_announced(vec!["d0".into()], now, leased(5))
-        .await
-        .unwrap();
-    assert!(announced.is_empty(), "nor announced ones");
 }
 
 pub(super) async fn an_expired_lease_is_claimable_again(s: S) {

@@ -370,12 +370,13 @@ impl Store for PostgresStore {
         r.map(|r| get(&r, 0)).transpose()
     }
 
-    async fn commit_events(
+    async fn commit_and_claim(
         &self,
         batch: Vec<NewEvent>,
         files_done: Vec<(String, String)>,
-    ) -> Result<Vec<CommitOutcome>> {
-        queue::commit_events(self, batch, files_done).await
+        lease: Option<Lease>,
+    ) -> Result<CommitClaim> {
+        queue::commit_events(self, batch, files_done, lease).await
     }
 
     async fn mark_files_done(&self, done: Vec<(String, String)>) -> Result<()> {
@@ -436,20 +437,11 @@ impl Store for PostgresStore {
         limit: usize,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>> {
-        queue::jobs(self, now, limit, busy, None).await
+        queue::jobs(self, now, limit, busy).await
     }
 
-    async fn claim_announced(
-        &self,
-        ids: Vec<String>,
-        now: DateTime<Utc>,
-        busy: Busy,
-    ) -> Result<Vec<DeliveryJob>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let n = ids.len();
-        queue::jobs(self, now, n, busy, Some(ids)).await
+    async fn release_claims(&self, claim: &ClaimId, ids: Vec<String>) -> Result<u64> {
+        queue::release_claims(self, claim, ids).await
     }
 
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>> {

@@ -25,9 +25,13 @@ pub(super) const CHANNEL: &str = "hookbridge_jobs";
 /// Longest wait between reconnect attempts while PostgreSQL is down.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Queues a wake-up of the other nodes, sent when `tx` commits.
-pub(super) async fn notify(tx: &deadpool_postgres::Transaction<'_>, origin: &str) -> Result<()> {
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &origin])
+/// Queues a wake-up of the other nodes, sent when `c`'s transaction commits (at once
+/// outside a transaction).
+pub(super) async fn notify<C: deadpool_postgres::GenericClient + Sync>(
+    c: &C,
+    origin: &str,
+) -> Result<()> {
+    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &origin])
         .await?;
     Ok(())
 }

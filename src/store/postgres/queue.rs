@@ -14,11 +14,12 @@ pub(super) async fn commit_events(
     s: &PostgresStore,
     batch: Vec<NewEvent>,
     files_done: Vec<(String, String)>,
-) -> Result<Vec<CommitOutcome>> {
+    lease: Option<Lease>,
+) -> Result<CommitClaim> {
     let mut tries = 0;
     loop {
         tries += 1;
-        match commit_once(s, &batch, &files_done).await {
+        match commit_once(s, &batch, &files_done, lease.as_ref()).await {
             Err(e) if super::is_contention(&e) && tries < CONTENTION_TRIES => {
                 metrics::counter!("hookbridge_store_conflict_retries_total").increment(1);
                 tracing::debug!(error = %e, "ingest batch lost a lock conflict with another node; running it again");
@@ -32,7 +33,8 @@ async fn commit_once(
     s: &PostgresStore,
     batch: &[NewEvent],
     files_done: &[(String, String)],
-) -> Result<Vec<CommitOutcome>> {
+    lease: Option<&Lease>,
+) -> Result<CommitClaim> {
     let mut c = s.conn().await?;
     let tx = c.transaction().await?;
     mark_done(&tx, files_done).await?;
@@ -53,8 +55,16 @@ async fn commit_once(
         )
         .await?;
     }
-    let mut new_jobs = false;
-    let now = micros(Utc::now());
+    let mut new_jobs = Vec::new();
+    let at = Utc::now();
+    let now = micros(at);
+    // Jobs inserted already claimed by this node (its scheduler is handed them directly):
+    // the same claim and lease `jobs` takes, so no node polls them while the lease runs.
+    let claim = lease.map(|l| ClaimId::new(&l.node));
+    let claim_text = claim.as_ref().map(|c| c.0.as_str());
+    let lease_until = lease.map(|l| {
+        micros(at + chrono::Duration::from_std(l.length).unwrap_or(chrono::Duration::hours(1)))
+    });
     let ins_event = tx
         .prepare_cached(
             "INSERT INTO events (org, id, envelope, result, files_pending, created_at, charged)
@@ -68,8 +78,8 @@ async fn commit_once(
         .await?;
     let ins_delivery = tx
         .prepare_cached(
-            "INSERT INTO deliveries (id, org, webhook_id, event_id, status, attempts, next_attempt_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, 0, $6, $6, $6)",
+            "INSERT INTO deliveries (id, org, webhook_id, event_id, status, attempts, next_attempt_at, created_at, updated_at, claim, lease_until)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $6, $6, $7, $8)",
         )
         .await?;
     let pending = DeliveryStatus::Pending.as_str();
@@ -142,9 +152,21 @@ async fn commit_once(
             .await?;
         }
         for (did, wid) in &ev.deliveries {
-            tx.execute(&ins_delivery, &[did, &ev.org, wid, &ev.id, &pending, &now])
-                .await?;
-            new_jobs = true;
+            tx.execute(
+                &ins_delivery,
+                &[
+                    did,
+                    &ev.org,
+                    wid,
+                    &ev.id,
+                    &pending,
+                    &now,
+                    &claim_text,
+                    &lease_until,
+                ],
+            )
+            .await?;
+            new_jobs.push(did.clone());
         }
         usage::stage_lines(&tx, ev).await?;
         out.push(match over {
@@ -152,11 +174,16 @@ async fn commit_once(
             None => CommitOutcome::New(result),
         });
     }
-    if new_jobs {
+    // Other nodes need no wake-up for jobs this node claimed; unclaimed ones are theirs too.
+    if !new_jobs.is_empty() && claim.is_none() {
         super::notify::notify(&tx, &s.origin).await?;
     }
     tx.commit().await?;
-    Ok(out)
+    Ok(CommitClaim {
+        outcomes: out,
+        inserted: new_jobs,
+        claim,
+    })
 }
 
 async fn mark_done(
@@ -214,7 +241,7 @@ pub(super) async fn pending_files(s: &PostgresStore) -> Result<Vec<PendingFiles>
     usage::without_taken(&c, pending).await
 }
 
-/// Due jobs outside `busy`, oldest first; with `only`, just those ids. With `busy.lease`
+/// Due jobs outside `busy`, oldest first. With `busy.lease`
 /// the jobs are claimed in the same statement (`FOR UPDATE SKIP LOCKED`, a fresh claim id,
 /// `lease_until`), so two nodes never get the same job while its lease runs; an expired
 /// lease is claimable again, which is how a dead node's jobs are taken over.
@@ -223,7 +250,6 @@ pub(super) async fn jobs(
     now: DateTime<Utc>,
     limit: usize,
     busy: Busy,
-    only: Option<Vec<String>>,
 ) -> Result<Vec<DeliveryJob>> {
     let hook_cols = super::HOOK_COLS
         .split(", ")
@@ -236,8 +262,7 @@ pub(super) async fn jobs(
         micros(now + chrono::Duration::from_std(l.length).unwrap_or(chrono::Duration::hours(1)))
     });
     // The status literals match the partial index `deliveries_due` (DeliveryStatus::OPEN).
-    let due = "($5::text[] IS NULL OR d.id = ANY($5))
-           AND d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1
+    let due = "d.status IN ('pending', 'failed') AND d.next_attempt_at <= $1
            AND (d.lease_until IS NULL OR d.lease_until < $1)
            AND NOT (d.id = ANY($3)) AND NOT (d.webhook_id = ANY($4))";
     let sql = if claim.is_some() {
@@ -248,7 +273,7 @@ pub(super) async fn jobs(
                SELECT d.id, d.claim AS old_claim FROM deliveries d WHERE {due}
                ORDER BY d.next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED),
              c AS (
-               UPDATE deliveries u SET claim = $6, lease_until = $7 FROM o WHERE u.id = o.id
+               UPDATE deliveries u SET claim = $5, lease_until = $6 FROM o WHERE u.id = o.id
                RETURNING u.id, u.org, u.webhook_id, u.event_id, u.attempts, u.created_at, u.next_attempt_at, o.old_claim)
              SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}, d.old_claim
              FROM c d JOIN events e ON e.org = d.org AND e.id = d.event_id
@@ -268,7 +293,7 @@ pub(super) async fn jobs(
     let now_us = micros(now);
     let limit = limit as i64;
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        vec![&now_us, &limit, &busy.deliveries, &busy.webhooks, &only];
+        vec![&now_us, &limit, &busy.deliveries, &busy.webhooks];
     if claim.is_some() {
         params.push(&claim_text);
         params.push(&lease_until);
@@ -464,6 +489,31 @@ pub(super) async fn move_downloads(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// `Store::release_claims`: only jobs still held under `claim` (an outcome or another
+/// node's takeover since is left alone).
+pub(super) async fn release_claims(
+    s: &PostgresStore,
+    claim: &ClaimId,
+    ids: Vec<String>,
+) -> Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let c = s.conn().await?;
+    let n = c
+        .execute(
+            "UPDATE deliveries SET claim = NULL, lease_until = NULL
+             WHERE claim = $1 AND id = ANY($2)",
+            &[&claim.0, &ids],
+        )
+        .await?;
+    if n > 0 {
+        // Due now for any node: wake the others (this one polls on its own).
+        super::notify::notify(&c, &s.origin).await?;
+    }
+    Ok(n)
 }
 
 /// `Store::release_node_claims`: jobs by a prefix match on the claim (not LIKE: node ids may

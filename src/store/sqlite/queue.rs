@@ -1,5 +1,5 @@
-//! The delivery queue on SQLite: due jobs, the announced-job hand-off, attempts and
-//! their outcomes, the delivery log and replays.
+//! The delivery queue on SQLite: due jobs, attempts and their outcomes, the delivery log
+//! and replays.
 
 use chrono::{DateTime, Utc};
 use rusqlite::params;
@@ -10,14 +10,8 @@ use super::super::*;
 use super::{Rows, SqliteStore};
 
 impl SqliteStore {
-    /// Due jobs outside `busy`, oldest first; with `only` (a JSON array of ids), just those.
-    async fn jobs(
-        &self,
-        now: DateTime<Utc>,
-        limit: usize,
-        busy: Busy,
-        only: Option<String>,
-    ) -> Result<Vec<DeliveryJob>> {
+    /// Due jobs outside `busy`, oldest first.
+    async fn jobs(&self, now: DateTime<Utc>, limit: usize, busy: Busy) -> Result<Vec<DeliveryJob>> {
         let sb = self.secrets.clone();
         self.with_reader(move |c, q| {
             let mut busy = busy;
@@ -32,20 +26,16 @@ impl SqliteStore {
                 "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
                  FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
                  LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
-                 WHERE {only} d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
+                 WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
                    AND d.id NOT IN (SELECT value FROM json_each(?3))
                    AND d.webhook_id NOT IN (SELECT value FROM json_each(?4))
-                 {order} LIMIT ?2",
-                // Announced ids: looked up by primary key, in the order given.
-                // (Polls bind ?5 to '' too: one parameter list for both.)
-                only = if only.is_some() { "d.id IN (SELECT value FROM json_each(?5)) AND" } else { "?5 = '' AND" },
-                order = if only.is_some() { "" } else { "ORDER BY d.next_attempt_at" },
+                 ORDER BY d.next_attempt_at LIMIT ?2"
             ))?;
             // Jobs of one webhook share its row: parse it once per query.
             let mut hooks_seen: std::collections::HashMap<(String, String), Webhook> =
                 Default::default();
             let rows = st
-                .query_map(params![micros(now), limit as i64, ids, hooks, only.unwrap_or_default()], |r| {
+                .query_map(params![micros(now), limit as i64, ids, hooks], |r| {
                     // A job whose own row or webhook row is corrupt is skipped, and kept
                     // out of later queries under its own id.
                     keyed("deliveries", r, 0, |r| {
@@ -101,23 +91,7 @@ pub(super) async fn due_jobs(
     limit: usize,
     busy: Busy,
 ) -> Result<Vec<DeliveryJob>> {
-    s.jobs(now, limit, busy, None).await
-}
-
-pub(super) async fn claim_announced(
-    s: &SqliteStore,
-    ids: Vec<String>,
-    now: DateTime<Utc>,
-    busy: Busy,
-) -> Result<Vec<DeliveryJob>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let n = ids.len();
-    // The claim itself is the caller's in-flight set (one process owns this file):
-    // here only the jobs still due, with their payload and webhook, in one read.
-    let only = serde_json::to_string(&ids).map_err(|e| StoreError::Db(e.to_string()))?;
-    s.jobs(now, n, busy, Some(only)).await
+    s.jobs(now, limit, busy).await
 }
 
 pub(super) async fn next_due_at(s: &SqliteStore, busy: Busy) -> Result<Option<DateTime<Utc>>> {
