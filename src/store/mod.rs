@@ -752,6 +752,14 @@ pub fn validate_path_template(t: &str) -> Result<(), String> {
     if !t.ends_with(".json") {
         return Err("must end with \".json\"".into());
     }
+    // The roll-up tree is hookbridge's own output, rebuilt whole by a replay: per-event
+    // files there would be deleted with it (SFTP users cannot write there either).
+    if t[1..].split('/').next() == Some(crate::storage::complete_view::ROLLUP_DIR) {
+        return Err(format!(
+            "must not start with /{}/, the roll-up folders hookbridge writes",
+            crate::storage::complete_view::ROLLUP_DIR
+        ));
+    }
     let mut rest = t.to_owned();
     for v in TEMPLATE_VARS {
         rest = rest.replace(v, "x");
@@ -821,6 +829,7 @@ mod tests {
     fn templates() {
         assert!(validate_path_template(DEFAULT_PATH_TEMPLATE).is_ok());
         assert!(validate_path_template("/out/{org}-{id}.json").is_ok());
+        assert!(validate_path_template("/rollups-copy/{id}.json").is_ok());
         for bad in [
             "{id}.json",
             "/../{id}.json",
@@ -828,6 +837,7 @@ mod tests {
             "/{x}/{id}.json",
             "/a/b.json",
             "/.hidden/{id}.json",
+            "/rollups/{type}/{id}.json",
         ] {
             assert!(validate_path_template(bad).is_err(), "{bad}");
         }
