@@ -164,12 +164,26 @@ async fn fetch_inner(
             tracing::error!(error = %e, "cannot sign a custom value request");
             CvError::Upstream("hookbridge could not sign the request".into())
         })?;
-    let req = app
+    let uri = client::uri_of(&url).map_err(|e| CvError::Upstream(e.to_string()))?;
+    let mut headers = client::base_headers();
+    headers.insert(
+        header::ACCEPT,
+        header::HeaderValue::from_static("application/json"),
+    );
+    signed
+        .apply(&mut headers)
+        .map_err(|e| CvError::Upstream(format!("a signed header is not valid: {e}")))?;
+    let ex = app
         .delivery
-        .cv_client
-        .get(url)
-        .header(header::ACCEPT, "application/json");
-    let ex = client::exchange(signed.apply(req), cfg.custom_value_timeout.0).await;
+        .client
+        .exchange(
+            axum::http::Method::GET,
+            uri,
+            headers,
+            bytes::Bytes::new(),
+            cfg.custom_value_timeout.0,
+        )
+        .await;
     let status = match (&ex.error, ex.status) {
         (Some(SendError::Timeout(t)), _) => return Err(CvError::Timeout(*t)),
         (Some(e), _) => return Err(CvError::Upstream(e.to_string())),

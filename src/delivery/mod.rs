@@ -38,8 +38,9 @@ pub use tests::{connection_test, TestResult, TESTS};
 /// Signing keys and HTTP clients, built once at start and shared by handlers and workers.
 pub struct Delivery {
     pub signer: signing::Signer,
-    client: reqwest::Client,
-    cv_client: reqwest::Client,
+    /// One pooled client for deliveries, connection tests and custom value requests; each
+    /// exchange gets its own total timeout.
+    client: client::Client,
 }
 
 impl Delivery {
@@ -51,8 +52,7 @@ impl Delivery {
             .map_err(|e| e.to_string())?;
         Ok(Self {
             signer,
-            client: client::build(d, d.request_timeout.0)?,
-            cv_client: client::build(d, d.custom_value_timeout.0)?,
+            client: client::build(d)?,
         })
     }
 }
@@ -79,12 +79,11 @@ pub(crate) async fn post_signed(
     body: Vec<u8>,
 ) -> client::Exchange {
     let timeout = app.config.delivery.request_timeout.0;
-    // The URL parsed (and checked) once; reqwest takes it as is instead of parsing it again.
-    let parsed =
-        match client::check_destination(url, app.config.delivery.allow_private_destinations) {
-            Ok(u) => u,
-            Err(e) => return client::Exchange::failed(std::time::Instant::now(), e),
-        };
+    // The URL parsed (and checked) once per URL string; the cached request URI is shared.
+    let uri = match client::destination_uri(url, app.config.delivery.allow_private_destinations) {
+        Ok(u) => u,
+        Err(e) => return client::Exchange::failed(std::time::Instant::now(), e),
+    };
     let signed = match app.delivery.signer.sign(org, url, id, &body, secret) {
         Ok(s) => s,
         Err(e) => {
@@ -95,16 +94,27 @@ pub(crate) async fn post_signed(
             );
         }
     };
-    let req = app
-        .delivery
+    let mut headers = client::base_headers();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    if let Err(e) = signed.apply(&mut headers) {
+        return client::Exchange::failed(
+            std::time::Instant::now(),
+            SendError::Other(format!("a signed header is not a valid header value: {e}")),
+        );
+    }
+    app.delivery
         .client
-        .post(parsed)
-        .header(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
+        .exchange(
+            axum::http::Method::POST,
+            uri,
+            headers,
+            Bytes::from(body),
+            timeout,
         )
-        .body(body);
-    client::exchange(signed.apply(req), timeout).await
+        .await
 }
 
 /// Sends a signed `ping` the endpoint must answer with 2xx before the webhook is saved.

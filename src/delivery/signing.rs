@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use aws_lc_rs::signature::Ed25519KeyPair;
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use chrono::{DateTime, Duration, Utc};
@@ -176,22 +177,31 @@ pub struct SignedHeaders {
 }
 
 impl SignedHeaders {
-    pub fn apply(self, mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        use reqwest::header::HeaderName;
+    /// Adds the signature headers to `headers` (values straight from the strings, no copy).
+    pub fn apply(
+        self,
+        headers: &mut HeaderMap,
+    ) -> Result<(), axum::http::header::InvalidHeaderValue> {
         // Static names: parsing a custom name from a `&str` copies it into a new buffer
         // on every request.
-        req = req
-            .header(reqwest::header::AUTHORIZATION, self.authorization)
-            .header(HeaderName::from_static("webhook-id"), self.webhook_id)
-            .header(
-                HeaderName::from_static("webhook-timestamp"),
-                self.webhook_timestamp,
-            );
+        headers.insert(header::AUTHORIZATION, value(self.authorization)?);
+        headers.insert(
+            HeaderName::from_static("webhook-id"),
+            value(self.webhook_id)?,
+        );
+        headers.insert(
+            HeaderName::from_static("webhook-timestamp"),
+            value(self.webhook_timestamp)?,
+        );
         if let Some(s) = self.webhook_signature {
-            req = req.header(HeaderName::from_static("webhook-signature"), s);
+            headers.insert(HeaderName::from_static("webhook-signature"), value(s)?);
         }
-        req
+        Ok(())
     }
+}
+
+fn value(s: String) -> Result<HeaderValue, axum::http::header::InvalidHeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
 }
 
 impl Signer {
