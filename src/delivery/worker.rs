@@ -160,6 +160,11 @@ pub async fn run(
     let mut deep_left = false;
     // When the store's next job outside the in-flight set is due (None: ask the store).
     let mut next_due: Option<DateTime<Utc>> = None;
+    // The poll under way: it runs beside the attempts, so the jobs already queued keep
+    // starting while the store answers (waiting on it serially idled the workers for a
+    // claim round trip per poll, which bounded the drain of a backlog on PostgreSQL).
+    let mut polling: Option<tokio::task::JoinHandle<Polled>> = None;
+    let mut answer: Option<Result<Polled, String>> = None;
     tracing::info!(
         workers = cfg.workers,
         per_endpoint,
@@ -197,8 +202,25 @@ pub async fn run(
             }
         }
 
-        // 2. The outbox, for what the hand-overs do not cover.
-        if poll && queued.len < FETCH_MAX / 2 && !store_failed {
+        // 2. The outbox, for what the hand-overs do not cover: a poll's answer, then the
+        // next poll (started, not awaited).
+        if polling.as_ref().is_some_and(|p| p.is_finished()) {
+            if let Some(p) = polling.take() {
+                answer = Some(p.await.map_err(|e| e.to_string()));
+            }
+        }
+        if let Some(done) = answer.take() {
+            store_failed |= !take_polled(
+                done,
+                &node,
+                &in_flight,
+                &mut queued,
+                &mut poll,
+                &mut deep_left,
+                &mut next_due,
+            );
+        }
+        if poll && polling.is_none() && queued.len < FETCH_MAX / 2 && !store_failed {
             let limit = FETCH_MAX - queued.len;
             let deep_hooks = queued.deep(deep);
             let busy = Busy {
@@ -206,21 +228,19 @@ pub async fn run(
                 webhooks: deep_hooks.clone(),
                 lease: lease.clone(),
             };
-            let asked = Instant::now();
-            match app.store.due_jobs(Utc::now(), limit, busy).await {
-                Ok(jobs) => {
-                    poll = jobs.len() >= limit;
-                    deep_left = !deep_hooks.is_empty();
-                    next_due = None;
-                    metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "poll")
-                        .increment(jobs.len() as u64);
-                    queued.push(&node, &in_flight, asked, jobs);
+            let store = app.store.clone();
+            // Set again by its answer when it came back full, or by a wake-up meanwhile.
+            poll = false;
+            polling = Some(tokio::spawn(async move {
+                let asked = Instant::now();
+                let jobs = store.due_jobs(Utc::now(), limit, busy).await;
+                Polled {
+                    asked,
+                    limit,
+                    deep: !deep_hooks.is_empty(),
+                    jobs,
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read due deliveries; retrying shortly");
-                    store_failed = true;
-                }
-            }
+            }));
         }
 
         // 3. Start what the permits allow.
@@ -253,15 +273,17 @@ pub async fn run(
             }
         }
         queued.by_hook.retain(|_, q| !q.is_empty());
-        if poll && queued.len < FETCH_MAX / 2 && !store_failed {
+        if polling.as_ref().is_some_and(|p| p.is_finished())
+            || (poll && polling.is_none() && queued.len < FETCH_MAX / 2 && !store_failed)
+        {
             continue;
         }
 
         // 4. Sleep until there is something to do.
         let wait = if store_failed {
             Duration::from_secs(1)
-        } else if poll {
-            // Waiting for room: an attempt ending wakes us.
+        } else if poll || polling.is_some() {
+            // Waiting for room (an attempt ending wakes us) or for the poll's answer.
             IDLE_POLL
         } else {
             if next_due.is_none() {
@@ -314,6 +336,11 @@ pub async fn run(
                 }
             }
             Some(_) = attempts.join_next(), if !attempts.is_empty() => poll |= deep_left,
+            // Its answer is queued at the top of the loop.
+            done = async { polling.as_mut().expect("guarded").await }, if polling.is_some() => {
+                polling = None;
+                answer = Some(done.map_err(|e| e.to_string()));
+            }
             _ = tokio::time::sleep(wait) => {
                 metrics::counter!("hookbridge_delivery_wakeups_total", "source" => "poll").increment(1);
                 poll = true;
@@ -324,6 +351,10 @@ pub async fn run(
     // (on a shared store, claimed until their lease expires or this node starts again).
     drop(queued);
     drop(fresh);
+    // A poll's claims, if it ran, expire (or are handed back at the next start).
+    if let Some(p) = polling.take() {
+        p.abort();
+    }
 
     // Stop taking jobs; let the attempts under way finish (each bounded by the request
     // timeout) and their outcomes be written, so a clean stop repeats nothing.
@@ -374,6 +405,58 @@ async fn leave_in_store(app: &App, in_flight: &InFlight, jobs: Vec<DeliveryJob>)
         }
     }
     ok
+}
+
+/// A poll's answer (`Store::due_jobs`), from its own task.
+struct Polled {
+    /// When the claim was asked for: the jobs' leases run from then.
+    asked: Instant,
+    limit: usize,
+    /// Webhooks with deep queues were left out of it.
+    deep: bool,
+    jobs: crate::store::Result<Vec<DeliveryJob>>,
+}
+
+/// Queues a poll's jobs; false when the store could not be read.
+fn take_polled(
+    done: Result<Polled, String>,
+    node: &str,
+    in_flight: &InFlight,
+    queued: &mut Queues,
+    poll: &mut bool,
+    deep_left: &mut bool,
+    next_due: &mut Option<DateTime<Utc>>,
+) -> bool {
+    let p = match done {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "the delivery poll failed; retrying shortly");
+            *poll = true;
+            return false;
+        }
+    };
+    match p.jobs {
+        Ok(mut jobs) => {
+            *poll |= jobs.len() >= p.limit;
+            *deep_left = p.deep;
+            *next_due = None;
+            // The in-flight set may have grown while the poll ran (the committer reserves
+            // jobs before it commits them): a job held here already is not queued twice.
+            {
+                let set = lock(in_flight);
+                jobs.retain(|j| !set.contains(&j.id));
+            }
+            metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "poll")
+                .increment(jobs.len() as u64);
+            queued.push(node, in_flight, p.asked, jobs);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read due deliveries; retrying shortly");
+            *poll = true;
+            false
+        }
+    }
 }
 
 /// The next wake-up from other nodes; never, without a source.

@@ -299,9 +299,25 @@ pub(super) async fn jobs(
         params.push(&lease_until);
     }
     let rows = c.query(&sql, &params).await?;
+    // A poll's jobs mostly share a few webhooks: each is decoded (and its secret opened)
+    // once per poll, as SQLite's `due_jobs` does, not once per row.
+    let mut hooks: std::collections::HashMap<String, Webhook> = Default::default();
     rows.iter()
         .map(|r| {
             let has_hook: bool = get(r, 7)?;
+            let webhook = if has_hook {
+                let id: String = get(r, 8)?;
+                Some(match hooks.get(&id) {
+                    Some(w) => w.clone(),
+                    None => {
+                        let w = hook_row(r, 8, &s.secrets)?;
+                        hooks.insert(id, w.clone());
+                        w
+                    }
+                })
+            } else {
+                None
+            };
             Ok(DeliveryJob {
                 id: get(r, 0)?,
                 org: get(r, 1)?,
@@ -310,11 +326,7 @@ pub(super) async fn jobs(
                 payload: get(r, 4)?,
                 attempts: get::<i32>(r, 5)? as u32,
                 created_at: time_at(r, 6)?,
-                webhook: if has_hook {
-                    Some(hook_row(r, 8, &s.secrets)?)
-                } else {
-                    None
-                },
+                webhook,
                 claim: claim.clone(),
                 took_over: get::<Option<String>>(r, 20)?.map(ClaimId),
             })
