@@ -7,6 +7,7 @@ mod client;
 mod custom_values;
 mod handoff;
 pub mod keyring;
+mod recorder;
 mod retry;
 pub mod signing;
 mod tests;

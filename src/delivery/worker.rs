@@ -26,7 +26,7 @@
 //!   again at the next start with the same `webhook-id` (receivers dedupe on it).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -36,10 +36,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::SendError;
 use super::handoff::{lock, Announcements, Handed, InFlight};
+use super::recorder::{recorder, DueAgain, Recorded};
 use super::retry;
-use crate::store::health::{self, AttemptRecord};
+use crate::store::health;
 use crate::store::{
-    Attempt, AttemptOutcome, AttemptResult, Busy, DeliveryJob, Store, TransportError, WebhookKind,
+    Attempt, AttemptOutcome, AttemptResult, Busy, DeliveryJob, TransportError, WebhookKind,
 };
 use crate::App;
 
@@ -52,12 +53,6 @@ const FETCH_MAX: usize = 256;
 const RECORD_PER_WORKER: usize = 4;
 /// Longest sleep without a reason to wake: bounds the cost of a missed notification.
 const IDLE_POLL: Duration = Duration::from_secs(5);
-
-type Recorded = (DeliveryJob, Attempt, AttemptOutcome);
-
-/// What the recorder tells the scheduler after a group commit: the earliest moment a job
-/// it just recorded is due again (a retry, or a job whose outcome could not be written).
-type DueAgain = Arc<Mutex<Option<DateTime<Utc>>>>;
 
 /// Jobs claimed and waiting for a permit, per webhook, with the moment their claim was
 /// asked for (their lease runs from then).
@@ -582,65 +577,4 @@ async fn deliver(app: &App, job: &DeliveryJob, body: Vec<u8>) -> (Attempt, Attem
         response_excerpt: ex.excerpt(),
     };
     (a, outcome)
-}
-
-/// Writes outcomes in batches; only then are the jobs released from the in-flight set.
-async fn recorder(
-    store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<Recorded>,
-    batch_max: usize,
-    in_flight: InFlight,
-    due_again: DueAgain,
-    recorded: Arc<Notify>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < batch_max {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let ids: Vec<String> = batch.iter().map(|(j, _, _)| j.id.clone()).collect();
-        let mut again = batch
-            .iter()
-            .filter_map(|(_, _, o)| match o {
-                AttemptOutcome::Retry { at } => Some(*at),
-                _ => None,
-            })
-            .min();
-        let records: Vec<AttemptRecord> = batch
-            .into_iter()
-            .map(|(job, a, outcome)| AttemptRecord::new(job, a, outcome))
-            .collect();
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match store.record_attempts(records.clone()).await {
-                Ok(()) => break,
-                Err(e) if tries < 5 => {
-                    tracing::warn!(error = %e, jobs = ids.len(), "cannot record delivery outcomes; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
-                }
-                Err(e) => {
-                    // The jobs stay due in the store: they will be delivered again, and
-                    // receivers dedupe on webhook-id. Better than losing track of them.
-                    tracing::error!(error = %e, jobs = ids.len(), "giving up recording delivery outcomes; these jobs will be attempted again");
-                    again = Some(Utc::now());
-                    break;
-                }
-            }
-        }
-        {
-            let mut set = lock(&in_flight);
-            for id in &ids {
-                set.remove(id);
-            }
-        }
-        if let Some(t) = again {
-            let mut due = lock(&due_again);
-            *due = Some(due.map_or(t, |d| d.min(t)));
-        }
-        recorded.notify_one();
-    }
 }
