@@ -25,7 +25,7 @@
 //!   twice; if the process dies first, the job is still due in the store and is tried
 //!   again at the next start with the same `webhook-id` (receivers dedupe on it).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -160,6 +160,11 @@ pub async fn run(
     // claim round trip per poll, which bounded the drain of a backlog on PostgreSQL).
     let mut polling: Option<tokio::task::JoinHandle<Polled>> = None;
     let mut answer: Option<Result<Polled, String>> = None;
+    // Jobs handed over while a poll was out. On SQLite (no lease) that poll may have read
+    // one of them as due before the committer reserved it; if its attempt is recorded (and
+    // leaves the in-flight set) before the answer is taken, only this set keeps the polled
+    // copy from being sent again.
+    let mut handed_during_poll: HashSet<String> = HashSet::new();
     tracing::info!(
         workers = cfg.workers,
         per_endpoint,
@@ -188,6 +193,9 @@ pub async fn run(
                     .partition(|j| !deep_hooks.contains(&j.webhook_id));
                 metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "handoff")
                     .increment(keep.len() as u64);
+                if polling.is_some() || answer.is_some() {
+                    handed_during_poll.extend(keep.iter().map(|j| j.id.clone()));
+                }
                 queued.push(&node, &in_flight, h.since, keep);
                 left.extend(drop);
             }
@@ -204,7 +212,11 @@ pub async fn run(
                 answer = Some(p.await.map_err(|e| e.to_string()));
             }
         }
-        if let Some(done) = answer.take() {
+        if let Some(mut done) = answer.take() {
+            if let Ok(Polled { jobs: Ok(jobs), .. }) = &mut done {
+                jobs.retain(|j| !handed_during_poll.contains(&j.id));
+            }
+            handed_during_poll.clear();
             store_failed |= !take_polled(
                 done,
                 &node,
