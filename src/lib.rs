@@ -237,6 +237,10 @@ pub async fn run_with_hook(
     // after the repair above so that its files count too.
     retention::count_uncounted(&*store, &*storage).await;
 
+    // Before anything of this run can claim: the release must not free a lease in use.
+    delivery::hand_back_node_leases(&*store, &config.node_id, delivery::HandBack::PreviousRun)
+        .await;
+
     let spool_cancel = CancellationToken::new();
     let (announcer, announced) = delivery::handoff(&config);
     let (spool, spool_task) = Spool::start(
@@ -360,6 +364,9 @@ pub async fn run_with_hook(
     // The HTTP server has drained: let the committer answer what is queued, then stop.
     spool_cancel.cancel();
     let _ = spool_task.await;
+    // Every task has ended: other nodes may take at once what this run claimed and left.
+    delivery::hand_back_node_leases(&*app.store, &config.node_id, delivery::HandBack::ThisRun)
+        .await;
     tracing::info!("stopped cleanly");
     result
 }

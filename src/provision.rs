@@ -417,7 +417,7 @@ pub fn check_webhook(h: &Webhook, allow_private: bool) -> Result<(), ProvisionEr
                 return Err(invalid("url", "only for webhooks of kind \"http\""));
             }
             if let Some(t) = &h.path_template {
-                validate_path_template(t).map_err(|m| invalid("path_template", m))?;
+                validate_path_template(t, &h.org).map_err(|m| invalid("path_template", m))?;
             }
         }
         WebhookKind::Http => {

@@ -181,7 +181,7 @@ impl Config {
                 match w.kind.as_str() {
                     "sftp" => {
                         if let Some(t) = &w.path_template {
-                            crate::store::validate_path_template(t)
+                            crate::store::validate_path_template(t, &org.name)
                                 .map_err(|m| invalid(format!("{wkey}.path_template"), m))?;
                         }
                     }

@@ -12,18 +12,19 @@
 //!
 //! The outbox stays the durable record and the source of truth after a restart: a job
 //! lost here (shutdown, crash) is still due in the store, found by the next run's poll
-//! (a restarted node hands its old leases back at once: `Store::release_node_claims`),
-//! and sent with the same `webhook-id`.
+//! and sent with the same `webhook-id`. A node hands back every lease it holds at a clean
+//! stop, and at start those its previous run died with ([`hand_back_node_leases`]), so
+//! such jobs are due again at once, not when their leases expire.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::store::{CommitClaim, DeliveryJob, Lease, NewEvent, Webhook};
+use crate::store::{CommitClaim, DeliveryJob, Lease, NewEvent, Store, Webhook};
 
 /// Jobs a scheduler holds (queued, or being attempted until their outcome is durable) or
 /// the committer is about to hand it: never handed out by a poll.
@@ -156,5 +157,44 @@ impl Announcer {
         if let Err(mpsc::error::SendError(h)) = self.tx.send(handed) {
             self.release(h.jobs.iter().map(|j| j.id.as_str()));
         }
+    }
+}
+
+/// Whose leases [`hand_back_node_leases`] hands back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandBack {
+    /// At start, before the spool, the scheduler or the roll-up closer runs: every lease
+    /// under this node's id is its previous run's, which died with them in hand.
+    PreviousRun,
+    /// At a clean stop, once every task of this run has ended: jobs claimed and never
+    /// sent (queued, or committed after the scheduler stopped) and partitions not closed.
+    ThisRun,
+}
+
+/// Hands back the delivery and roll-up leases held under `node`'s claims
+/// (`Store::release_node_claims`). It must run only while no task of this process can hold
+/// a lease it is using: a release racing the committer would free a job it had just
+/// claimed and handed over, and another node could send it at the same time. Bounded in
+/// time: with the store down, the leases simply expire.
+pub async fn hand_back_node_leases(store: &dyn Store, node: &str, which: HandBack) {
+    let r = tokio::time::timeout(Duration::from_secs(5), store.release_node_claims(node)).await;
+    match r {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => match which {
+            HandBack::PreviousRun => tracing::info!(
+                leases = n,
+                "handed back the leases of this node's previous run"
+            ),
+            HandBack::ThisRun => tracing::info!(
+                leases = n,
+                "handed back the leases this run held and did not use"
+            ),
+        },
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not hand back this node's leases; they are taken again when they expire")
+        }
+        Err(_) => tracing::warn!(
+            "the store did not answer in 5 s; this node's leases are taken again when they expire"
+        ),
     }
 }

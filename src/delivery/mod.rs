@@ -7,6 +7,7 @@ mod client;
 mod custom_values;
 mod handoff;
 pub mod keyring;
+mod queues;
 mod recorder;
 mod retry;
 pub mod signing;
@@ -33,7 +34,7 @@ use crate::store::{new_id, DeliveryStatus, Webhook, WebhookKind};
 use crate::App;
 
 pub use client::SendError;
-pub use handoff::{handoff, Announcements, Announcer, Handed};
+pub use handoff::{hand_back_node_leases, handoff, Announcements, Announcer, HandBack, Handed};
 pub use tests::{connection_test, TestResult, TESTS};
 
 /// Signing keys and HTTP clients, built once at start and shared by handlers and workers.

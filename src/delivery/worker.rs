@@ -25,7 +25,7 @@
 //!   twice; if the process dies first, the job is still due in the store and is tried
 //!   again at the next start with the same `webhook-id` (receivers dedupe on it).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::SendError;
 use super::handoff::{lock, Announcements, Handed, InFlight};
+use super::queues::{take_polled, Polled, Queues};
 use super::recorder::{recorder, DueAgain, Recorded};
 use super::retry;
 use crate::store::health;
@@ -51,51 +52,10 @@ const FETCH_MAX: usize = 256;
 /// queued, this bounds what a crash sends again: at most `workers` × (1 + 2 ×
 /// `RECORD_PER_WORKER`) deliveries were made and not yet recorded at any moment.
 const RECORD_PER_WORKER: usize = 4;
+/// How long a job's copy of its webhook is trusted before the attempt reads it again.
+const WEBHOOK_FRESH: Duration = Duration::from_secs(1);
 /// Longest sleep without a reason to wake: bounds the cost of a missed notification.
 const IDLE_POLL: Duration = Duration::from_secs(5);
-
-/// Jobs claimed and waiting for a permit, per webhook, with the moment their claim was
-/// asked for (their lease runs from then).
-#[derive(Default)]
-struct Queues {
-    by_hook: HashMap<String, VecDeque<(Instant, DeliveryJob)>>,
-    len: usize,
-}
-
-impl Queues {
-    fn push(&mut self, node: &str, in_flight: &InFlight, claimed: Instant, jobs: Vec<DeliveryJob>) {
-        let mut set = lock(in_flight);
-        for job in jobs {
-            if let Some(old) = &job.took_over {
-                // The claim's node prefix says whose lease ran out: another node (dead or
-                // stalled), or this one, which let a lease lapse unused (see "lease too
-                // short" below) and so sent nothing under it.
-                let from = old.0.split('/').next().unwrap_or_default();
-                if from == node {
-                    tracing::debug!(delivery = %job.id, expired_claim = %old.0, "claimed again a job whose lease this node let lapse unused");
-                } else {
-                    metrics::counter!("hookbridge_delivery_lease_takeovers_total").increment(1);
-                    tracing::warn!(delivery = %job.id, from_node = %from, expired_claim = %old.0, "took over a delivery job whose lease expired under another claim; it is sent again with the same webhook-id");
-                }
-            }
-            set.insert(job.id.clone());
-            self.by_hook
-                .entry(job.webhook_id.clone())
-                .or_default()
-                .push_back((claimed, job));
-            self.len += 1;
-        }
-    }
-
-    /// Webhooks with at least `deep` jobs waiting: left out of claims and polls.
-    fn deep(&self, deep: usize) -> Vec<String> {
-        self.by_hook
-            .iter()
-            .filter(|(_, q)| q.len() >= deep)
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-}
 
 pub async fn run(
     app: App,
@@ -104,6 +64,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let cfg = app.config.delivery.clone();
     // Claims on a shared (PostgreSQL) queue outlive the attempt; SQLite ignores the lease.
+    // (This node's previous run's leases were handed back at start: `hand_back_node_leases`.)
     let node = app.config.node_id.clone();
     let lease_length = announced.lease.length;
     let lease = Some(announced.lease.clone());
@@ -112,18 +73,6 @@ pub async fn run(
     let lease_needed = cfg.request_timeout.0 + Duration::from_secs(1);
     // Other nodes' commits (PostgreSQL NOTIFY); None on a store one process owns.
     let mut wakeups = app.store.job_wakeups();
-    // Jobs this node's previous run held when it died are due again now, not when their
-    // leases run out (claims carry the node id, so other nodes' leases stay).
-    match app.store.release_node_claims(&node).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            jobs = n,
-            "handed back the delivery leases of this node's previous run"
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not hand back this node's old delivery leases; they are taken again when they expire")
-        }
-    }
     let per_endpoint = cfg.per_endpoint_concurrency;
     let global = Arc::new(Semaphore::new(cfg.workers));
     let mut endpoints: HashMap<String, Arc<Semaphore>> = HashMap::new();
@@ -165,6 +114,8 @@ pub async fn run(
     // leaves the in-flight set) before the answer is taken, only this set keeps the polled
     // copy from being sent again.
     let mut handed_during_poll: HashSet<String> = HashSet::new();
+    // Jobs whose lease got too short while they waited for a permit.
+    let mut lapsed: Vec<DeliveryJob> = Vec::new();
     tracing::info!(
         workers = cfg.workers,
         per_endpoint,
@@ -272,14 +223,30 @@ pub async fn run(
                     // it to the next claim (its lease expires; then it is due again).
                     metrics::counter!("hookbridge_delivery_leases_lapsed_total").increment(1);
                     tracing::debug!(delivery = %job.id, "lease too short to start the attempt; left for the next claim");
-                    lock(&in_flight).remove(&job.id);
-                    next_due = None;
+                    lapsed.push(job);
                     continue;
                 }
-                attempts.spawn(attempt(app.clone(), job, g, ep, rec_tx.clone()));
+                let unsent = Unsent {
+                    in_flight: in_flight.clone(),
+                    id: Some(job.id.clone()),
+                };
+                attempts.spawn(attempt(
+                    app.clone(),
+                    job,
+                    claimed,
+                    g,
+                    ep,
+                    rec_tx.clone(),
+                    unsent,
+                ));
             }
         }
         queued.by_hook.retain(|_, q| !q.is_empty());
+        if !lapsed.is_empty() {
+            // Handed back now rather than left to expire: any node's next poll takes them.
+            store_failed |= !leave_in_store(&app, &in_flight, std::mem::take(&mut lapsed)).await;
+            next_due = None;
+        }
         if polling.as_ref().is_some_and(|p| p.is_finished())
             || (poll && polling.is_none() && queued.len < FETCH_MAX / 2 && !store_failed)
         {
@@ -355,10 +322,11 @@ pub async fn run(
         }
     }
     // Jobs still waiting for a permit, or handed over and not queued, stay due in the store
-    // (on a shared store, claimed until their lease expires or this node starts again).
+    // (on a shared store their claims are handed back once the whole process has stopped:
+    // `hand_back_node_leases`).
     drop(queued);
     drop(fresh);
-    // A poll's claims, if it ran, expire (or are handed back at the next start).
+    // A poll's claims, if it ran, are handed back with the rest.
     if let Some(p) = polling.take() {
         p.abort();
     }
@@ -414,58 +382,6 @@ async fn leave_in_store(app: &App, in_flight: &InFlight, jobs: Vec<DeliveryJob>)
     ok
 }
 
-/// A poll's answer (`Store::due_jobs`), from its own task.
-struct Polled {
-    /// When the claim was asked for: the jobs' leases run from then.
-    asked: Instant,
-    limit: usize,
-    /// Webhooks with deep queues were left out of it.
-    deep: bool,
-    jobs: crate::store::Result<Vec<DeliveryJob>>,
-}
-
-/// Queues a poll's jobs; false when the store could not be read.
-fn take_polled(
-    done: Result<Polled, String>,
-    node: &str,
-    in_flight: &InFlight,
-    queued: &mut Queues,
-    poll: &mut bool,
-    deep_left: &mut bool,
-    next_due: &mut Option<DateTime<Utc>>,
-) -> bool {
-    let p = match done {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "the delivery poll failed; retrying shortly");
-            *poll = true;
-            return false;
-        }
-    };
-    match p.jobs {
-        Ok(mut jobs) => {
-            *poll |= jobs.len() >= p.limit;
-            *deep_left = p.deep;
-            *next_due = None;
-            // The in-flight set may have grown while the poll ran (the committer reserves
-            // jobs before it commits them): a job held here already is not queued twice.
-            {
-                let set = lock(in_flight);
-                jobs.retain(|j| !set.contains(&j.id));
-            }
-            metrics::counter!("hookbridge_delivery_jobs_claimed_total", "via" => "poll")
-                .increment(jobs.len() as u64);
-            queued.push(node, in_flight, p.asked, jobs);
-            true
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read due deliveries; retrying shortly");
-            *poll = true;
-            false
-        }
-    }
-}
-
 /// The next wake-up from other nodes; never, without a source.
 async fn other_nodes(w: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
     match w {
@@ -474,14 +390,45 @@ async fn other_nodes(w: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
     }
 }
 
-/// One attempt of one job; the outcome goes to the recorder.
+/// A job's place in the in-flight set while its attempt runs: given back if the attempt
+/// ends without handing its outcome to the recorder (a panic, an abort), so the job is
+/// polled again instead of staying out of every poll until the process stops.
+struct Unsent {
+    in_flight: InFlight,
+    id: Option<String>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            lock(&self.in_flight).remove(&id);
+        }
+    }
+}
+
+/// One attempt of one job; the outcome goes to the recorder (which takes the job out of
+/// the in-flight set once the outcome is durable).
 async fn attempt(
     app: App,
     mut job: DeliveryJob,
+    read_at: Instant,
     worker: OwnedSemaphorePermit,
     endpoint: OwnedSemaphorePermit,
     rec: mpsc::Sender<Recorded>,
+    mut unsent: Unsent,
 ) {
+    // The webhook came with the job, as read when it was committed or polled. A job that
+    // waited for a slot (a slow or busy endpoint) reads it again, so that disabling,
+    // deleting, a new URL or a new secret applies to the very next attempt, on any node;
+    // a fresh job (the common case, milliseconds old) skips the round trip.
+    if read_at.elapsed() > WEBHOOK_FRESH {
+        match app.store.get_webhook(&job.org, &job.webhook_id).await {
+            Ok(h) => job.webhook = h,
+            Err(e) => {
+                tracing::warn!(delivery = %job.id, error = %e, "cannot read the webhook again; sending with the settings read when the job was taken")
+            }
+        }
+    }
     // The payload becomes the request body (no copy); a retry reads it from the store again.
     let body = std::mem::take(&mut job.payload).into_bytes();
     let (a, outcome) = deliver(&app, &job, body).await;
@@ -493,8 +440,11 @@ async fn attempt(
     let id = job.id.clone();
     // The worker slot is held until the recorder has the outcome: when recording falls
     // behind, sending slows down with it, so what a crash repeats stays bounded.
-    if rec.send((job, a, outcome)).await.is_err() {
-        tracing::warn!(delivery = %id, "outcome not recorded (shutting down); the job will be retried");
+    match rec.send((job, a, outcome)).await {
+        Ok(()) => unsent.id = None,
+        Err(_) => {
+            tracing::warn!(delivery = %id, "outcome not recorded (shutting down); the job will be retried")
+        }
     }
     drop(worker);
 }

@@ -741,8 +741,9 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 
 const TEMPLATE_VARS: [&str; 5] = ["{type}", "{date}", "{timestamp}", "{id}", "{org}"];
 
-/// A path template must stay inside the org folder and keep one file per event id.
-pub fn validate_path_template(t: &str) -> Result<(), String> {
+/// A path template must stay inside the org folder and keep one file per event id, and
+/// (rendered for `org`) never put a file under the roll-up tree.
+pub fn validate_path_template(t: &str, org: &str) -> Result<(), String> {
     if !t.starts_with('/') {
         return Err("must start with '/'".into());
     }
@@ -759,6 +760,22 @@ pub fn validate_path_template(t: &str) -> Result<(), String> {
             "must not start with /{}/, the roll-up folders hookbridge writes",
             crate::storage::complete_view::ROLLUP_DIR
         ));
+    }
+    // A first segment made of placeholders may still render to the roll-up folder, e.g.
+    // `{org}` for an org named "rollups": the event writer would then put files where
+    // replays delete. {date}, {timestamp} and {id} always render digits or '_', which
+    // "rollups" has none of, so only {type} (a closed set) and {org} (known here) matter.
+    let first = t[1..].split('/').next().unwrap_or_default();
+    if !first.contains("{date}") && !first.contains("{timestamp}") && !first.contains("{id}") {
+        let with_org = first.replace("{org}", org);
+        if crate::event::EventType::ALL.iter().any(|k| {
+            with_org.replace("{type}", k.as_str()) == crate::storage::complete_view::ROLLUP_DIR
+        }) {
+            return Err(format!(
+                "renders its first folder as /{}/ for org {org:?}, the roll-up folders hookbridge writes",
+                crate::storage::complete_view::ROLLUP_DIR
+            ));
+        }
     }
     let mut rest = t.to_owned();
     for v in TEMPLATE_VARS {
@@ -827,9 +844,14 @@ mod tests {
 
     #[test]
     fn templates() {
-        assert!(validate_path_template(DEFAULT_PATH_TEMPLATE).is_ok());
-        assert!(validate_path_template("/out/{org}-{id}.json").is_ok());
-        assert!(validate_path_template("/rollups-copy/{id}.json").is_ok());
+        assert!(validate_path_template(DEFAULT_PATH_TEMPLATE, "rollups").is_ok());
+        assert!(validate_path_template("/out/{org}-{id}.json", "acme").is_ok());
+        assert!(validate_path_template("/rollups-copy/{id}.json", "acme").is_ok());
+        assert!(validate_path_template("/{org}/{id}.json", "acme").is_ok());
+        assert!(validate_path_template("/{org}-{id}.json", "rollups").is_ok());
+        // Rendered for this org, the first folder would be the roll-up tree.
+        assert!(validate_path_template("/{org}/{id}.json", "rollups").is_err());
+        assert!(validate_path_template("/roll{org}/{id}.json", "ups").is_err());
         for bad in [
             "{id}.json",
             "/../{id}.json",
@@ -839,7 +861,7 @@ mod tests {
             "/.hidden/{id}.json",
             "/rollups/{type}/{id}.json",
         ] {
-            assert!(validate_path_template(bad).is_err(), "{bad}");
+            assert!(validate_path_template(bad, "acme").is_err(), "{bad}");
         }
     }
 }

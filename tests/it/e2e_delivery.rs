@@ -866,3 +866,57 @@ async fn sigterm_lets_the_attempt_under_way_finish_and_records_it() {
     .await;
     assert_eq!(r.events()[1].json()["id"], "evt_2");
 }
+
+/// Jobs already queued for a slow endpoint follow an admin change made while they wait:
+/// after the webhook is disabled, the request under way finishes and no queued job is
+/// sent (they end dead, "webhook disabled"), though each was taken with the webhook
+/// enabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_see_a_webhook_disabled_while_they_wait() {
+    let d = Daemon::start_with_delivery(
+        "allow_private_destinations = true\nper_endpoint_concurrency = 1\nrequest_timeout = \"20s\"",
+    )
+    .await;
+    org(&d, "acme").await;
+    let r = Receiver::start().await;
+    let hook = http_hook(&d, "acme", &r.url("/slow"), &["*"], false).await;
+    let hook_id = hook["id"].as_str().unwrap();
+    // One request at a time, each held 3 s: the other jobs wait in the queue.
+    r.set_delay(Duration::from_secs(3));
+    for i in 0..5 {
+        post(&d, "acme", &format!("evt_q{i}"), "payment").await;
+    }
+    wait_for("the first request", Duration::from_secs(20), || async {
+        (!r.events().is_empty()).then_some(())
+    })
+    .await;
+    let (s, b) = d
+        .admin(
+            "PATCH",
+            &format!("/v1/orgs/acme/webhooks/{hook_id}"),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let dead = wait_for("the queued jobs end", Duration::from_secs(60), || async {
+        let dead = deliveries(&d, "acme", hook_id, "dead").await;
+        (dead.len() == 4).then_some(dead)
+    })
+    .await;
+    assert_eq!(
+        deliveries(&d, "acme", hook_id, "delivered").await.len(),
+        1,
+        "the request under way still finishes"
+    );
+    assert_eq!(
+        r.events().len(),
+        1,
+        "a queued job was sent after the webhook was disabled"
+    );
+    for j in &dead {
+        assert!(
+            j.to_string().contains("webhook disabled"),
+            "dead for another reason: {j}"
+        );
+    }
+}

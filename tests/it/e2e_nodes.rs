@@ -432,6 +432,66 @@ async fn killing_a_node_mid_drain_loses_nothing_and_its_leases_are_taken_over() 
     );
 }
 
+/// A clean stop (SIGTERM) of node A while it holds claimed jobs it has not started (its
+/// queue for a slow endpoint): A hands their leases back as it stops, so B delivers them
+/// at once, not when A's leases (here over two minutes) run out, and takes none of them
+/// over as an expired lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_hands_its_unsent_jobs_to_the_other_node_at_once() {
+    let node = || Opts {
+        delivery: "allow_private_destinations = true
+request_timeout = \"3s\"
+lease_margin = \"120s\"
+workers = 4
+per_endpoint_concurrency = 4",
+        ..Default::default()
+    };
+    let Some((mut a, b)) = crate::harness::two_nodes_on_pg_and_s3("stop", node).await else {
+        return;
+    };
+    a.org_with_sftp_hook("acme").await;
+    let r = crate::e2e_delivery::Receiver::start().await;
+    crate::e2e_delivery::http_hook(&a, "acme", &r.url("/h"), &["*"], false).await;
+    // Each answer takes 1 s: A's 4 slots are busy and its queue for the webhook holds
+    // what its commits claimed (16 at most; beyond that jobs wait in the store for any node).
+    r.set_delay(Duration::from_millis(1000));
+    let n = 40;
+    for i in 0..n {
+        crate::e2e_delivery::post(&a, "acme", &format!("evt_{i}"), "payment").await;
+    }
+    assert_eq!(
+        tokio::task::block_in_place(|| a.terminate()),
+        Some(0),
+        "A did not stop cleanly: {}",
+        a.log()
+    );
+    let delivered_at_stop = r.events().len();
+    r.set_delay(Duration::from_millis(0));
+    assert!(
+        a.log().contains("handed back the leases this run held"),
+        "A stopped holding no unsent claims ({delivered_at_stop} of {n} delivered): the test proves nothing\n{}",
+        a.log()
+    );
+    // Well within A's lease (2 × 3 s + 120 s): only a hand-back makes them due this soon.
+    let ids = |seen: &[crate::e2e_delivery::Seen]| {
+        seen.iter()
+            .map(|s| s.json()["id"].as_str().unwrap_or_default().to_owned())
+            .collect::<std::collections::HashSet<_>>()
+    };
+    wait_for(
+        "B delivers what A left",
+        Duration::from_secs(60),
+        || async { (ids(&r.events()).len() == n).then_some(()) },
+    )
+    .await;
+    assert!(
+        !b.log().contains("took over a delivery job"),
+        "B waited for A's leases to expire: {}",
+        b.log()
+    );
+    assert_eq!(r.events().len(), n, "an event was sent twice");
+}
+
 /// A job committed by another node that then delivers nothing (here the test's own
 /// PostgreSQL store on the daemon's database: a node that committed and died) reaches B
 /// by NOTIFY: B counts a wake-up from `notify` and delivers it.
