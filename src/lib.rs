@@ -266,9 +266,12 @@ pub async fn run_with_hook(
         delivery: Arc::new(delivery),
     };
 
-    hook(app.clone())
-        .await
-        .map_err(|e| StartError::Server(format!("start-up: {e}")))?;
+    if let Err(e) = hook(app.clone()).await {
+        // Nothing is served yet: stop the committer before returning.
+        spool_cancel.cancel();
+        let _ = spool_task.await;
+        return Err(StartError::Server(format!("start-up: {e}")));
+    }
 
     let http_addr = listeners.http.local_addr().ok();
     tracing::info!(addr = ?http_addr, data_dir = %config.data_dir.display(), "HTTP API listening");
@@ -367,6 +370,8 @@ pub async fn run_with_hook(
     // Every task has ended: other nodes may take at once what this run claimed and left.
     delivery::hand_back_node_leases(&*app.store, &config.node_id, delivery::HandBack::ThisRun)
         .await;
-    tracing::info!("stopped cleanly");
+    if result.is_ok() {
+        tracing::info!("stopped cleanly");
+    }
     result
 }

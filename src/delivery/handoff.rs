@@ -174,10 +174,17 @@ pub enum HandBack {
 /// Hands back the delivery and roll-up leases held under `node`'s claims
 /// (`Store::release_node_claims`). It must run only while no task of this process can hold
 /// a lease it is using: a release racing the committer would free a job it had just
-/// claimed and handed over, and another node could send it at the same time. Bounded in
-/// time: with the store down, the leases simply expire.
+/// claimed and handed over, and another node could send it at the same time. So at start
+/// it is awaited to the end (a timeout would leave the statement running on the server
+/// while this run starts claiming); at a stop it is bounded in time, as nothing claims
+/// any more: with the store down, the leases simply expire.
 pub async fn hand_back_node_leases(store: &dyn Store, node: &str, which: HandBack) {
-    let r = tokio::time::timeout(Duration::from_secs(5), store.release_node_claims(node)).await;
+    let r = match which {
+        HandBack::PreviousRun => Ok(store.release_node_claims(node).await),
+        HandBack::ThisRun => {
+            tokio::time::timeout(Duration::from_secs(5), store.release_node_claims(node)).await
+        }
+    };
     match r {
         Ok(Ok(0)) => {}
         Ok(Ok(n)) => match which {
@@ -185,10 +192,11 @@ pub async fn hand_back_node_leases(store: &dyn Store, node: &str, which: HandBac
                 leases = n,
                 "handed back the leases of this node's previous run"
             ),
-            HandBack::ThisRun => tracing::info!(
-                leases = n,
-                "handed back the leases this run held and did not use"
-            ),
+            // Jobs claimed and never sent, or sent by an attempt cut off at the drain limit
+            // (sent again, with the same webhook-id), and partitions not closed.
+            HandBack::ThisRun => {
+                tracing::info!(leases = n, "handed back the leases this run still held")
+            }
         },
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not hand back this node's leases; they are taken again when they expire")

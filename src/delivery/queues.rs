@@ -29,8 +29,9 @@ impl Queues {
         for job in jobs {
             if let Some(old) = &job.took_over {
                 // The claim's node prefix says whose lease ran out: another node (dead or
-                // stalled), or this one, which let a lease lapse unused (see "lease too
-                // short" below) and so sent nothing under it.
+                // stalled), or this one: a job whose lease got too short while it waited
+                // (worker.rs) is handed back unsent, and only when that hand-back failed
+                // does its lease run out.
                 let from = old.0.split('/').next().unwrap_or_default();
                 if from == node {
                     tracing::debug!(delivery = %job.id, expired_claim = %old.0, "claimed again a job whose lease this node let lapse unused");

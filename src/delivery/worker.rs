@@ -54,6 +54,8 @@ const FETCH_MAX: usize = 256;
 const RECORD_PER_WORKER: usize = 4;
 /// How long a job's copy of its webhook is trusted before the attempt reads it again.
 const WEBHOOK_FRESH: Duration = Duration::from_secs(1);
+/// Longest wait for that read (then the job's copy is used).
+const WEBHOOK_REREAD: Duration = Duration::from_millis(500);
 /// Longest sleep without a reason to wake: bounds the cost of a missed notification.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -82,7 +84,7 @@ pub async fn run(
     let due_again: DueAgain = Arc::default();
     let record_batch = cfg.workers * RECORD_PER_WORKER;
     let (rec_tx, rec_rx) = mpsc::channel::<Recorded>(record_batch);
-    let recorder = tokio::spawn(recorder(
+    let mut recorder = tokio::spawn(recorder(
         app.store.clone(),
         rec_rx,
         record_batch,
@@ -123,7 +125,9 @@ pub async fn run(
     );
 
     while !cancel.is_cancelled() {
-        while attempts.try_join_next().is_some() {}
+        while let Some(done) = attempts.try_join_next() {
+            attempt_ended(done);
+        }
         // Forget idle endpoints so the map does not grow with every webhook ever seen.
         endpoints
             .retain(|k, s| s.available_permits() < per_endpoint || queued.by_hook.contains_key(k));
@@ -219,26 +223,14 @@ pub async fn run(
                 };
                 queued.len -= 1;
                 if job.claim.is_some() && claimed.elapsed() + lease_needed > lease_length {
-                    // Its lease may run out mid-request and another node take it: leave
-                    // it to the next claim (its lease expires; then it is due again).
+                    // Its lease may run out mid-request and another node take it: hand it
+                    // back (below) for the next claim, by any node.
                     metrics::counter!("hookbridge_delivery_leases_lapsed_total").increment(1);
-                    tracing::debug!(delivery = %job.id, "lease too short to start the attempt; left for the next claim");
+                    tracing::debug!(delivery = %job.id, "lease too short to start the attempt; handed back for the next claim");
                     lapsed.push(job);
                     continue;
                 }
-                let unsent = Unsent {
-                    in_flight: in_flight.clone(),
-                    id: Some(job.id.clone()),
-                };
-                attempts.spawn(attempt(
-                    app.clone(),
-                    job,
-                    claimed,
-                    g,
-                    ep,
-                    rec_tx.clone(),
-                    unsent,
-                ));
+                attempts.spawn(attempt(app.clone(), job, claimed, g, ep, rec_tx.clone()));
             }
         }
         queued.by_hook.retain(|_, q| !q.is_empty());
@@ -309,7 +301,18 @@ pub async fn run(
                     next_due = Some(next_due.map_or(t, |n| n.min(t)));
                 }
             }
-            Some(_) = attempts.join_next(), if !attempts.is_empty() => poll |= deep_left,
+            Some(done) = attempts.join_next(), if !attempts.is_empty() => {
+                attempt_ended(done);
+                poll |= deep_left;
+            }
+            // Outcomes could no longer be recorded: stop sending (the daemon stops; what
+            // is unrecorded is due again at the next start).
+            r = &mut recorder => {
+                return Err(match r {
+                    Ok(()) => "the delivery recorder stopped".to_owned(),
+                    Err(e) => format!("the delivery recorder failed: {e}"),
+                });
+            }
             // Its answer is queued at the top of the loop.
             done = async { polling.as_mut().expect("guarded").await }, if polling.is_some() => {
                 polling = None;
@@ -352,7 +355,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Hands jobs the committer handed over back to the store, for a later poll: their claims
+/// Hands jobs back to the store, for a later poll (jobs handed over for a deep queue, and
+/// jobs whose lease got too short while they waited): their claims
 /// (on a shared store) are released so that no lease has to run out first. False when the
 /// store could not be told (they are due again when their leases expire).
 async fn leave_in_store(app: &App, in_flight: &InFlight, jobs: Vec<DeliveryJob>) -> bool {
@@ -390,18 +394,14 @@ async fn other_nodes(w: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
     }
 }
 
-/// A job's place in the in-flight set while its attempt runs: given back if the attempt
-/// ends without handing its outcome to the recorder (a panic, an abort), so the job is
-/// polled again instead of staying out of every poll until the process stops.
-struct Unsent {
-    in_flight: InFlight,
-    id: Option<String>,
-}
-
-impl Drop for Unsent {
-    fn drop(&mut self) {
-        if let Some(id) = self.id.take() {
-            lock(&self.in_flight).remove(&id);
+/// An attempt's task ended. A panic is a bug: logged and counted; its job stays in the
+/// in-flight set (no poll hands it out again) until the process restarts, rather than being
+/// sent again and again by a loop of polls.
+fn attempt_ended(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            metrics::counter!("hookbridge_delivery_attempt_panics_total").increment(1);
+            tracing::error!(error = %e, "a delivery attempt panicked; its job is tried again after a restart");
         }
     }
 }
@@ -415,17 +415,25 @@ async fn attempt(
     worker: OwnedSemaphorePermit,
     endpoint: OwnedSemaphorePermit,
     rec: mpsc::Sender<Recorded>,
-    mut unsent: Unsent,
 ) {
     // The webhook came with the job, as read when it was committed or polled. A job that
     // waited for a slot (a slow or busy endpoint) reads it again, so that disabling,
     // deleting, a new URL or a new secret applies to the very next attempt, on any node;
     // a fresh job (the common case, milliseconds old) skips the round trip.
+    // Bounded, so that the read cannot eat the lease margin an attempt starts with.
     if read_at.elapsed() > WEBHOOK_FRESH {
-        match app.store.get_webhook(&job.org, &job.webhook_id).await {
-            Ok(h) => job.webhook = h,
-            Err(e) => {
+        match tokio::time::timeout(
+            WEBHOOK_REREAD,
+            app.store.get_webhook(&job.org, &job.webhook_id),
+        )
+        .await
+        {
+            Ok(Ok(h)) => job.webhook = h,
+            Ok(Err(e)) => {
                 tracing::warn!(delivery = %job.id, error = %e, "cannot read the webhook again; sending with the settings read when the job was taken")
+            }
+            Err(_) => {
+                tracing::warn!(delivery = %job.id, "the webhook's read took over 500 ms; sending with the settings read when the job was taken")
             }
         }
     }
@@ -440,11 +448,8 @@ async fn attempt(
     let id = job.id.clone();
     // The worker slot is held until the recorder has the outcome: when recording falls
     // behind, sending slows down with it, so what a crash repeats stays bounded.
-    match rec.send((job, a, outcome)).await {
-        Ok(()) => unsent.id = None,
-        Err(_) => {
-            tracing::warn!(delivery = %id, "outcome not recorded (shutting down); the job will be retried")
-        }
+    if rec.send((job, a, outcome)).await.is_err() {
+        tracing::warn!(delivery = %id, "outcome not recorded (the recorder stopped); the job is tried again after a restart");
     }
     drop(worker);
 }

@@ -402,8 +402,9 @@ pub struct DeliveryJob {
 }
 
 /// One claim of due jobs by one node (`<node_id>/<ULID>`), so a stale worker whose lease
-/// expired and was taken over cannot overwrite the newer claimer's outcome, and a node
-/// restarted after a crash can hand back the leases its previous run held.
+/// expired and was taken over cannot overwrite the newer claimer's outcome, and a node can
+/// hand back every lease it holds by its id (at a clean stop, and at start for those its
+/// previous run died with).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimId(pub String);
 
@@ -524,9 +525,10 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         busy: Busy,
     ) -> Result<Vec<DeliveryJob>>;
-    /// Hands back jobs `claim` holds (`commit_and_claim` claimed them, and the scheduler
-    /// will not send them soon: their webhook's queue is deep), so any node's poll takes
-    /// them when due instead of when the lease expires. Returns how many. SQLite: 0.
+    /// Hands back jobs `claim` holds that the scheduler will not send soon (handed over
+    /// while their webhook's queue was deep, or their lease got too short while they
+    /// waited), so any node's poll takes them when due instead of when the lease expires.
+    /// Returns how many. SQLite: 0.
     async fn release_claims(&self, claim: &ClaimId, ids: Vec<String>) -> Result<u64>;
     /// When the next job outside `busy` is due (may be in the past).
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>>;
@@ -592,7 +594,7 @@ pub trait Store: Send + Sync + 'static {
     /// Takes the lease on `p` for `node` until `until` if no one else holds a live one (a
     /// shared store makes this one atomic conditional update, so only one node closes a
     /// partition). The node is kept with the lease so that `release_node_claims` can hand
-    /// it back when that node restarts.
+    /// it back when that node stops cleanly or restarts.
     async fn claim_partition(
         &self,
         p: &PartitionRef,
@@ -622,9 +624,10 @@ pub trait Store: Send + Sync + 'static {
     /// A cheap round trip to the store, for `/readyz`.
     async fn ping(&self) -> Result<()>;
     /// Hands back the leases held under `node`'s claims, on delivery jobs and on roll-up
-    /// partitions (its previous run died with them in hand): they are due again at once
-    /// instead of when the leases expire. Returns how many. SQLite, which one process owns,
-    /// drops every lease when it opens the file: 0.
+    /// partitions (at a clean stop, or at start: its previous run died with them in hand):
+    /// they are due again at once, for every node (wakes them), instead of when the leases
+    /// expire. Returns how many. SQLite, which one process owns, drops every lease when it
+    /// opens the file: 0.
     async fn release_node_claims(&self, node: &str) -> Result<u64>;
     /// Records a ban of `ban.ip`; an existing ban of the address keeps the later end.
     async fn put_ban(&self, ban: &Ban) -> Result<()>;
@@ -761,19 +764,21 @@ pub fn validate_path_template(t: &str, org: &str) -> Result<(), String> {
             crate::storage::complete_view::ROLLUP_DIR
         ));
     }
-    // A first segment made of placeholders may still render to the roll-up folder, e.g.
-    // `{org}` for an org named "rollups": the event writer would then put files where
-    // replays delete. {date}, {timestamp} and {id} always render digits or '_', which
-    // "rollups" has none of, so only {type} (a closed set) and {org} (known here) matter.
+    // A first segment with placeholders may still render as the roll-up folder: `{org}`
+    // for an org named "rollups", or `{id}` for an event of that id (the platform picks
+    // ids). {date} and {timestamp} always render digits, which "rollups" has none of;
+    // {type} is a closed set and {org} is known here; {id} may be any text.
     let first = t[1..].split('/').next().unwrap_or_default();
-    if !first.contains("{date}") && !first.contains("{timestamp}") && !first.contains("{id}") {
+    if !first.contains("{date}") && !first.contains("{timestamp}") {
         let with_org = first.replace("{org}", org);
         if crate::event::EventType::ALL.iter().any(|k| {
-            with_org.replace("{type}", k.as_str()) == crate::storage::complete_view::ROLLUP_DIR
+            let pattern = with_org.replace("{type}", k.as_str()).replace("{id}", "*");
+            glob_matches(&pattern, crate::storage::complete_view::ROLLUP_DIR)
         }) {
             return Err(format!(
-                "renders its first folder as /{}/ for org {org:?}, the roll-up folders hookbridge writes",
-                crate::storage::complete_view::ROLLUP_DIR
+                "its first folder can render as /{}/ (the roll-up folders hookbridge writes) for org {org:?}{}",
+                crate::storage::complete_view::ROLLUP_DIR,
+                if first.contains("{id}") { " or for some event id" } else { "" }
             ));
         }
     }
@@ -801,6 +806,20 @@ pub fn validate_path_template(t: &str, org: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether `text` matches `pattern`, where `*` stands for any run of characters (a
+/// template's literals never hold `*`).
+fn glob_matches(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(after) = text.strip_prefix(head) else {
+                return false;
+            };
+            (0..=after.len()).any(|i| after.is_char_boundary(i) && glob_matches(rest, &after[i..]))
+        }
+    }
 }
 
 pub fn render_path_template(t: &str, env: &crate::event::Envelope) -> String {
@@ -852,6 +871,13 @@ mod tests {
         // Rendered for this org, the first folder would be the roll-up tree.
         assert!(validate_path_template("/{org}/{id}.json", "rollups").is_err());
         assert!(validate_path_template("/roll{org}/{id}.json", "ups").is_err());
+        // The platform picks event ids: "rollups" is one.
+        assert!(validate_path_template("/{id}/{id}.json", "acme").is_err());
+        assert!(validate_path_template("/roll{id}/a{id}.json", "acme").is_err());
+        assert!(validate_path_template("/r{id}s/{id}.json", "acme").is_err());
+        assert!(validate_path_template("/x{id}/{id}.json", "acme").is_ok());
+        assert!(validate_path_template("/{id}-{date}/{id}.json", "acme").is_ok());
+        assert!(validate_path_template("/{type}/{id}.json", "rollups").is_ok());
         for bad in [
             "{id}.json",
             "/../{id}.json",

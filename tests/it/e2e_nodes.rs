@@ -468,7 +468,7 @@ per_endpoint_concurrency = 4",
     let delivered_at_stop = r.events().len();
     r.set_delay(Duration::from_millis(0));
     assert!(
-        a.log().contains("handed back the leases this run held"),
+        a.log().contains("handed back the leases this run still held"),
         "A stopped holding no unsent claims ({delivered_at_stop} of {n} delivered): the test proves nothing\n{}",
         a.log()
     );

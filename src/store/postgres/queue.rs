@@ -547,5 +547,9 @@ pub(super) async fn release_node_claims(s: &PostgresStore, node: &str) -> Result
             &[&node],
         )
         .await?;
+    if jobs > 0 {
+        // Due now for any node: wake the others.
+        super::notify::notify(&c, &s.origin).await?;
+    }
     Ok(jobs + partitions)
 }
