@@ -12,6 +12,7 @@ mod e2e_contract;
 mod e2e_delivery;
 mod e2e_delivery_restart;
 mod e2e_docs;
+mod e2e_endpoints;
 mod e2e_faults;
 mod e2e_http_edges;
 mod e2e_ingest;
