@@ -14,27 +14,29 @@
 //! Event files use a create-only PUT (`If-None-Match: *`): a 412 means the file is there
 //! already, which for an idempotent event write is success.
 
+mod pages;
 mod read;
+mod setup;
 mod upload;
 
+use pages::{S3Lister, S3Staged};
+pub use setup::Credentials;
+
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::AmazonS3;
 use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::{Path, PathPart};
-use object_store::{
-    ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    RetryConfig,
-};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use super::{
-    Capabilities, Entry, EntryKind, EventFile, FileInfo, Lister, Meta, OrgName, ReadHandle,
-    RenameMode, SetAttrs, Space, StagedEvents, Storage, StorageConfig, StorageError, StoragePath,
-    StorageResult, UploadHandle, UploadOptions, DIR_PERM, FILE_PERM,
+    Capabilities, EntryKind, EventFile, FileInfo, Lister, Meta, OrgName, ReadHandle, RenameMode,
+    SetAttrs, Space, StagedEvents, Storage, StorageError, StoragePath, StorageResult, UploadHandle,
+    UploadOptions, DIR_PERM, FILE_PERM,
 };
 
 /// The object that keeps an empty folder in existence; never listed, never served.
@@ -106,83 +108,7 @@ fn dir_meta(mtime: SystemTime) -> Meta {
     }
 }
 
-/// An access key pair; `None` parts fall back to what the builder finds (instance roles).
-#[derive(Clone, Default)]
-pub struct Credentials {
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    pub session_token: Option<String>,
-}
-
-impl Credentials {
-    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`.
-    pub fn from_env() -> Self {
-        Self {
-            access_key_id: std::env::var("AWS_ACCESS_KEY_ID").ok(),
-            secret_access_key: std::env::var("AWS_SECRET_ACCESS_KEY").ok(),
-            session_token: std::env::var("AWS_SESSION_TOKEN").ok(),
-        }
-    }
-}
-
 impl S3Storage {
-    /// With credentials from the environment.
-    pub fn new(cfg: &StorageConfig) -> StorageResult<Self> {
-        Self::with_credentials(cfg, Credentials::from_env())
-    }
-
-    pub fn with_credentials(cfg: &StorageConfig, creds: Credentials) -> StorageResult<Self> {
-        let bucket =
-            cfg.bucket
-                .clone()
-                .filter(|b| !b.is_empty())
-                .ok_or(StorageError::InvalidPath(
-                    "storage.bucket is required for s3",
-                ))?;
-        let region = cfg.region.clone().unwrap_or_else(|| "us-east-1".into());
-        // Short retries: a store that is down must turn into a prompt 503, not a minute of waiting.
-        let retry = RetryConfig {
-            max_retries: 3,
-            retry_timeout: Duration::from_secs(10),
-            ..Default::default()
-        };
-        let options = ClientOptions::new()
-            .with_allow_http(cfg.allow_http)
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(60));
-        let mut b = AmazonS3Builder::new()
-            .with_bucket_name(&bucket)
-            .with_region(&region)
-            .with_retry(retry)
-            .with_client_options(options);
-        if let Some(k) = creds.access_key_id {
-            b = b.with_access_key_id(k);
-        }
-        if let Some(s) = creds.secret_access_key {
-            b = b.with_secret_access_key(s);
-        }
-        if let Some(t) = creds.session_token {
-            b = b.with_token(t);
-        }
-        let endpoint = cfg.endpoint.clone().unwrap_or_default();
-        if !endpoint.is_empty() {
-            b = b.with_endpoint(&endpoint);
-        }
-        let store = b
-            .build()
-            .map_err(|e| StorageError::Backend(format!("S3 configuration: {e}")))?;
-        Ok(Self {
-            store: Arc::new(store),
-            bucket,
-            prefix: cfg.clean_prefix(),
-            endpoint: if endpoint.is_empty() {
-                "AWS".into()
-            } else {
-                endpoint
-            },
-        })
-    }
-
     fn base(&self) -> Vec<PathPart<'static>> {
         self.prefix
             .split('/')
@@ -301,84 +227,6 @@ impl S3Storage {
     async fn rename_file(&self, from: &Path, to: &Path) -> StorageResult<()> {
         self.store.copy(from, to).await.map_err(map_err)?;
         self.store.delete(from).await.map_err(map_err)
-    }
-}
-
-struct S3Staged {
-    s3: S3Storage,
-    files: Vec<EventFile>,
-}
-
-#[async_trait]
-impl StagedEvents for S3Staged {
-    async fn publish(self: Box<Self>, keep: Vec<bool>) -> Vec<StorageResult<()>> {
-        let s3 = &self.s3;
-        let jobs: Vec<Option<(StorageResult<Path>, Bytes)>> = self
-            .files
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                keep.get(i)
-                    .copied()
-                    .unwrap_or(false)
-                    .then(|| (s3.key(&f.org, &f.path), f.body.clone()))
-            })
-            .collect();
-        let puts = jobs.into_iter().map(|job| {
-            let s3 = s3.clone();
-            async move {
-                let Some((key, body)) = job else {
-                    return Ok(());
-                };
-                match s3.put_create(&key?, body).await {
-                    // 412: the object is there already (written before a crash): done.
-                    Err(StorageError::AlreadyExists) => Ok(()),
-                    other => other,
-                }
-            }
-        });
-        stream::iter(puts).buffered(PUT_CONCURRENCY).collect().await
-    }
-}
-
-struct S3Lister {
-    s3: S3Storage,
-    prefix: String,
-    token: Option<String>,
-    done: bool,
-}
-
-#[async_trait]
-impl Lister for S3Lister {
-    async fn next_page(&mut self) -> StorageResult<Option<Vec<Entry>>> {
-        if self.done {
-            return Ok(None);
-        }
-        let r = self
-            .s3
-            .list_page(&self.prefix, true, self.token.take(), PAGE)
-            .await?;
-        self.token = r.page_token;
-        self.done = self.token.is_none();
-        let mut page = Vec::new();
-        for p in &r.result.common_prefixes {
-            if let Some(name) = p.filename() {
-                page.push(Entry {
-                    name: name.to_owned(),
-                    meta: dir_meta(SystemTime::UNIX_EPOCH),
-                });
-            }
-        }
-        for o in &r.result.objects {
-            match o.location.filename() {
-                Some(DIR_MARKER) | None => {}
-                Some(name) => page.push(Entry {
-                    name: name.to_owned(),
-                    meta: meta_of(o),
-                }),
-            }
-        }
-        Ok(Some(page))
     }
 }
 
