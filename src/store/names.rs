@@ -40,29 +40,27 @@ pub fn validate_path_template(t: &str, org: &str) -> Result<(), String> {
         return Err("must end with \".json\"".into());
     }
     // The roll-up tree is hookbridge's own output, rebuilt whole by a replay: per-event
-    // files there would be deleted with it (SFTP users cannot write there either).
-    if t[1..].split('/').next() == Some(crate::storage::complete_view::ROLLUP_DIR) {
-        return Err(format!(
-            "must not start with /{}/, the roll-up folders hookbridge writes",
-            crate::storage::complete_view::ROLLUP_DIR
-        ));
-    }
-    // A first segment with placeholders may still render as the roll-up folder: `{org}`
-    // for an org named "rollups", or `{id}` for an event of that id (the platform picks
-    // ids). {date} and {timestamp} always render digits, which "rollups" has none of;
-    // {type} is a closed set and {org} is known here; {id} may be any text.
+    // files there would be deleted with it (SFTP users cannot write there either). The
+    // first folder must not be it, literally or once rendered: `{org}` for an org named
+    // "rollups", or `{id}` for an event of that id (the platform picks ids). {date} and
+    // {timestamp} always render digits, which "rollups" has none of; {type} is a closed
+    // set and {org} is known here; {id} may be any text.
+    let rollups = crate::storage::complete_view::ROLLUP_DIR;
     let first = t[1..].split('/').next().unwrap_or_default();
     if !first.contains("{date}") && !first.contains("{timestamp}") {
         let with_org = first.replace("{org}", org);
         if crate::event::EventType::ALL.iter().any(|k| {
             let pattern = with_org.replace("{type}", k.as_str()).replace("{id}", "*");
-            glob_matches(&pattern, crate::storage::complete_view::ROLLUP_DIR)
+            glob_matches(&pattern, rollups)
         }) {
-            return Err(format!(
-                "its first folder can render as /{}/ (the roll-up folders hookbridge writes) for org {org:?}{}",
-                crate::storage::complete_view::ROLLUP_DIR,
-                if first.contains("{id}") { " or for some event id" } else { "" }
-            ));
+            return Err(if first == rollups {
+                format!("must not start with /{rollups}/, the roll-up folders hookbridge writes")
+            } else {
+                format!(
+                    "its first folder can render as /{rollups}/ (the roll-up folders hookbridge writes) for org {org:?}{}",
+                    if first.contains("{id}") { " or for some event id" } else { "" }
+                )
+            });
         }
     }
     let mut rest = t.to_owned();
