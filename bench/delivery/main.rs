@@ -397,8 +397,15 @@ fn callgrind(args: &[&str], pid: u32) {
         static PERF: Mutex<Option<Child>> = Mutex::new(None);
         match args {
             ["-i", "on"] => {
+                // BENCH_PERF_DWARF=1: unwind with DWARF (the release build keeps no frame
+                // pointers, so `-g` stacks stop at the first Rust frame); fewer samples.
+                let (freq, graph) = if std::env::var_os("BENCH_PERF_DWARF").is_some() {
+                    ("999", "--call-graph=dwarf,32768")
+                } else {
+                    ("4999", "-g")
+                };
                 let child = Command::new("perf")
-                    .args(["record", "-e", "cpu-clock", "-F", "4999", "-g", "-p"])
+                    .args(["record", "-e", "cpu-clock", "-F", freq, graph, "-p"])
                     .arg(pid.to_string())
                     .arg("-o")
                     .arg(&out)

@@ -14,6 +14,7 @@ pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>
     }
     let mut c = s.conn().await?;
     let tx = c.transaction().await?;
+    tx.batch_execute(super::queue::KEYED_PLANS).await?;
     let now = micros(Utc::now());
     let mut retries = false;
     // One set-based pass per run of distinct jobs: a job recorded twice in one batch (not

@@ -6,6 +6,19 @@ use super::super::rows::micros;
 use super::super::*;
 use super::{get, hook_row, opt_time_at, time_at, to_json, usage, PostgresStore};
 
+/// Set at the start of the transaction of a claim or a batch of outcomes: index paths
+/// only. Both statements touch at most a poll's jobs, by primary key or from the head of
+/// `deliveries_due`, so an index is always the right path; but PostgreSQL picks from its
+/// statistics, and those lag far behind a queue table that grows by thousands of rows a
+/// second (autovacuum analyzes it a minute later at best). Measured on PostgreSQL 15 with
+/// 14,000 due jobs before the first analyze: a claim of 191 jobs read and sorted the whole
+/// backlog (bitmap scan, 7-11 ms; 0.4 ms by the index), and a batch of 129 outcomes read
+/// the whole table into a hash join (5 ms; 1.7 ms by the primary key). Not `enable_sort`:
+/// the claim's final ORDER BY has no other path, and turning sorts off made the planner
+/// reorder the joins into a plan 30 times slower.
+pub(super) const KEYED_PLANS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;
+     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
 /// Times a batch that lost a deadlock or serialization conflict with another node is run
 /// again before the caller hears "unavailable" (503, Retry-After).
 const CONTENTION_TRIES: u32 = 3;
@@ -256,7 +269,7 @@ pub(super) async fn jobs(
         .map(|c| format!("w.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let c = s.conn().await?;
+    let mut c = s.conn().await?;
     let claim = busy.lease.as_ref().map(|l| ClaimId::new(&l.node));
     let lease_until = busy.lease.as_ref().map(|l| {
         micros(now + chrono::Duration::from_std(l.length).unwrap_or(chrono::Duration::hours(1)))
@@ -298,7 +311,10 @@ pub(super) async fn jobs(
         params.push(&claim_text);
         params.push(&lease_until);
     }
-    let rows = c.query(&sql, &params).await?;
+    let tx = c.transaction().await?;
+    tx.batch_execute(KEYED_PLANS).await?;
+    let rows = tx.query(&sql, &params).await?;
+    tx.commit().await?;
     // A poll's jobs mostly share a few webhooks: each is decoded (and its secret opened)
     // once per poll, as SQLite's `due_jobs` does, not once per row.
     let mut hooks: std::collections::HashMap<String, Webhook> = Default::default();

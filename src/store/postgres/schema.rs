@@ -11,6 +11,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("004_leases.sql"),
     include_str!("005_rollup_keep.sql"),
     include_str!("006_partition_lease_node.sql"),
+    include_str!("007_queue_pages.sql"),
 ];
 
 /// An arbitrary constant: the advisory lock all hookbridge nodes take to migrate.
