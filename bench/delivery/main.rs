@@ -355,6 +355,38 @@ async fn latency_phase<F, Fut>(
     }
     let offered = n as f64 / (Instant::now() - t0).as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(60);
+    if std::env::var_os("BENCH_LAT_WORST").is_some() {
+        // The worst latencies per quarter second of sending: one stall (and when: at the
+        // start, mid-run) or a steady tail.
+        let arr = st.arrivals.lock().unwrap();
+        let times = times.lock().unwrap();
+        let mut v: Vec<(Duration, Duration, Duration)> = times
+            .iter()
+            .filter_map(|(id, (s, a))| {
+                arr.get(id).map(|r| {
+                    (
+                        s.saturating_duration_since(t0),
+                        a.saturating_duration_since(*s),
+                        r.saturating_duration_since(*a),
+                    )
+                })
+            })
+            .collect();
+        let mut buckets = std::collections::BTreeMap::<u64, (f64, f64)>::new();
+        for (at, a, r) in &v {
+            let b = buckets.entry((at.as_secs_f64() * 4.0) as u64).or_default();
+            b.0 = b.0.max(a.as_secs_f64() * 1e3);
+            b.1 = b.1.max(r.as_secs_f64() * 1e3);
+        }
+        let line: Vec<String> = buckets
+            .iter()
+            .map(|(k, (a, r))| format!("{:.2}s:{a:.0}/{r:.0}", *k as f64 / 4.0))
+            .collect();
+        println!(
+            "  worst per 250 ms (POST->202/202->delivered, ms): {}",
+            line.join(" ")
+        );
+    }
     let (mut to_202, mut to_recv) = loop {
         let got: (Vec<Duration>, Vec<Duration>) = {
             let arr = st.arrivals.lock().unwrap();

@@ -43,7 +43,7 @@ pub(super) async fn recorder(
                 _ => None,
             })
             .min();
-        let records: Vec<AttemptRecord> = batch
+        let records: Arc<[AttemptRecord]> = batch
             .into_iter()
             .map(|(job, a, outcome)| AttemptRecord::new(job, a, outcome))
             .collect();

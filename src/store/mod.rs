@@ -306,7 +306,9 @@ pub trait Store: Send + Sync + 'static {
     /// When the next job outside `busy` is due (may be in the past).
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>>;
     /// Records attempts and their outcomes in one durable transaction (group commit).
-    async fn record_attempts(&self, batch: Vec<health::AttemptRecord>) -> Result<()>;
+    /// Shared, not owned: the recorder keeps the batch to try again if the commit fails,
+    /// and a copy per commit would duplicate every job's payload and webhook.
+    async fn record_attempts(&self, batch: std::sync::Arc<[health::AttemptRecord]>) -> Result<()>;
     async fn list_deliveries(
         &self,
         org: &str,

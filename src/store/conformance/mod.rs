@@ -323,7 +323,7 @@ pub(super) async fn record(
     outcome: AttemptOutcome,
 ) {
     let rec = AttemptRecord::new(job.clone(), attempt(result), outcome);
-    s.record_attempts(vec![rec]).await.unwrap();
+    s.record_attempts(vec![rec].into()).await.unwrap();
 }
 
 pub(super) async fn delivery(s: &S, id: &str) -> Delivery {

@@ -290,14 +290,14 @@ pub(super) async fn attempts_and_health(s: S) {
             AttemptOutcome::Delivered,
         ),
     ];
-    s.record_attempts(recs).await.unwrap();
+    s.record_attempts(recs.into()).await.unwrap();
     let d1 = delivery(&s, "d1").await;
     assert_eq!(
         (d1.status, d1.attempts),
         (DeliveryStatus::Delivered, 3),
         "applied in order"
     );
-    s.record_attempts(vec![]).await.unwrap();
+    s.record_attempts(Vec::new().into()).await.unwrap();
 }
 
 pub(super) async fn list_deliveries_filters(s: S) {

@@ -1,6 +1,8 @@
 //! Delivery outcomes on PostgreSQL: each recorded only under the claim that made it, with
 //! its attempt log entry and its effect on the webhook's health, in one transaction.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 
 use super::super::health::{AttemptRecord, HookEffect};
@@ -8,7 +10,7 @@ use super::super::rows::micros;
 use super::super::*;
 use super::PostgresStore;
 
-pub(super) async fn record_attempts(s: &PostgresStore, batch: Vec<AttemptRecord>) -> Result<()> {
+pub(super) async fn record_attempts(s: &PostgresStore, batch: Arc<[AttemptRecord]>) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
     }

@@ -448,7 +448,7 @@ impl Store for PostgresStore {
         queue::next_due_at(self, busy).await
     }
 
-    async fn record_attempts(&self, batch: Vec<AttemptRecord>) -> Result<()> {
+    async fn record_attempts(&self, batch: Arc<[AttemptRecord]>) -> Result<()> {
         attempts::record_attempts(self, batch).await
     }
 

@@ -15,6 +15,7 @@ use super::rows::*;
 use super::*;
 use crate::secrets::SecretBox;
 
+mod checkpoint;
 mod ingest;
 mod nodes;
 mod queue;
@@ -79,8 +80,15 @@ impl SqliteStore {
         let readers = (0..READERS)
             .map(|_| open(path).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
+        let writer = Arc::new(Mutex::new(writer));
+        {
+            let mut w = writer
+                .lock()
+                .map_err(|_| StoreError::Db("writer lock poisoned".into()))?;
+            checkpoint::start(&mut w, Arc::downgrade(&writer), path)?;
+        }
         Ok(Self {
-            writer: Arc::new(Mutex::new(writer)),
+            writer,
             readers: Arc::new(readers),
             next_reader: Arc::default(),
             quarantine: Quarantine::default(),
@@ -275,7 +283,7 @@ impl Store for SqliteStore {
         queue::next_due_at(self, busy).await
     }
 
-    async fn record_attempts(&self, batch: Vec<AttemptRecord>) -> Result<()> {
+    async fn record_attempts(&self, batch: Arc<[AttemptRecord]>) -> Result<()> {
         queue::record_attempts(self, batch).await
     }
 

@@ -1,6 +1,8 @@
 //! The delivery queue on SQLite: due jobs, attempts and their outcomes, the delivery log
 //! and replays.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use rusqlite::params;
 
@@ -9,33 +11,83 @@ use super::super::rows::*;
 use super::super::*;
 use super::{Rows, SqliteStore};
 
+/// Candidates a poll reads beyond its limit (see `jobs`).
+const SPARE: usize = 16;
+
 impl SqliteStore {
     /// Due jobs outside `busy`, oldest first.
+    ///
+    /// Two steps in one read transaction. The jobs in flight are the oldest due rows, so a
+    /// poll passes all of them (up to workers × 9 and the queues) before it finds new
+    /// ones: step 1 walks the due index alone (it holds id, webhook and status) and skips
+    /// the busy ones in memory, without reading their rows, and without SQLite building a
+    /// temporary index of the busy ids at every poll (as `NOT IN json_each(…)` did: most
+    /// of a poll's cost in the drain profile). Step 2 reads just the chosen jobs, by id.
     async fn jobs(&self, now: DateTime<Utc>, limit: usize, busy: Busy) -> Result<Vec<DeliveryJob>> {
         let sb = self.secrets.clone();
         self.with_reader(move |c, q| {
-            let mut busy = busy;
-            busy.deliveries.extend(q.keys("deliveries"));
-            let (ids, hooks) = busy.to_json();
+            let Busy { deliveries, webhooks, .. } = busy;
+            let mut skip: std::collections::HashSet<String> = deliveries.into_iter().collect();
+            skip.extend(q.keys("deliveries"));
+            let deep: std::collections::HashSet<String> = webhooks.into_iter().collect();
+            let tx = c.unchecked_transaction()?;
+            // A few more than asked for: a job step 2 cannot hand out (its event row gone)
+            // must not make a full poll look like the end of the backlog.
+            let want = limit + SPARE;
+            let mut chosen: Vec<String> = Vec::with_capacity(want);
+            {
+                let mut st = tx.prepare_cached(
+                    "SELECT id, webhook_id FROM deliveries
+                     WHERE status IN ('pending', 'failed') AND next_attempt_at <= ?1
+                     ORDER BY next_attempt_at",
+                )?;
+                let mut rows = st.query(params![micros(now)])?;
+                while chosen.len() < want {
+                    let Some(r) = rows.next()? else { break };
+                    let id = match r.get_ref(0)?.as_str() {
+                        Ok(id) => id,
+                        Err(_) => {
+                            // Not text: no job can be built from it (step 2 looks ids up as
+                            // text). Reported once, like any corrupt row.
+                            q.report(&Corrupt {
+                                table: "deliveries",
+                                key: format!("{:?}", r.get_ref(0)?),
+                                why: "id is not text".into(),
+                            });
+                            continue;
+                        }
+                    };
+                    if skip.contains(id)
+                        || r.get_ref(1)?.as_str().is_ok_and(|h| deep.contains(h))
+                    {
+                        continue;
+                    }
+                    chosen.push(id.to_owned());
+                }
+            }
+            if chosen.is_empty() {
+                return Ok(Vec::new());
+            }
             let hook_cols = HOOK_COLS
                 .split(", ")
                 .map(|c| format!("w.{c}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let mut st = c.prepare_cached(&format!(
-                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}
-                 FROM deliveries d JOIN events e ON e.org = d.org AND e.id = d.event_id
+            let order_col = 8 + HOOK_COLS.split(", ").count();
+            // CROSS JOIN: the chosen ids drive the join (a primary key look-up each).
+            let mut st = tx.prepare_cached(&format!(
+                "SELECT d.id, d.org, d.webhook_id, d.event_id, e.envelope, d.attempts, d.created_at, w.id IS NOT NULL, {hook_cols}, j.key
+                 FROM json_each(?1) j CROSS JOIN deliveries d ON d.id = j.value
+                 JOIN events e ON e.org = d.org AND e.id = d.event_id
                  LEFT JOIN webhooks w ON w.id = d.webhook_id AND w.org = d.org
-                 WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?1
-                   AND d.id NOT IN (SELECT value FROM json_each(?3))
-                   AND d.webhook_id NOT IN (SELECT value FROM json_each(?4))
-                 ORDER BY d.next_attempt_at LIMIT ?2"
+                 WHERE d.status IN ('pending', 'failed') AND d.next_attempt_at <= ?2"
             ))?;
+            let list = serde_json::to_string(&chosen).map_err(|e| StoreError::Db(e.to_string()))?;
             // Jobs of one webhook share its row: parse it once per query.
             let mut hooks_seen: std::collections::HashMap<(String, String), Webhook> =
                 Default::default();
-            let rows = st
-                .query_map(params![micros(now), limit as i64, ids, hooks], |r| {
+            let mut rows: Vec<(i64, DeliveryJob)> = st
+                .query_map(params![list, micros(now)], |r| {
                     // A job whose own row or webhook row is corrupt is skipped, and kept
                     // out of later queries under its own id.
                     keyed("deliveries", r, 0, |r| {
@@ -52,7 +104,7 @@ impl SqliteStore {
                     } else {
                         None
                     };
-                    Ok(DeliveryJob {
+                    Ok((r.get(order_col)?, DeliveryJob {
                         claim: None,
                         took_over: None,
                         id: r.get(0)?,
@@ -63,7 +115,7 @@ impl SqliteStore {
                         attempts: r.get(5)?,
                         created_at: time(r, 6)?,
                         webhook,
-                    })
+                    }))
                     })
                     .map_err(|e| match as_corrupt(&e) {
                         Some(c) if c.table != "deliveries" => {
@@ -79,7 +131,11 @@ impl SqliteStore {
                     })
                 })?
                 .rows(q)?;
-            Ok(rows)
+            // In due order: the join runs in list order, and the sort makes that a guarantee
+            // rather than a query plan.
+            rows.sort_by_key(|(k, _)| *k);
+            rows.truncate(limit);
+            Ok(rows.into_iter().map(|(_, j)| j).collect())
         })
         .await
     }
@@ -111,7 +167,7 @@ pub(super) async fn next_due_at(s: &SqliteStore, busy: Busy) -> Result<Option<Da
     .await
 }
 
-pub(super) async fn record_attempts(s: &SqliteStore, batch: Vec<AttemptRecord>) -> Result<()> {
+pub(super) async fn record_attempts(s: &SqliteStore, batch: Arc<[AttemptRecord]>) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -144,7 +200,7 @@ pub(super) async fn record_attempts(s: &SqliteStore, batch: Vec<AttemptRecord>) 
             const OK: u8 = 1;
             const FAILING: u8 = 2;
             const DISABLED: u8 = 3;
-            for rec in &batch {
+            for rec in batch.iter() {
                 let (job, a) = (&rec.job, &rec.attempt);
                 ins.execute(params![
                     job.id,

@@ -136,6 +136,13 @@ CREATE TABLE shared_secrets (
 "#,
     // 9: roll-up lines kept after their partition closes, for rebuilds by replay.
     super::rollups::MIGRATION_KEEP,
+    // 10: the due index carries what a poll filters on (id, webhook, status), so a poll
+    // walks it alone, past the jobs in flight, without reading their rows (queue.rs).
+    r#"
+DROP INDEX deliveries_due;
+CREATE INDEX deliveries_due ON deliveries(next_attempt_at, id, webhook_id, status)
+    WHERE status IN ('pending', 'failed');
+"#,
 ];
 
 pub(super) fn open(path: &Path) -> Result<Connection> {
