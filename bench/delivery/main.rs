@@ -360,7 +360,7 @@ async fn latency_phase<F, Fut>(
         // start, mid-run) or a steady tail.
         let arr = st.arrivals.lock().unwrap();
         let times = times.lock().unwrap();
-        let mut v: Vec<(Duration, Duration, Duration)> = times
+        let v: Vec<(Duration, Duration, Duration)> = times
             .iter()
             .filter_map(|(id, (s, a))| {
                 arr.get(id).map(|r| {
