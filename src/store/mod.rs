@@ -307,7 +307,7 @@ pub trait Store: Send + Sync + 'static {
     async fn next_due_at(&self, busy: Busy) -> Result<Option<DateTime<Utc>>>;
     /// Records attempts and their outcomes in one durable transaction (group commit).
     /// Shared, not owned: the recorder keeps the batch to try again if the commit fails,
-    /// and a copy per commit would duplicate every job's payload and webhook.
+    /// and would otherwise clone every record (ids, errors, response excerpts) per try.
     async fn record_attempts(&self, batch: std::sync::Arc<[health::AttemptRecord]>) -> Result<()>;
     async fn list_deliveries(
         &self,

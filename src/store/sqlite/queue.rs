@@ -21,8 +21,9 @@ impl SqliteStore {
     /// poll passes all of them (up to workers × 9 and the queues) before it finds new
     /// ones: step 1 walks the due index alone (it holds id, webhook and status) and skips
     /// the busy ones in memory, without reading their rows, and without SQLite building a
-    /// temporary index of the busy ids at every poll (as `NOT IN json_each(…)` did: most
-    /// of a poll's cost in the drain profile). Step 2 reads just the chosen jobs, by id.
+    /// temporary index of the busy ids at every poll (as `NOT IN json_each(…)` did). Step 2
+    /// reads just the chosen jobs, by id: their rows, events and webhooks are most of what
+    /// a poll costs now.
     async fn jobs(&self, now: DateTime<Utc>, limit: usize, busy: Busy) -> Result<Vec<DeliveryJob>> {
         let sb = self.secrets.clone();
         self.with_reader(move |c, q| {
