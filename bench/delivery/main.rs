@@ -90,7 +90,8 @@ allow_http = true
     println!("state: {backend}");
     let cfg_path = common::write_config(dir.path(), &top, port, CONC);
     let base = format!("http://127.0.0.1:{port}");
-    let mut child: Child = common::start_daemon(&bin, &cfg_path, &base, &client).await;
+    // Stopped however this program ends, a failed assertion included.
+    let child = Reaped(common::start_daemon(&bin, &cfg_path, &base, &client).await);
     let admin = |m: reqwest::Method, p: &str, b: serde_json::Value| {
         client
             .request(m, format!("{base}{p}"))
@@ -122,7 +123,8 @@ allow_http = true
     // Rounds: each measures the raw rate right before and right after a drain, so the
     // ratio compares the two under the same machine load (other builds on the box come and
     // go within seconds); the median round is the figure.
-    let rounds = arg("BENCH_ROUNDS", 3) as usize;
+    // At least one: the figures below are medians of the rounds.
+    let rounds = (arg("BENCH_ROUNDS", 3) as usize).max(1);
     let (mut ratios, mut rates, mut hb_us, mut recv_us, mut raw_us) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut hb_sys_share = Vec::new();
@@ -206,8 +208,6 @@ allow_http = true
     );
     if std::env::var_os("BENCH_CALLGRIND").is_some() || std::env::var_os("BENCH_PERF").is_some() {
         // Under a profiler the timings below mean nothing; the profile is written.
-        let _ = child.kill();
-        let _ = child.wait();
         return;
     }
     // Sustained: ingest and delivery at once (64 posters, receiver open), which is
@@ -234,8 +234,22 @@ allow_http = true
     latency_phase(&st, "half", lat_rate, None, post.clone()).await;
     let rate16 = arg("BENCH_RATE16", 1000) as f64;
     latency_phase(&st, "c16", rate16, Some(16), post.clone()).await;
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// The daemon under test, killed when dropped.
+struct Reaped(Child);
+
+impl Reaped {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Closed loop: `CONC` posters for `BENCH_LAT_SECS` while the receiver answers at once;
