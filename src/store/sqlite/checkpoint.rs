@@ -17,7 +17,7 @@
 //! the next commit starts the WAL over.
 
 use std::path::Path;
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -36,13 +36,13 @@ const WAL_KEEP_BYTES: i64 = 64 << 20;
 
 /// Turns off the writer's own checkpoints and starts the checkpoint thread, which ends
 /// when the store (its `writer`) is dropped.
-pub(super) fn start(
-    writer: &mut Connection,
-    alive: Weak<Mutex<Connection>>,
-    path: &Path,
-) -> Result<()> {
-    writer.pragma_update(None, "wal_autocheckpoint", 0)?;
-    writer.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
+pub(super) fn start(writer: &Arc<Mutex<Connection>>, path: &Path) -> Result<()> {
+    {
+        let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.pragma_update(None, "wal_autocheckpoint", 0)?;
+        w.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
+    }
+    let alive = Arc::downgrade(writer);
     let conn = super::schema::open(path)?;
     std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
@@ -110,7 +110,7 @@ mod tests {
             .unwrap()
             .execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
             .unwrap();
-        start(&mut writer.lock().unwrap(), Arc::downgrade(&writer), &path).unwrap();
+        start(&writer, &path).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let reads = {
             let (stop, path) = (stop.clone(), path.clone());

@@ -81,12 +81,7 @@ impl SqliteStore {
             .map(|_| open(path).map(Mutex::new))
             .collect::<Result<Vec<_>>>()?;
         let writer = Arc::new(Mutex::new(writer));
-        {
-            let mut w = writer
-                .lock()
-                .map_err(|_| StoreError::Db("writer lock poisoned".into()))?;
-            checkpoint::start(&mut w, Arc::downgrade(&writer), path)?;
-        }
+        checkpoint::start(&writer, path)?;
         Ok(Self {
             writer,
             readers: Arc::new(readers),
