@@ -16,7 +16,8 @@ use super::{get, hook_row, opt_time_at, time_at, to_json, usage, PostgresStore};
 /// the whole table into a hash join (5 ms; 1.7 ms by the primary key). Not `enable_sort`:
 /// the claim's final ORDER BY has no other path, and turning sorts off made the planner
 /// reorder the joins into a plan 30 times slower.
-pub(super) const KEYED_PLANS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;
+pub(super) const KEYED_PLANS: &str =
+    "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;
      SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
 
 /// Times a batch that lost a deadlock or serialization conflict with another node is run
